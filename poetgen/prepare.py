@@ -1,0 +1,538 @@
+"""`poetgen prepare`: corpora in, a dataset directory out (see poetgen.dataset for the layout).
+
+The pipeline streams, so peak memory does not grow with the corpus:
+
+    pass 0  inspect each file: size, sha256, encoding (corpus.inspect)
+    pass 1  read -> normalise -> filter -> de-duplicate; kept documents go to a temporary stream of code points
+            (uint32, end-of-text = EOT_CP) and a small table of document starts and split scores
+    pass 2  count symbols over the stream -> Vocab
+    pass 3  map code points to ids and write train.npy / val.npy, then vocab.json and meta.json
+
+Everything is written into a temporary directory beside the output and renamed at the end, so a failure never
+leaves half a dataset. The same inputs and options give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from poetgen import __version__
+from poetgen.corpus import DEFAULT_GLOBS, ReadOptions, SourceFile, Spool, expand_sources, inspect, read_pieces
+from poetgen.dataset import FORMAT, FORMAT_VERSION, is_dataset_dir
+from poetgen.errors import CorpusError, DatasetError, PoetgenError
+from poetgen.normalize import Normalizer, convert_script
+from poetgen.vocab import EOT_ID, Vocab
+
+EOT_CP = 0x110000  # one past the last Unicode code point: the end-of-text marker in the temporary stream
+SPILL_CHARS = 1 << 20  # a document longer than this is written out before it is complete
+CHUNK = 1 << 22  # code points per chunk in passes 2 and 3
+SPLITS = ("auto", "random", "tail")
+NAMED_PREFIX = "corpus:"
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class PrepareOptions:
+    # reading
+    encoding: str | None = None
+    format: str = "auto"
+    globs: tuple[str, ...] = DEFAULT_GLOBS
+    text_fields: tuple[str, ...] | None = None
+    doc_sep: str = "file"
+    # normalisation
+    script: str = "keep"
+    punct: str = "auto"
+    strip_notes: bool | None = None  # None: strip in chinese-poetry records only
+    # filters
+    forms: tuple[str, ...] = ()
+    authors: tuple[str, ...] = ()
+    min_length: int = 1
+    max_length: int | None = None
+    dedupe: bool = True
+    # vocabulary and split
+    min_count: int = 1
+    val_fraction: float = 0.05
+    split: str = "auto"
+    seed: int = 1337
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise CorpusError(f"--val-fraction must be at least 0 and below 1, got {self.val_fraction}")
+        if self.split not in SPLITS:
+            raise CorpusError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
+        if self.min_length < 0 or (self.max_length is not None and self.max_length < max(self.min_length, 1)):
+            raise CorpusError(f"no document can satisfy --min-length {self.min_length} --max-length {self.max_length}")
+        if self.min_count < 1:
+            raise CorpusError(f"--min-count must be at least 1, got {self.min_count}")
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(self.encoding, self.format, self.globs, self.text_fields, self.doc_sep)
+
+
+@dataclass
+class PrepareReport:
+    output: Path
+    sources: list[dict]
+    counts: dict
+    vocab_size: int
+    coverage: float
+    split: str
+    fingerprint: str
+    top_symbols: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "output": str(self.output),
+            "sources": self.sources,
+            "counts": self.counts,
+            "vocab_size": self.vocab_size,
+            "coverage": self.coverage,
+            "split": self.split,
+            "fingerprint": self.fingerprint,
+        }
+
+
+# --- named sources ------------------------------------------------------------------------------------------------
+
+
+def resolve_named(source: str) -> str:
+    """``corpus:bundled`` is the project's own poems; ``corpus:tang`` the downloaded 全唐诗; other strings pass."""
+    if not source.startswith(NAMED_PREFIX):
+        return source
+    name = source[len(NAMED_PREFIX):]
+    if name == "bundled":
+        return str(bundled_corpus_path())
+    from poetgen.download import named_source  # only when asked for: it pulls in the network code
+
+    return str(named_source(name))
+
+
+def bundled_corpus_path() -> Path:
+    from poetgen.paths import bundled_corpus
+
+    path = bundled_corpus()
+    if path is None:
+        raise CorpusError(
+            "the bundled corpus (data/poems.jsonl) is not installed; run poetgen from a checkout "
+            "(pip install -e .) or give a corpus path"
+        )
+    return path
+
+
+# --- the pipeline -------------------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """The temporary stream of code points, with truncation for documents rejected after spilling."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "w+b")
+        self.length = 0  # code points written
+
+    def write(self, cps: np.ndarray) -> None:
+        self.file.write(cps.astype("<u4", copy=False).tobytes())
+        self.length += len(cps)
+
+    def truncate(self, length: int) -> None:
+        self.file.flush()
+        self.file.truncate(length * 4)
+        self.file.seek(length * 4)
+        self.length = length
+
+    def chunks(self, start: int = 0, stop: int | None = None):
+        """(offset, array) over [start, stop) in CHUNK-sized reads (no memory map: bounded resident memory)."""
+        self.file.flush()
+        stop = self.length if stop is None else stop
+        pos = start
+        while pos < stop:
+            n = min(CHUNK, stop - pos)
+            self.file.seek(pos * 4)
+            yield pos, np.fromfile(self.file, dtype="<u4", count=n)
+            pos += n
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Doc:
+    """The document being read: its code points so far (until spilled), hash and length."""
+
+    __slots__ = ("start", "hasher", "length", "pending", "texts", "spilled", "title", "author", "poem")
+
+    def __init__(self, start: int, piece) -> None:
+        self.start = start
+        self.hasher = hashlib.blake2b(digest_size=16)
+        self.length = 0
+        self.pending: list[np.ndarray] = []
+        self.texts: list[str] = []
+        self.spilled = False
+        self.title, self.author, self.poem = piece.title, piece.author, piece.poem
+
+
+def _codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+
+
+class _Collector:
+    """Pass 1: normalise, filter, de-duplicate, and append kept documents to the stream."""
+
+    def __init__(self, options: PrepareOptions, stream: _Stream):
+        self.o = options
+        self.stream = stream
+        self.normalize = Normalizer(options.script, options.punct, strip_notes=False)
+        self.seen: set[bytes] = set()
+        self.starts = array("q")
+        self.scores = array("Q")
+        self.seed = int(options.seed).to_bytes(8, "little", signed=True)
+        self.counts = {"documents_read": 0, "empty": 0, "duplicates": 0, "filtered_form": 0,
+                       "filtered_author": 0, "filtered_length": 0}
+        self.forms = _canonical_forms(options.forms)
+        self.authors = {convert_script(a.strip(), "simplified") for a in options.authors}
+        self.doc: _Doc | None = None
+
+    def add(self, piece) -> None:
+        strip = self.o.strip_notes if self.o.strip_notes is not None else piece.poem
+        text = self.normalize(piece.text, strip_notes=strip)
+        doc = self.doc
+        if doc is None:
+            doc = self.doc = _Doc(self.stream.length, piece)
+        if text:
+            doc.hasher.update(text.encode("utf-8"))
+            cps = _codepoints(text)
+            doc.length += len(cps)
+            if doc.spilled:
+                self.stream.write(cps)
+            else:
+                doc.pending.append(cps)
+                doc.texts.append(text)
+                if doc.length > SPILL_CHARS:
+                    for p in doc.pending:
+                        self.stream.write(p)
+                    doc.pending, doc.texts, doc.spilled = [], [], True
+        if piece.end:
+            self.doc = None
+            self._finish(doc)
+
+    def _reject(self, doc: _Doc, reason: str) -> None:
+        self.counts[reason] += 1
+        if doc.spilled:
+            self.stream.truncate(doc.start)
+
+    def _finish(self, doc: _Doc) -> None:
+        o = self.o
+        self.counts["documents_read"] += 1
+        text = None if doc.spilled else "".join(doc.texts)
+        if doc.length == 0 or (text is not None and not text.strip()):
+            return self._reject(doc, "empty")
+        if doc.length < o.min_length or (o.max_length is not None and doc.length > o.max_length):
+            return self._reject(doc, "filtered_length")
+        if self.authors and convert_script((doc.author or "").strip(), "simplified") not in self.authors:
+            return self._reject(doc, "filtered_author")
+        if self.forms:
+            from poetgen.poetry import detect_form
+
+            if text is None or detect_form(text) not in self.forms:
+                return self._reject(doc, "filtered_form")
+        digest = doc.hasher.digest()
+        if o.dedupe:
+            if digest in self.seen:
+                return self._reject(doc, "duplicates")
+            self.seen.add(digest)
+        for p in doc.pending:
+            self.stream.write(p)
+        self.stream.write(np.array([EOT_CP], dtype="<u4"))
+        self.starts.append(doc.start)
+        # The split score depends on the text and the seed only: identical documents land in the same split.
+        score = hashlib.blake2b(self.seed + digest, digest_size=8).digest()
+        self.scores.append(int.from_bytes(score, "little"))
+
+
+def _canonical_forms(forms: Sequence[str]) -> set[str]:
+    if not forms:
+        return set()
+    from poetgen.poetry import parse_form
+
+    return {parse_form(f).name for f in forms}
+
+
+def _val_documents(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask of validation documents: the ``fraction`` with the lowest scores (ties kept together)."""
+    n = len(scores)
+    k = int(round(n * fraction))
+    if fraction > 0 and k == 0 and n >= 2:
+        k = 1
+    k = min(k, n - 1) if n >= 2 else 0
+    if k == 0:
+        return np.zeros(n, dtype=bool)
+    threshold = np.partition(scores, k - 1)[k - 1]
+    return scores <= threshold
+
+
+def _script_of(vocab: Vocab) -> str:
+    """Which Chinese script the text is in, judged by the characters that differ between the two."""
+    counts = vocab.counts or [1] * len(vocab)
+    trad = simp = 0
+    for sym, n in zip(vocab.symbols[2:], counts[2:]):
+        if convert_script(sym, "simplified") != sym:
+            trad += n
+        elif convert_script(sym, "traditional") != sym:
+            simp += n
+    if trad + simp == 0:
+        return "none"
+    if trad >= 0.9 * (trad + simp):
+        return "traditional"
+    if simp >= 0.9 * (trad + simp):
+        return "simplified"
+    return "mixed"
+
+
+class _NpyWriter:
+    """A .npy file written in chunks: the header needs the final length, which pass 1 told us."""
+
+    def __init__(self, path: Path, dtype: np.dtype, length: int):
+        self.file = open(path, "wb")
+        self.dtype = dtype
+        self.hasher = hashlib.sha256()
+        np.lib.format.write_array_header_1_0(
+            self.file, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (length,)}
+        )
+
+    def write(self, ids: np.ndarray) -> None:
+        data = ids.astype(self.dtype, copy=False).tobytes()
+        self.hasher.update(data)
+        self.file.write(data)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def prepare(
+    sources: Sequence[str] | None,
+    output: str | Path,
+    options: PrepareOptions | None = None,
+    *,
+    force: bool = False,
+    on_progress: ProgressFn | None = None,
+) -> PrepareReport:
+    """Prepare ``sources`` (paths, ``-``, ``corpus:NAME``; none = the bundled corpus) into dataset ``output``."""
+    options = options or PrepareOptions()
+    options.validate()
+    output = Path(output)
+    if output.exists() and not force:
+        raise DatasetError(f"{output} already exists; use --force to replace it")
+    if output.exists() and not output.is_dir():
+        raise DatasetError(f"{output} exists and is not a directory")
+    sources = [resolve_named(s) for s in sources] if sources else [str(bundled_corpus_path())]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    spool = Spool()
+    try:
+        report = _prepare_into(sources, work, output, options, spool, on_progress)
+        _replace_dir(work, output)
+        return report
+    finally:
+        spool.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` into place; an old ``target`` is renamed aside first and removed only after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: Spool, on_progress) -> PrepareReport:
+    progress = on_progress or (lambda event: None)
+    read_options = o.read_options()
+    files = expand_sources(sources, read_options, spool.path)
+    for f in files:
+        inspect(f, o.encoding)
+    total_bytes = sum(f.size for f in files)
+
+    # pass 1
+    stream = _Stream(work / "stream.u32")
+    collector = _Collector(o, stream)
+    done_bytes = 0
+    try:
+        for f in files:
+            progress({"stage": "read", "file": f.name, "done": done_bytes, "total": total_bytes})
+            for piece in read_pieces(f, read_options):
+                collector.add(piece)
+            done_bytes += f.size
+            progress({"stage": "read", "file": f.name, "done": done_bytes, "total": total_bytes})
+        counts = collector.counts
+        starts = np.frombuffer(collector.starts, dtype=np.int64) if collector.starts else np.zeros(0, np.int64)
+        scores = np.frombuffer(collector.scores, dtype=np.uint64) if collector.scores else np.zeros(0, np.uint64)
+        n_docs = len(starts)
+        if n_docs == 0:
+            raise CorpusError(_nothing_left_message(counts, files))
+        total = stream.length
+
+        # pass 2: counts (code points; EOT_CP counts the documents)
+        hist = np.zeros(EOT_CP + 1, dtype=np.int64)
+        for _, cps in stream.chunks():
+            hist += np.bincount(cps, minlength=EOT_CP + 1)
+        present = np.flatnonzero(hist[:EOT_CP])
+        vocab = Vocab.from_counts({chr(c): int(hist[c]) for c in present}, o.min_count, eot_count=int(hist[EOT_CP]))
+        characters = int(total - hist[EOT_CP])
+
+        # pass 3: ids, split, write
+        split = o.split if o.split != "auto" else ("random" if n_docs >= 20 else "tail")
+        lut = vocab.lookup_table(EOT_CP)
+        lut[EOT_CP] = EOT_ID
+        if split == "random":
+            is_val = _val_documents(scores, o.val_fraction)
+            lengths = np.diff(np.append(starts, total))
+            n_val = int(lengths[is_val].sum())
+        else:
+            is_val = None
+            n_val = int(round(total * o.val_fraction))
+        n_train = total - n_val
+        if n_train == 0:
+            raise CorpusError("nothing left for training after the validation split; lower --val-fraction")
+        dtype = vocab.dtype()
+        train_w = _NpyWriter(work / "train.npy", dtype, n_train)
+        val_w = _NpyWriter(work / "val.npy", dtype, n_val)
+        unk = 0
+        for pos, cps in stream.chunks():
+            ids = lut[cps]
+            unk += int(np.count_nonzero(ids == 1))
+            if is_val is None:
+                cut = min(max(n_train - pos, 0), len(ids))
+                train_w.write(ids[:cut])
+                val_w.write(ids[cut:])
+            else:
+                doc = np.searchsorted(starts, np.arange(pos, pos + len(ids)), side="right") - 1
+                mask = is_val[doc]
+                train_w.write(ids[~mask])
+                val_w.write(ids[mask])
+            progress({"stage": "write", "done": pos + len(ids), "total": total})
+        train_w.close()
+        val_w.close()
+    finally:
+        stream.close()
+    os.remove(stream.path)
+
+    vocab_json = vocab.to_json()
+    (work / "vocab.json").write_text(vocab_json, encoding="utf-8")
+    fingerprint = hashlib.sha256(
+        (train_w.hasher.hexdigest() + val_w.hasher.hexdigest() + hashlib.sha256(vocab_json.encode()).hexdigest()).encode()
+    ).hexdigest()
+    counts = dict(counts)
+    counts.update(
+        documents=n_docs,
+        train_documents=int(n_docs - is_val.sum()) if is_val is not None else None,
+        val_documents=int(is_val.sum()) if is_val is not None else None,
+        characters=characters,
+        distinct_characters=len(present),
+        train_tokens=n_train,
+        val_tokens=n_val,
+        unk_tokens=unk,
+    )
+    coverage = 1.0 - unk / characters if characters else 1.0
+    source_info = [
+        {"name": f.name, "sha256": f.sha256, "bytes": f.size, "encoding": f.encoding, "kind": f.kind,
+         "documents": f.documents}
+        for f in files
+    ]
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "poetgen_version": __version__,
+        "name": output.name,
+        "sources": source_info,
+        "options": _options_dict(o),
+        "split": split,
+        "counts": counts,
+        "vocab_size": len(vocab),
+        "coverage": coverage,
+        "script": _script_of(vocab),
+        "fingerprint": fingerprint,
+    }
+    (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return PrepareReport(
+        output=output, sources=source_info, counts=counts, vocab_size=len(vocab), coverage=coverage, split=split,
+        fingerprint=fingerprint, top_symbols=vocab.symbols[2:12],
+    )
+
+
+def _options_dict(o: PrepareOptions) -> dict:
+    d = asdict(o)
+    for k, v in d.items():
+        if isinstance(v, tuple):
+            d[k] = list(v)
+    return d
+
+
+def _nothing_left_message(counts: dict, files: list[SourceFile]) -> str:
+    read = counts["documents_read"]
+    if read == 0 or read == counts["empty"]:
+        names = ", ".join(f.name for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        return f"the corpus is empty: no text found in {names}"
+    parts = [f"{counts[k]} {label}" for k, label in (
+        ("empty", "empty"), ("duplicates", "duplicates"), ("filtered_form", "not of the requested form"),
+        ("filtered_author", "by other authors"), ("filtered_length", "outside the length limits"),
+    ) if counts[k]]
+    return f"no documents left: {read} read, " + ", ".join(parts) + "; loosen the filters"
+
+
+# --- for `train DATA`: raw corpora prepared on the fly and cached -------------------------------------------------
+
+
+def resolve_training_data(source: str | None, *, on_progress: ProgressFn | None = None) -> Path:
+    """A dataset directory for training: ``source`` itself when it is one; otherwise ``source`` (or the bundled
+    corpus when None) prepared with the default options into the user cache, reused while the inputs are unchanged.
+    """
+    if source is not None and is_dataset_dir(source):
+        return Path(source)
+    from poetgen.paths import cache_dir
+
+    raw = resolve_named(source) if source is not None else str(bundled_corpus_path())
+    if raw == "-":
+        raise CorpusError("training data cannot come from stdin; prepare it first with `poetgen prepare -`")
+    spool = Spool()
+    try:
+        files = expand_sources([raw], ReadOptions(), spool.path)
+    finally:
+        spool.close()
+    key = hashlib.sha256()
+    key.update(f"{FORMAT_VERSION}:{json.dumps(_options_dict(PrepareOptions()), sort_keys=True)}".encode())
+    for f in files:
+        key.update(f.name.encode() + b"\0" + _file_sha256(f.path).encode())
+    stem = Path(raw.rstrip("/")).stem or "corpus"
+    target = cache_dir() / "datasets" / f"{stem}-{key.hexdigest()[:16]}"
+    if is_dataset_dir(target):
+        return target
+    try:
+        prepare([raw], target, PrepareOptions(), force=True, on_progress=on_progress)
+    except PoetgenError:
+        raise
+    return target
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
