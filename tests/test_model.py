@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from poetgen.errors import ConfigError
+from poetgen.model import CELLS, CharRNN, ModelConfig, detach_hidden, hidden_to, select_hidden
+
+torch.set_num_threads(1)
+
+B, T, V, E, H, L = 3, 5, 11, 6, 7, 2
+
+
+def tiny(cell: str, **kw) -> CharRNN:
+    torch.manual_seed(0)
+    return CharRNN(ModelConfig(vocab_size=V, cell=cell, layers=L, hidden=H, embed=E, **kw))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_shapes_and_hidden_layout(cell):
+    m = tiny(cell)
+    idx = torch.randint(0, V, (B, T))
+    logits, hidden = m(idx)
+    assert logits.shape == (B, T, V)
+    hs = hidden if isinstance(hidden, tuple) else (hidden,)
+    assert len(hs) == (2 if cell == "lstm" else 1)
+    assert all(h.shape == (L, B, H) for h in hs)
+    zero = m.init_hidden(B)
+    assert type(zero) is type(hidden) and all(z.abs().sum() == 0 for z in (zero if isinstance(zero, tuple) else (zero,)))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_carried_state_equals_one_long_pass(cell):
+    """Feeding a sequence in two windows with the carried state gives the same logits as one pass."""
+    m = tiny(cell).eval()
+    idx = torch.randint(0, V, (B, 2 * T))
+    full, _ = m(idx)
+    a, h = m(idx[:, :T])
+    b, _ = m(idx[:, T:], detach_hidden(h))
+    torch.testing.assert_close(torch.cat([a, b], 1), full)
+
+
+def test_rnn_cell_is_tanh_and_parameter_count():
+    m = tiny("rnn", dropout=0.0)
+    assert m.rnn.nonlinearity == "tanh"
+    # embedding V*E + layer1 (E*H + H*H + 2H) + layer2 (H*H + H*H + 2H) + head (H*V + V)
+    expected = V * E + (E * H + H * H + 2 * H) + (2 * H * H + 2 * H) + H * V + V
+    assert m.num_parameters() == expected
+    lstm = tiny("lstm")
+    assert lstm.num_parameters() == V * E + 4 * (E * H + H * H + 2 * H) + 4 * (2 * H * H + 2 * H) + H * V + V
+
+
+def test_tied_weights_share_storage_and_count_once():
+    m = CharRNN(ModelConfig(vocab_size=V, cell="gru", layers=1, hidden=8, embed=8, tie_weights=True))
+    assert m.head.weight is m.embedding.weight
+    untied = CharRNN(ModelConfig(vocab_size=V, cell="gru", layers=1, hidden=8, embed=8))
+    assert untied.num_parameters() - m.num_parameters() == V * 8
+    with pytest.raises(ConfigError, match="embed == hidden"):
+        ModelConfig(vocab_size=V, embed=8, hidden=16, tie_weights=True)
+
+
+def test_select_detach_and_move_hidden():
+    m = tiny("lstm")
+    _, (h, c) = m(torch.randint(0, V, (B, T)))
+    keep = torch.tensor([2, 0])
+    h2, c2 = select_hidden((h, c), keep)
+    torch.testing.assert_close(h2, h[:, [2, 0]])
+    torch.testing.assert_close(c2, c[:, [2, 0]])
+    d = detach_hidden((h, c))
+    assert h.requires_grad and not d[0].requires_grad and not d[1].requires_grad
+    g = tiny("gru")
+    _, hg = g(torch.randint(0, V, (B, T)))
+    assert select_hidden(hg, torch.tensor([1])).shape == (L, 1, H)
+    assert hidden_to(hg, "cpu").device.type == "cpu" and hidden_to(None, "cpu") is None
+
+
+def test_config_round_trip_and_refusals():
+    c = ModelConfig(vocab_size=50, cell="gru", layers=3, hidden=32, embed=16, dropout=0.25)
+    assert ModelConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="unknown model config key.*heads"):
+        ModelConfig.from_dict({**c.to_dict(), "heads": 4})
+    with pytest.raises(ConfigError, match="layers must be int"):
+        ModelConfig.from_dict({**c.to_dict(), "layers": "3"})
+    with pytest.raises(ConfigError, match="layers must be int"):
+        ModelConfig.from_dict({**c.to_dict(), "layers": True})
+    with pytest.raises(ConfigError, match="tie_weights must be bool"):
+        ModelConfig.from_dict({**c.to_dict(), "tie_weights": 1})
+    with pytest.raises(ConfigError, match="cell must be one of"):
+        ModelConfig(vocab_size=5, cell="transformer")
+    with pytest.raises(ConfigError, match="dropout"):
+        ModelConfig(vocab_size=5, dropout=1.0)
+    assert ModelConfig.from_dict({**c.to_dict(), "dropout": 0}).dropout == 0  # an int is a valid float
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradient_flows_to_every_parameter(cell):
+    m = tiny(cell)
+    idx = torch.randint(0, V, (B, T + 1))
+    logits, _ = m(idx[:, :-1])
+    F.cross_entropy(logits.reshape(-1, V), idx[:, 1:].reshape(-1)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
