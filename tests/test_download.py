@@ -400,3 +400,63 @@ def test_named_source_missing_unknown_corrupt_and_complete(server, tmp_path, mon
     (folder / names[1]).write_bytes((folder / names[1]).read_bytes()[:-1])
     with pytest.raises(CorpusError, match="do not match their pinned SHA-256 .*poet.tang.1000.json"):
         named_source("mini")
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------
+
+
+def _cli(args: list[str], cache: Path):
+    from typer.testing import CliRunner
+
+    from poetgen.cli import app
+
+    return CliRunner().invoke(app, ["download", *args], env={"POETGEN_CACHE_DIR": str(cache)})
+
+
+def test_cli_downloads_a_selection_then_skips_it(server, tang_dir, tmp_path):
+    cache = tmp_path / "clicache"
+    names = ["poet.tang.0.json", "poet.tang.1000.json", "poet.tang.2000.json"]
+    r = _cli(["tang", "--mirror", server.mirror, "--files", "0,1000", "--files", names[2], "--json"], cache)
+    assert r.exit_code == 0, r.output
+    assert r.stderr == ""  # not a terminal: no progress bar
+    summary = json.loads(r.stdout)
+    assert summary["files"] == summary["verified"] == summary["downloaded"] == 3 and summary["skipped"] == 0
+    assert summary["bytes"] == sum((tang_dir / n).stat().st_size for n in names)
+    assert summary["dest"] == str(cache / "corpora" / "tang") and summary["downloaded_files"] == names
+    for n in names:
+        assert verify_file(cache / "corpora" / "tang" / n, dl.TANG_SHA256[n])
+
+    r = _cli(["--mirror", server.mirror, "--files", "0,1000,2000"], cache)
+    assert r.exit_code == 0 and r.stderr == ""
+    assert r.stdout.startswith(f"tang: 3 file(s) verified in {cache / 'corpora' / 'tang'} (0 downloaded, 3 already")
+    assert len(server.requests) == 3
+
+    r = _cli(["--mirror", server.mirror, "--files", "0", "--quiet"], cache)
+    assert r.exit_code == 0 and r.stdout == "" and r.stderr == ""
+
+
+def test_cli_prints_retry_notices_on_stderr(server, tmp_path):
+    server.plans["poet.tang.11000.json"] = ["500"]
+    r = _cli(["--mirror", server.mirror, "--files", "11000", "--dest", str(tmp_path / "d")], tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.startswith("retrying poet.tang.11000.json in 0.5 s (attempt 1 failed: HTTP 500")
+    assert (tmp_path / "d" / "poet.tang.11000.json").is_file() and not (tmp_path / "c").exists()
+
+
+def test_cli_failures_exit_1_with_error(server, tmp_path):
+    cache = tmp_path / "clicache"
+    t0 = time.perf_counter()
+    r = _cli(["--mirror", f"http://127.0.0.1:{closed_port()}/", "--json"], cache)
+    assert time.perf_counter() - t0 < 1.5
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.startswith("Error: cannot reach 127.0.0.1:") and "Traceback" not in r.output
+    _assert_how_to(r.stderr.replace("\n", " "), cache / "corpora" / "tang")
+
+    r = _cli(["--mirror", server.mirror, "--files", "56000"], cache)  # not on the test server: 404
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "HTTP 404" in r.stderr
+
+    for args in (["song"], ["--files", "123"]):
+        r = _cli(args, cache)
+        assert r.exit_code == 1 and r.stderr.startswith("Error: "), args
+    r = _cli(["--retries", "-1"], cache)
+    assert r.exit_code == 2
