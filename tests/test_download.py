@@ -460,3 +460,15 @@ def test_cli_failures_exit_1_with_error(server, tmp_path):
         assert r.exit_code == 1 and r.stderr.startswith("Error: "), args
     r = _cli(["--retries", "-1"], cache)
     assert r.exit_code == 2
+
+
+def test_part_longer_than_the_file_gets_416_and_starts_over(server, tang_dir, tmp_path):
+    name = "poet.tang.12000.json"
+    size = (tang_dir / name).stat().st_size
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / (name + ".part")).write_bytes(b"y" * (size + 10))
+    report = download_corpus(dest=dest, mirror=server.mirror, files="12000", **FAST)
+    assert [r["range"] for r in server.requests] == [f"bytes={size + 10}-", None]
+    assert report.downloaded == [name] and report.retries == 1
+    assert verify_file(dest / name, dl.TANG_SHA256[name]) and not (dest / (name + ".part")).exists()
