@@ -160,15 +160,18 @@ def _bom_encoding(head: bytes) -> str | None:
 
 
 def _utf16_without_bom(head: bytes) -> str | None:
-    """Text in UTF-16 without a BOM has a NUL in every other byte for ASCII; recognise the common case."""
-    if len(head) < 4:
-        return None
-    even_nul = head[0::2].count(0) / len(head[0::2])
-    odd_nul = head[1::2].count(0) / len(head[1::2])
-    if odd_nul > 0.3 and even_nul < 0.05:
-        return "utf-16-le"
-    if even_nul > 0.3 and odd_nul < 0.05:
-        return "utf-16-be"
+    """Text in UTF-16 without a BOM: the byte order under which the sample decodes to printable text, if any."""
+    sample = head[: len(head) - len(head) % 2]
+    for codec in ("utf-16-le", "utf-16-be"):
+        try:
+            text = codecs.getincrementaldecoder(codec)().decode(sample)
+        except UnicodeDecodeError:
+            continue
+        if not text or "\x00" in text:
+            continue
+        printable = sum(1 for ch in text if ch.isprintable() or ch in "\n\r\t")
+        if printable >= 0.98 * len(text):
+            return codec
     return None
 
 
