@@ -1,0 +1,61 @@
+"""The CLI as a whole: help and examples, start-up cost, the README and CI agreeing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import typer
+from typer.testing import CliRunner
+
+from conftest import REPO
+from poetgen.cli import app
+
+runner = CliRunner()
+
+
+def _commands() -> dict:
+    return typer.main.get_command(app).commands
+
+
+def test_every_command_has_help_with_an_example():
+    commands = _commands()
+    assert {"prepare", "train", "sample", "eval"} <= set(commands)
+    for name in commands:
+        r = runner.invoke(app, [name, "--help"])
+        assert r.exit_code == 0, name
+        assert "Example:" in r.output, f"`poetgen {name} --help` has no Example:"
+
+
+def test_every_option_is_documented_in_the_readme():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    missing = []
+    for name, command in _commands().items():
+        for param in command.params:
+            for opt in getattr(param, "opts", []):
+                if opt.startswith("--") and opt not in ("--help",) and opt not in readme:
+                    missing.append(f"{name} {opt}")
+    assert not missing, "options missing from README.md: " + ", ".join(missing)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from poetgen.cli import app; import poetgen.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    r = subprocess.run([sys.executable, "-m", "poetgen", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "prepare" in r.stdout
+
+
+def test_version():
+    from poetgen import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"poetgen {__version__}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    blocks = readme.split("```bash\n")
+    test_cmd = next(b.split("\n", 1)[0] for b in blocks[1:] if "pytest" in b.split("\n", 1)[0])
+    assert test_cmd in ci.splitlines()
