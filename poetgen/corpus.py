@@ -1,10 +1,11 @@
 """Reading corpora: files, directories, stdin; plain text, JSON, JSON Lines and the chinese-poetry format.
 
 Sources are resolved to :class:`SourceFile` entries (with size, sha256 and encoding found in a first pass), then
-read as a stream of :class:`Piece` objects. A piece is a run of raw (not yet normalised) text belonging to one
+read as a stream of :class:`Piece` and :class:`Batch` objects. A piece is a run of text belonging to one
 document; ``end`` marks the document's last piece. Small documents (a poem, a JSON record) come as one piece;
 a whole-file document of plain text comes in ~1 MB pieces cut at line breaks, so a corpus of any size streams
-in bounded memory.
+in bounded memory. Plain text split into many documents (``--doc-sep blank|line``) comes as batches of complete
+documents, normalised a whole chunk at a time, so a corpus of millions of lines costs little per document.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,14 @@ class Piece:
     title: str | None = None
     author: str | None = None
     poem: bool = False  # from a chinese-poetry record
+    normalized: bool = False  # the reader already applied the transform
+
+
+@dataclass
+class Batch:
+    """Complete, already normalised documents from one chunk of a plain text file."""
+
+    texts: list[str]
 
 
 @dataclass
@@ -305,40 +314,42 @@ def _lines_cut(blocks: Iterator[str], split_long: bool = True) -> Iterator[str]:
         yield carry.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_pieces(source: SourceFile, options: ReadOptions) -> Iterator[Piece]:
-    """All documents of one file, as pieces."""
+def read_pieces(
+    source: SourceFile, options: ReadOptions, transform: Callable[[str], str] | None = None
+) -> Iterator[Piece | Batch]:
+    """All documents of one file. Plain text is passed through ``transform`` (normalisation) chunk by chunk."""
     if source.format == "text":
-        yield from _text_pieces(source, options.doc_sep)
+        yield from _text_pieces(source, options.doc_sep, transform or (lambda t: t))
     elif source.format == "jsonl":
         yield from _jsonl_pieces(source, options)
     else:
         yield from _json_pieces(source, options)
 
 
-def _text_pieces(source: SourceFile, doc_sep: str) -> Iterator[Piece]:
+def _text_pieces(source: SourceFile, doc_sep: str, transform: Callable[[str], str]) -> Iterator[Piece | Batch]:
     source.kind = "text"
-    chunks = _lines_cut(_decoded_blocks(source))
+    chunks = (transform(c) for c in _lines_cut(_decoded_blocks(source)))
     if doc_sep == "file":
         prev = None
         for chunk in chunks:
             if prev is not None:
-                yield Piece(prev, end=False)
+                yield Piece(prev, end=False, normalized=True)
             prev = chunk
         source.documents += 1
-        yield Piece(prev or "", end=True)
+        yield Piece(prev or "", end=True, normalized=True)
         return
     splitter = re.compile(r"\n[ \t\u3000]*\n\s*") if doc_sep == "blank" else re.compile(r"\n")
     carry = ""
     for chunk in chunks:
         parts = splitter.split(carry + chunk)
         carry = parts.pop()
-        for part in parts:
-            if part.strip():
-                source.documents += 1
-                yield Piece(part, end=True)
+        docs = [p for p in parts if p.strip()]
+        if docs:
+            source.documents += len(docs)
+            yield Batch(docs)
     if carry.strip():
         source.documents += 1
-        yield Piece(carry, end=True)
+        yield Batch([carry])
 
 
 def _record_piece(record: object, where: str, options: ReadOptions, source: SourceFile) -> Piece | None:

@@ -3,9 +3,10 @@
 The pipeline streams, so peak memory does not grow with the corpus:
 
     pass 0  inspect each file: size, sha256, encoding (corpus.inspect)
-    pass 1  read -> normalise -> filter -> de-duplicate; kept documents go to a temporary stream of code points
-            (uint32, end-of-text = EOT_CP) and a small table of document starts and split scores
-    pass 2  count symbols over the stream -> Vocab
+    pass 1  read -> normalise -> filter; documents go to a temporary stream of code points (uint32,
+            end-of-text = EOT_CP) and a table of document starts and 64-bit text digests (16 bytes a document)
+    then    duplicates (equal digests) and the split (seeded scores from the digests) are decided with numpy
+    pass 2  count symbols over the kept documents -> Vocab
     pass 3  map code points to ids and write train.npy / val.npy, then vocab.json and meta.json
 
 Everything is written into a temporary directory beside the output and renamed at the end, so a failure never
@@ -28,15 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from poetgen import __version__
-from poetgen.corpus import DEFAULT_GLOBS, ReadOptions, SourceFile, Spool, expand_sources, inspect, read_pieces
+from poetgen.corpus import DEFAULT_GLOBS, Batch, ReadOptions, SourceFile, Spool, expand_sources, inspect, read_pieces
 from poetgen.dataset import FORMAT, FORMAT_VERSION, is_dataset_dir
 from poetgen.errors import CorpusError, DatasetError, PoetgenError
 from poetgen.normalize import Normalizer, convert_script
-from poetgen.vocab import EOT_ID, Vocab
+from poetgen.vocab import EOT_ID, UNK_ID, Vocab
 
 EOT_CP = 0x110000  # one past the last Unicode code point: the end-of-text marker in the temporary stream
 SPILL_CHARS = 1 << 20  # a document longer than this is written out before it is complete
-CHUNK = 1 << 22  # code points per chunk in passes 2 and 3
+CHUNK = 1 << 20  # code points per chunk in passes 2 and 3
+DROP, TRAIN, VAL = 0, 1, 2  # what becomes of a document in the stream
 SPLITS = ("auto", "random", "tail")
 NAMED_PREFIX = "corpus:"
 
@@ -174,7 +176,7 @@ class _Doc:
 
     def __init__(self, start: int, piece) -> None:
         self.start = start
-        self.hasher = hashlib.blake2b(digest_size=16)
+        self.hasher = hashlib.blake2b(digest_size=8)
         self.length = 0
         self.pending: list[np.ndarray] = []
         self.texts: list[str] = []
@@ -193,19 +195,28 @@ class _Collector:
         self.o = options
         self.stream = stream
         self.normalize = Normalizer(options.script, options.punct, strip_notes=False)
-        self.seen: set[bytes] = set()
+        # One row per document written to the stream: where it starts and a 64-bit digest of its text.
+        # Duplicates are resolved from the digests after pass 1 (numpy, 16 bytes a document), not in a Python set.
         self.starts = array("q")
-        self.scores = array("Q")
-        self.seed = int(options.seed).to_bytes(8, "little", signed=True)
+        self.digests = array("Q")
         self.counts = {"documents_read": 0, "empty": 0, "duplicates": 0, "filtered_form": 0,
                        "filtered_author": 0, "filtered_length": 0}
         self.forms = _canonical_forms(options.forms)
         self.authors = {convert_script(a.strip(), "simplified") for a in options.authors}
         self.doc: _Doc | None = None
 
+    def transform(self, text: str) -> str:
+        """Normalisation of plain text, applied by the reader a chunk at a time."""
+        return self.normalize(text, strip_notes=bool(self.o.strip_notes))
+
     def add(self, piece) -> None:
-        strip = self.o.strip_notes if self.o.strip_notes is not None else piece.poem
-        text = self.normalize(piece.text, strip_notes=strip)
+        if isinstance(piece, Batch):
+            return self.add_batch(piece.texts)
+        if piece.normalized:
+            text = piece.text
+        else:
+            strip = self.o.strip_notes if self.o.strip_notes is not None else piece.poem
+            text = self.normalize(piece.text, strip_notes=strip)
         doc = self.doc
         if doc is None:
             doc = self.doc = _Doc(self.stream.length, piece)
@@ -226,6 +237,34 @@ class _Collector:
             self.doc = None
             self._finish(doc)
 
+    def add_batch(self, texts: list[str]) -> None:
+        """Many small complete documents at once: the same rules as _finish, with one array write for all."""
+        o, counts = self.o, self.counts
+        kept: list[str] = []
+        for text in texts:
+            counts["documents_read"] += 1
+            n = len(text)
+            if n == 0 or text.isspace():
+                counts["empty"] += 1
+            elif n < o.min_length or (o.max_length is not None and n > o.max_length):
+                counts["filtered_length"] += 1
+            elif self.authors:
+                counts["filtered_author"] += 1  # plain text has no authors
+            elif self.forms and _detect_form(text) not in self.forms:
+                counts["filtered_form"] += 1
+            else:
+                kept.append(text)
+        if not kept:
+            return
+        lengths = np.fromiter((len(t) for t in kept), dtype=np.int64, count=len(kept))
+        ends = np.cumsum(lengths)
+        cps = np.insert(_codepoints("".join(kept)), ends, EOT_CP)
+        starts = self.stream.length + ends - lengths + np.arange(len(kept))
+        self.stream.write(cps)
+        self.starts.extend(starts.tolist())
+        blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+        self.digests.extend([from_bytes(blake2b(t.encode(), digest_size=8).digest(), "little") for t in kept])
+
     def _reject(self, doc: _Doc, reason: str) -> None:
         self.counts[reason] += 1
         if doc.spilled:
@@ -241,23 +280,39 @@ class _Collector:
             return self._reject(doc, "filtered_length")
         if self.authors and convert_script((doc.author or "").strip(), "simplified") not in self.authors:
             return self._reject(doc, "filtered_author")
-        if self.forms:
-            from poetgen.poetry import detect_form
-
-            if text is None or detect_form(text) not in self.forms:
-                return self._reject(doc, "filtered_form")
-        digest = doc.hasher.digest()
-        if o.dedupe:
-            if digest in self.seen:
-                return self._reject(doc, "duplicates")
-            self.seen.add(digest)
+        if self.forms and (text is None or _detect_form(text) not in self.forms):
+            return self._reject(doc, "filtered_form")
         for p in doc.pending:
             self.stream.write(p)
         self.stream.write(np.array([EOT_CP], dtype="<u4"))
         self.starts.append(doc.start)
-        # The split score depends on the text and the seed only: identical documents land in the same split.
-        score = hashlib.blake2b(self.seed + digest, digest_size=8).digest()
-        self.scores.append(int.from_bytes(score, "little"))
+        self.digests.append(int.from_bytes(doc.hasher.digest(), "little"))
+
+
+def _first_occurrences(digests: np.ndarray) -> np.ndarray:
+    """True for each document whose text has not appeared before it (equal digests = equal texts)."""
+    order = np.argsort(digests, kind="stable")
+    first_sorted = np.ones(len(digests), dtype=bool)
+    first_sorted[1:] = digests[order][1:] != digests[order][:-1]
+    first = np.empty(len(digests), dtype=bool)
+    first[order] = first_sorted
+    return first
+
+
+def _split_scores(digests: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random score per document from its digest alone (splitmix64 finaliser), so identical
+    documents always share a split and the same seed always gives the same split."""
+    with np.errstate(over="ignore"):
+        z = digests ^ np.uint64((seed * 0x9E3779B97F4A7C15) % (1 << 64))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _detect_form(text: str) -> str | None:
+    from poetgen.poetry import detect_form
+
+    return detect_form(text)
 
 
 def _canonical_forms(forms: Sequence[str]) -> set[str]:
@@ -376,56 +431,78 @@ def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: S
     try:
         for f in files:
             progress({"stage": "read", "file": f.name, "done": done_bytes, "total": total_bytes})
-            for piece in read_pieces(f, read_options):
+            for piece in read_pieces(f, read_options, collector.transform):
                 collector.add(piece)
             done_bytes += f.size
             progress({"stage": "read", "file": f.name, "done": done_bytes, "total": total_bytes})
         counts = collector.counts
-        starts = np.frombuffer(collector.starts, dtype=np.int64) if collector.starts else np.zeros(0, np.int64)
-        scores = np.frombuffer(collector.scores, dtype=np.uint64) if collector.scores else np.zeros(0, np.uint64)
-        n_docs = len(starts)
+        starts = np.array(collector.starts, dtype=np.int64)
+        digests = np.array(collector.digests, dtype=np.uint64)
+        total = stream.length
+        lengths = np.diff(np.append(starts, total))  # code points per document, end-of-text included
+        keep = _first_occurrences(digests) if o.dedupe else np.ones(len(digests), dtype=bool)
+        counts["duplicates"] = int(len(keep) - keep.sum())
+        n_docs = int(keep.sum())
         if n_docs == 0:
             raise CorpusError(_nothing_left_message(counts, files))
-        total = stream.length
+        kept_total = int(lengths[keep].sum())
 
-        # pass 2: counts (code points; EOT_CP counts the documents)
+        # the split, per document: DROP (a duplicate), TRAIN or VAL
+        split = o.split if o.split != "auto" else ("random" if n_docs >= 20 else "tail")
+        doc_class = np.where(keep, TRAIN, DROP).astype(np.uint8)
+        n_val_docs = None
+        if split == "random":
+            kept_idx = np.flatnonzero(keep)
+            is_val = _val_documents(_split_scores(digests[kept_idx], o.seed), o.val_fraction)
+            doc_class[kept_idx[is_val]] = VAL
+            n_val = int(lengths[doc_class == VAL].sum())
+            n_val_docs = int(is_val.sum())
+        else:
+            n_val = int(round(kept_total * o.val_fraction))
+        n_train = kept_total - n_val
+        if n_train == 0:
+            raise CorpusError("nothing left for training after the validation split; lower --val-fraction")
+
+        def classes(pos: int, n: int) -> np.ndarray:
+            """The class of each position in stream[pos:pos + n]: the documents overlapping it, repeated."""
+            first = int(np.searchsorted(starts, pos, side="right")) - 1
+            last = int(np.searchsorted(starts, pos + n, side="left"))
+            bounds = np.clip(np.append(starts[first:last], total), pos, pos + n)
+            bounds[0] = pos
+            return np.repeat(doc_class[first:last], np.diff(bounds))
+
+        # pass 2: counts over the kept documents (EOT_CP counts them)
         hist = np.zeros(EOT_CP + 1, dtype=np.int64)
-        for _, cps in stream.chunks():
+        for pos, cps in stream.chunks():
+            if n_docs < len(starts):
+                cps = cps[classes(pos, len(cps)) != DROP]
             hist += np.bincount(cps, minlength=EOT_CP + 1)
         present = np.flatnonzero(hist[:EOT_CP])
         vocab = Vocab.from_counts({chr(c): int(hist[c]) for c in present}, o.min_count, eot_count=int(hist[EOT_CP]))
-        characters = int(total - hist[EOT_CP])
+        characters = kept_total - n_docs
 
-        # pass 3: ids, split, write
-        split = o.split if o.split != "auto" else ("random" if n_docs >= 20 else "tail")
+        # pass 3: ids, written to their split
         lut = vocab.lookup_table(EOT_CP)
         lut[EOT_CP] = EOT_ID
-        if split == "random":
-            is_val = _val_documents(scores, o.val_fraction)
-            lengths = np.diff(np.append(starts, total))
-            n_val = int(lengths[is_val].sum())
-        else:
-            is_val = None
-            n_val = int(round(total * o.val_fraction))
-        n_train = total - n_val
-        if n_train == 0:
-            raise CorpusError("nothing left for training after the validation split; lower --val-fraction")
         dtype = vocab.dtype()
         train_w = _NpyWriter(work / "train.npy", dtype, n_train)
         val_w = _NpyWriter(work / "val.npy", dtype, n_val)
         unk = 0
+        kept_so_far = 0
         for pos, cps in stream.chunks():
+            cls = classes(pos, len(cps))
             ids = lut[cps]
-            unk += int(np.count_nonzero(ids == 1))
-            if is_val is None:
-                cut = min(max(n_train - pos, 0), len(ids))
+            if split == "tail":
+                ids = ids[cls != DROP]
+                cut = min(max(n_train - kept_so_far, 0), len(ids))
+                kept_so_far += len(ids)
                 train_w.write(ids[:cut])
                 val_w.write(ids[cut:])
+                unk += int(np.count_nonzero(ids == UNK_ID))
             else:
-                doc = np.searchsorted(starts, np.arange(pos, pos + len(ids)), side="right") - 1
-                mask = is_val[doc]
-                train_w.write(ids[~mask])
-                val_w.write(ids[mask])
+                train_w.write(ids[cls == TRAIN])
+                val_w.write(ids[cls == VAL])
+                unk += int(np.count_nonzero(ids[cls != DROP] == UNK_ID))
             progress({"stage": "write", "done": pos + len(ids), "total": total})
         train_w.close()
         val_w.close()
@@ -441,8 +518,8 @@ def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: S
     counts = dict(counts)
     counts.update(
         documents=n_docs,
-        train_documents=int(n_docs - is_val.sum()) if is_val is not None else None,
-        val_documents=int(is_val.sum()) if is_val is not None else None,
+        train_documents=n_docs - n_val_docs if n_val_docs is not None else None,
+        val_documents=n_val_docs,
         characters=characters,
         distinct_characters=len(present),
         train_tokens=n_train,
