@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -270,16 +271,165 @@ def train() -> None:
 # --- sample -----------------------------------------------------------------------------------------------------
 
 
+def _read_primes(prime: Optional[str], primes_file: Optional[Path]) -> list:
+    from poetgen.errors import SampleError
+
+    if prime is not None and primes_file is not None:
+        raise typer.BadParameter("give --prime or --primes-file, not both")
+    if primes_file is not None:
+        try:
+            lines = primes_file.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"cannot read primes file {primes_file}: {e}") from None
+        primes = [line for line in lines if line.strip()]
+        if not primes:
+            raise SampleError(f"primes file {primes_file} has no primes (one per line)")
+        return primes
+    if prime == "-":
+        return [sys.stdin.read().rstrip("\r\n")]
+    return [prime or ""]
+
+
+def poem_display(text: str) -> str:
+    """Break the line after each 。？！ (one couplet per line); other text is left as it is."""
+    return re.sub(r"([。？！])(?!\n|$)", "\\1\n", text).rstrip()
+
+
 @app.command()
 @handles_errors
-def sample() -> None:
-    """Generate text from a trained model (not yet available).
+def sample(
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c",
+        help="Checkpoint file or run directory. Default: the best checkpoint of the newest run in ./checkpoints.",
+    ),
+    prime: Optional[str] = typer.Option(None, "--prime", "-p", help="Text to start from; `-` reads it from stdin."),
+    primes_file: Optional[Path] = typer.Option(
+        None, "--primes-file", help="A file of primes, one per line, all sampled in one batch."
+    ),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="Higher is bolder; 0 is greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k likeliest symbols only."),
+    top_p: Optional[float] = typer.Option(
+        None, "--top-p", help="Sample among the likeliest symbols whose probabilities add up to p (nucleus)."
+    ),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="Above 1 makes characters already used less likely (punctuation exempt)."
+    ),
+    length: Optional[int] = typer.Option(
+        None, "--length", "-l", help="Most characters to generate per sample (default 500; a poem form sets its own)."
+    ),
+    num_samples: int = typer.Option(1, "--num-samples", "-n", help="Samples per prime (one batch in all)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Same seed and settings, same output. Default: random."),
+    stream: bool = typer.Option(False, "--stream", help="Print the sample character by character as it is written."),
+    form: Optional[str] = typer.Option(
+        None, "--form", "-f", help="Poem form, guaranteed: 五绝 七绝 五律 七律 (or wujue qijue wulv qilv, 5jue ... 7lv)."
+    ),
+    acrostic: Optional[str] = typer.Option(
+        None, "--acrostic", "-a",
+        help="藏头诗: line i starts with the i-th character. Without --form there is one line per character.",
+    ),
+    line_length: Optional[int] = typer.Option(
+        None, "--line-length", help="5 or 7 characters per line for --acrostic without --form (default 7)."
+    ),
+    style: Optional[str] = typer.Option(
+        None, "--style", help="Hidden prefix, e.g. a line of verse: sets the mood, is not printed."
+    ),
+    rhyme: bool = typer.Option(
+        False, "--rhyme",
+        help="Even lines end in level-toned (平) characters of one rhyme group. Approximation: modern Mandarin "
+        "readings from pypinyin, tones 1-2 as level, the 14 groups of 中华新韵 — not the Tang-era 平水韵.",
+    ),
+    output_script: Optional[str] = typer.Option(
+        None, "--output-script", help="Print in simplified or traditional characters (OpenCC)."
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="JSON Lines: prime, text, settings, seed, mean_logprob (and tokens, ended)."
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the samples to this file."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, mps, or auto (cuda when available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Say nothing on stderr but errors."),
+) -> None:
+    """Generate text from a trained model: many samples in one batch, or Tang poems in guaranteed form.
+
+    Samples are separated by blank lines, poems shown one couplet per line. Prime characters the model does not
+    know are an error, unless converting between simplified and traditional (the model's script) fixes them.
 
     Example:
 
-        poetgen sample --prime 床前
+        poetgen sample --form 七绝 --acrostic 春夏秋冬 --rhyme -n 5 --seed 1
     """
-    raise fail("`poetgen sample` is not yet available")
+    from poetgen.errors import SampleError
+
+    if stream and (json_out or num_samples != 1 or primes_file is not None):
+        raise typer.BadParameter("--stream prints one sample as text: use it without --json, -n or --primes-file")
+    primes = _read_primes(prime, primes_file)
+    if output_script is not None and output_script not in ("simplified", "traditional"):
+        raise typer.BadParameter(f"--output-script must be simplified or traditional, not {output_script!r}")
+
+    import torch
+
+    from poetgen.checkpoint import find_checkpoint, load_model
+    from poetgen.sample import SampleOptions, generate
+
+    note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    path = find_checkpoint(checkpoint if checkpoint is not None else "checkpoints")
+    note(f"Checkpoint: {path}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as e:
+        raise SampleError(f"unknown device {device!r}: {e}") from None
+    model, ckpt = load_model(path, torch_device)
+    options = SampleOptions(
+        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, length=length,
+        num_samples=num_samples, seed=seed, form=form, acrostic=acrostic, line_length=line_length, rhyme=rhyme,
+        style=style, output_script=output_script,
+    )
+
+    out = None
+    if stream:  # the only case where the file must be open before generation
+        out = output.open("w", encoding="utf-8") if output is not None else None
+    try:
+        on_text = None
+        if stream:
+            shown = [""]
+
+            def on_text(piece: str) -> None:
+                piece = re.sub(r"([。？！])", "\\1\n", piece)
+                (out.write if out is not None else sys.stdout.write)(piece)
+                if out is None:
+                    sys.stdout.flush()
+                shown[0] = piece or shown[0]
+
+        result = generate(model, ckpt.vocab, primes, options, on_text=on_text)
+        for n in result.notes:
+            note(f"Note: {n}")
+        if stream:
+            if not shown[0].endswith("\n"):
+                (out.write if out is not None else sys.stdout.write)("\n")
+        else:
+            if json_out:
+                settings = result.options | {"checkpoint": str(path)}
+                settings.pop("seed", None)
+                text = "".join(
+                    json.dumps({"prime": s.prime, "text": s.text, "settings": settings, "seed": result.seed,
+                                "mean_logprob": round(s.mean_logprob, 6), "tokens": s.tokens, "ended": s.ended},
+                               ensure_ascii=False) + "\n"
+                    for s in result.samples
+                )
+            else:
+                text = "\n\n".join(poem_display(s.text) for s in result.samples) + "\n"
+            if output is not None:
+                output.write_text(text, encoding="utf-8")
+            else:
+                typer.echo(text, nl=False)
+    finally:
+        if out is not None:
+            out.close()
+    if output is not None:
+        note(f"Wrote {len(result.samples)} sample(s) to {output}")
+    if seed is None:
+        note(f"Seed: {result.seed}")
 
 
 # --- eval -------------------------------------------------------------------------------------------------------

@@ -1,0 +1,293 @@
+"""Batched decoding: determinism, sampling knobs, per-sample stopping, and poems in form from a trained model."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from poetgen.errors import SampleError
+from poetgen.model import CharRNN, ModelConfig
+from poetgen.normalize import convert_script
+from poetgen.poetry import FORMS, check_poem, poem_layout, split_lines
+from poetgen.sample import SampleOptions, generate, vocab_script
+from poetgen.vocab import EOT_ID, Vocab
+
+POEMS = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+    "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。",
+    "黄河远上白云间，一片孤城万仞山。羌笛何须怨杨柳，春风不度玉门关。",
+    "故人西辞黄鹤楼，烟花三月下扬州。孤帆远影碧空尽，唯见长江天际流。",
+    "国破山河在，城春草木深。感时花溅泪，恨别鸟惊心。烽火连三月，家书抵万金。白头搔更短，浑欲不胜簪。",
+    "空山新雨后，天气晚来秋。明月松间照，清泉石上流。竹喧归浣女，莲动下渔舟。随意春芳歇，王孙自可留。",
+    "昔人已乘黄鹤去，此地空余黄鹤楼。黄鹤一去不复返，白云千载空悠悠。"
+    "晴川历历汉阳树，芳草萋萋鹦鹉洲。日暮乡关何处是，烟波江上使人愁。",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small LSTM trained ~150 steps on eight poems (a few seconds): it has seen the forms, barely."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vocab = Vocab.from_counts(Counter("".join(POEMS) + "春夏秋冬"), eot_count=len(POEMS))
+    ids = []
+    for p in POEMS:
+        ids += vocab.encode(p) + [EOT_ID]
+    data = torch.tensor(ids * 4)
+    model = CharRNN(ModelConfig(len(vocab), cell="lstm", layers=1, hidden=64, embed=32))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    T, B = 32, 16
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - T - 1, (B,), generator=g)
+        x = torch.stack([data[s : s + T] for s in starts])
+        y = torch.stack([data[s + 1 : s + T + 1] for s in starts])
+        logits, _ = model(x)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 3.0  # it learned something
+    return model.eval(), vocab
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    torch.manual_seed(1)
+    vocab = Vocab.from_counts(Counter("".join(POEMS)))
+    return CharRNN(ModelConfig(len(vocab), cell="gru", layers=2, hidden=32, embed=16)).eval(), vocab
+
+
+def texts(result):
+    return [s.text for s in result.samples]
+
+
+# --- basics ---
+
+
+def test_same_seed_same_output(untrained):
+    model, vocab = untrained
+    o = SampleOptions(num_samples=5, seed=123, length=40, temperature=1.0, top_p=0.95)
+    a, b = generate(model, vocab, ["明月"], o), generate(model, vocab, ["明月"], o)
+    assert texts(a) == texts(b) and a.seed == 123
+    assert [s.mean_logprob for s in a.samples] == [s.mean_logprob for s in b.samples]
+    c = generate(model, vocab, ["明月"], SampleOptions(num_samples=5, seed=124, length=40, temperature=1.0))
+    assert texts(c) != texts(a)
+    assert all(t.startswith("明月") for t in texts(a))
+
+
+def test_no_seed_picks_and_reports_one(untrained):
+    model, vocab = untrained
+    r = generate(model, vocab, [""], SampleOptions(length=20))
+    again = generate(model, vocab, [""], SampleOptions(length=20, seed=r.seed))
+    assert texts(again) == texts(r)
+
+
+def test_top_k_larger_than_vocabulary_is_clamped(untrained):
+    model, vocab = untrained
+    r = generate(model, vocab, ["山"], SampleOptions(num_samples=3, seed=5, length=30, top_k=10 * len(vocab)))
+    assert r.options["top_k"] == len(vocab)
+    full = generate(model, vocab, ["山"], SampleOptions(num_samples=3, seed=5, length=30))
+    assert texts(r) == texts(full)  # clamped to V means no truncation at all
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(trained):
+    model, vocab = trained
+    greedy = texts(generate(model, vocab, ["白日", "空山"], SampleOptions(temperature=0, length=30)))
+    assert texts(generate(model, vocab, ["白日", "空山"], SampleOptions(seed=9, top_k=1, length=30))) == greedy
+    assert texts(generate(model, vocab, ["白日", "空山"], SampleOptions(seed=9, top_p=1e-6, length=30))) == greedy
+
+
+def test_length_limit(untrained):
+    model, vocab = untrained
+    # Temperature 5 flattens the distribution so <eot> (1 in 80) rarely comes in 7 steps.
+    r = generate(model, vocab, ["月"], SampleOptions(num_samples=8, seed=0, length=7, temperature=5.0))
+    for s in r.samples:
+        assert s.tokens <= 7
+        assert s.ended or (s.tokens == 7 and len(s.generated) == 7)
+    assert any(not s.ended for s in r.samples)
+
+
+def test_per_sample_stopping_matches_single_runs(trained):
+    """Rows end at their own <eot> at different steps; the rest carry on exactly as they would alone."""
+    model, vocab = trained
+    primes = [POEMS[0][:-1], "", POEMS[1][:6], "千山"]  # the first is one symbol from its end
+    o = SampleOptions(temperature=0, length=60)
+    batch = generate(model, vocab, primes, o)
+    tokens = [s.tokens for s in batch.samples]
+    assert batch.samples[0].ended and tokens[0] <= 3 and len(set(tokens)) > 1
+    for s in batch.samples:
+        assert "\n" not in s.text  # nothing after the end
+        assert s.tokens == len(s.generated) + s.ended
+    for prime, s in zip(primes, batch.samples):
+        alone = generate(model, vocab, [prime], o).samples[0]
+        assert alone.text == s.text and alone.mean_logprob == pytest.approx(s.mean_logprob, abs=1e-5)
+
+
+def test_mean_logprob_equals_a_full_forward_pass(trained):
+    """The step-by-step carried state gives the same probabilities as running the whole text at once."""
+    model, vocab = trained
+    r = generate(model, vocab, ["黄河", ""], SampleOptions(num_samples=2, seed=3, length=40, temperature=1.2))
+    for s in r.samples:
+        prime_ids = vocab.encode(s.prime)
+        gen_ids = vocab.encode(s.generated) + ([EOT_ID] if s.ended else [])
+        seq = torch.tensor([[EOT_ID] + prime_ids + gen_ids])
+        with torch.no_grad():
+            logp = model(seq)[0].log_softmax(-1)[0]  # (T, V)
+        n = len(prime_ids)
+        picked = [logp[n + i, t].item() for i, t in enumerate(gen_ids)]
+        assert s.mean_logprob == pytest.approx(sum(picked) / len(picked), abs=1e-4)
+
+
+def test_prefix_is_fed_once(trained):
+    model, vocab = trained
+    calls = []
+    handle = model.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        generate(model, vocab, ["白日依山", "白日依山", "空山"], SampleOptions(num_samples=3, seed=0, length=10))
+    finally:
+        handle.remove()
+    long_calls = [c for c in calls if c[1] > 1]
+    assert sorted(long_calls) == [(1, 3), (1, 5)]  # one call per distinct prefix length, <eot> + prime
+    assert all(c[1] == 1 for c in calls if c not in long_calls)
+    assert len(calls) - len(long_calls) <= 9
+
+
+def test_primes_are_prime_major(untrained):
+    model, vocab = untrained
+    r = generate(model, vocab, ["山", "河"], SampleOptions(num_samples=3, seed=0, length=5))
+    assert [s.prime for s in r.samples] == ["山"] * 3 + ["河"] * 3
+    assert all(s.text.startswith(s.prime) for s in r.samples)
+
+
+def test_stream_callback_writes_the_first_sample(untrained):
+    model, vocab = untrained
+    pieces = []
+    r = generate(model, vocab, ["明月"], SampleOptions(seed=4, length=25, temperature=1.0), on_text=pieces.append)
+    assert "".join(pieces) == r.samples[0].text and pieces[0] == "明月" and len(pieces) > 1
+
+
+def test_repetition_penalty():
+    class Fixed(nn.Module):
+        """Logits that always prefer id 2, then 3, then 4 (B, T, V), whatever the input."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([-9.0, -9.0, 3.0, 2.0, 1.0]))
+
+        def forward(self, idx, hidden=None):
+            return self.w.expand(idx.size(0), idx.size(1), 5), torch.zeros(1, idx.size(0), 1)
+
+    vocab = Vocab(["<eot>", "<unk>", "a", "b", "c"])
+    plain = generate(Fixed(), vocab, [""], SampleOptions(temperature=0, length=4)).samples[0].text
+    assert plain == "aaaa"
+    assert generate(Fixed(), vocab, [""], SampleOptions(temperature=0, length=4, repetition_penalty=2.0)).samples[
+        0
+    ].text == "abaa"  # a 3 -> 1.5 loses to b 2; then a 1.5 beats b 2 -> 1 and c 1
+    assert generate(Fixed(), vocab, ["ab"], SampleOptions(temperature=0, length=1, repetition_penalty=4.0)).samples[
+        0
+    ].text == "abc"  # the prime counts as already used
+
+
+# --- errors ---
+
+
+def test_unknown_prime_character(untrained):
+    model, vocab = untrained
+    with pytest.raises(SampleError, match="'龘'") as e:
+        generate(model, vocab, ["明月龘"], SampleOptions(length=5))
+    assert "prime" in str(e.value)
+    with pytest.raises(SampleError, match="style"):
+        generate(model, vocab, [""], SampleOptions(length=5, style="xyz"))
+
+
+def test_bad_options(untrained):
+    model, vocab = untrained
+    for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0), dict(top_p=1.5), dict(length=0),
+                dict(num_samples=0), dict(repetition_penalty=0), dict(rhyme=True), dict(line_length=5),
+                dict(output_script="klingon")):
+        with pytest.raises(SampleError):
+            generate(model, vocab, [""], SampleOptions(**bad))
+    with pytest.raises(SampleError, match="too short"):
+        generate(model, vocab, [""], SampleOptions(form="五绝", length=10))
+    with pytest.raises(SampleError, match="does not fit"):
+        generate(model, vocab, ["床前明月光。"], SampleOptions(form="五绝"))
+
+
+# --- scripts ---
+
+
+def test_prime_converted_to_the_models_script():
+    torch.manual_seed(0)
+    trad = convert_script("".join(POEMS), "traditional")
+    vocab = Vocab.from_counts(Counter(trad))
+    assert vocab_script(vocab) == "traditional"
+    model = CharRNN(ModelConfig(len(vocab), layers=1, hidden=16, embed=8)).eval()
+    r = generate(model, vocab, ["举头望"], SampleOptions(seed=0, length=5))
+    assert r.samples[0].text.startswith("舉頭望") and r.samples[0].prime == "举头望"
+    assert len(r.notes) == 1 and "举头望 -> 舉頭望" in r.notes[0] and "traditional" in r.notes[0]
+    simp = generate(model, vocab, ["举头望"], SampleOptions(seed=0, length=5, output_script="simplified"))
+    assert simp.samples[0].text == convert_script(r.samples[0].text, "simplified")
+    assert simp.samples[0].text.startswith("举头望")
+    acro = generate(model, vocab, [""], SampleOptions(seed=0, acrostic="举头", line_length=5))
+    assert [line[0] for line in split_lines(acro.samples[0].text)] == ["舉", "頭"]
+    with pytest.raises(SampleError, match="'龘'"):
+        generate(model, vocab, ["举龘"], SampleOptions(length=5))
+    # Nothing to convert, nothing said.
+    assert generate(model, vocab, ["舉頭"], SampleOptions(seed=0, length=3)).notes == []
+
+
+# --- poems in form, from a barely trained model ---
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_200_samples_in_each_form(trained, form):
+    model, vocab = trained
+    r = generate(model, vocab, [""], SampleOptions(form=form, num_samples=200, seed=11, temperature=1.0))
+    f = FORMS[form]
+    layout = re.compile(poem_layout(f.lines, f.chars))
+    assert len(r.samples) == 200
+    for s in r.samples:
+        assert layout.fullmatch(s.text), s.text
+        assert s.ended and s.tokens == f.length + 1
+    assert len(set(texts(r))) > 150  # samples, not one poem repeated
+
+
+def test_200_acrostics(trained):
+    model, vocab = trained
+    for form, acrostic in (("七绝", "春夏秋冬"), (None, "明月山")):
+        r = generate(model, vocab, [""], SampleOptions(form=form, acrostic=acrostic, line_length=None if form else 5,
+                                                       num_samples=200, seed=12, temperature=1.0))
+        chars = 7 if form else 5
+        for s in r.samples:
+            assert check_poem(s.text, len(acrostic), chars, acrostic=acrostic) == [], s.text
+
+
+def test_200_rhyming_poems(trained):
+    model, vocab = trained
+    for form in ("五绝", "七律"):
+        f = FORMS[form]
+        r = generate(model, vocab, [""], SampleOptions(form=form, rhyme=True, num_samples=200, seed=13))
+        for s in r.samples:
+            assert check_poem(s.text, f.lines, f.chars, rhyme=True) == [], s.text
+
+
+def test_form_with_prime_and_style(trained):
+    model, vocab = trained
+    o = SampleOptions(form="五绝", num_samples=20, seed=14, style="空山新雨后")
+    r = generate(model, vocab, ["白日", "床前明月光，"], o)
+    for s in r.samples:
+        assert check_poem(s.text, 4, 5) == [] and s.text.startswith(s.prime)
+        assert not s.text.startswith("空山新雨后")
+    plain = generate(model, vocab, ["白日", "床前明月光，"], SampleOptions(form="五绝", num_samples=20, seed=14))
+    assert [s.mean_logprob for s in plain.samples] != [s.mean_logprob for s in r.samples]  # the style conditions
