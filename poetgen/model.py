@@ -12,6 +12,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from poetgen.config import check_type
 from poetgen.errors import ConfigError
 
 CELLS = ("rnn", "lstm", "gru")
@@ -31,7 +32,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            _check_type(f"model {f.name}", getattr(self, f.name), f.type)
+            check_type(f"model {f.name}", getattr(self, f.name), f.type)
         if self.vocab_size < 2:
             raise ConfigError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if self.cell not in CELLS:
@@ -61,14 +62,6 @@ class ModelConfig:
         if "vocab_size" not in d:
             raise ConfigError("model config is missing vocab_size")
         return cls(**d)
-
-
-def _check_type(name: str, value: object, type_name: object) -> None:
-    """Refuse wrong types; dataclass annotations are strings here (``from __future__ import annotations``)."""
-    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(type_name)]
-    # bool is an int subclass: True must not pass as a layer count, nor 1 as a flag.
-    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
-        raise ConfigError(f"{name} must be {type_name}, got {type(value).__name__} {value!r}")
 
 
 class CharRNN(nn.Module):

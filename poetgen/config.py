@@ -1,0 +1,211 @@
+"""Training configuration: typed defaults, presets, TOML files, and their precedence.
+
+Precedence, lowest first: the defaults below (= the ``small`` preset), then ``--preset`` (or a ``preset`` key in the
+config file), then the TOML config file, then command-line flags. Unknown keys and wrong types are refused.
+
+Presets (parameter counts for a 65-symbol English corpus / a ~7,000-symbol Tang corpus):
+
+    ========  =====  ======  =====  =====  =======  =====  =======  ==================
+    preset    cell   layers  hidden embed  dropout  batch  seq_len  parameters
+    ========  =====  ======  =====  =====  =======  =====  =======  ==================
+    tiny      lstm   1       128    64     0.0      32     64       0.1 M / 1.5 M
+    small     lstm   2       256    128    0.1      64     128      0.9 M / 3.6 M
+    medium    lstm   2       512    256    0.2      64     128      3.7 M / 9.1 M
+    large     lstm   3       1024   512    0.3      64     256      23 M / 34 M
+    ========  =====  ======  =====  =====  =======  =====  =======  ==================
+
+A config file is flat TOML whose keys are the field names below (``batch_size`` or ``batch-size``)::
+
+    preset = "small"
+    cell = "gru"
+    hidden = 384
+    max_time = "10m"      # seconds, or a duration such as "90s", "10m", "1h30m"
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from poetgen.errors import ConfigError
+
+DEVICES_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+PRECISIONS = ("auto", "fp32", "bf16")
+DEFAULT_EPOCHS = 10  # the budget when neither max_steps, max_epochs nor max_time is set
+MODEL_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "tie_weights")
+# Changing these on --resume would change what a step means (data position, shapes): refused.
+FIXED_ON_RESUME = ("cell", "layers", "hidden", "embed", "tie_weights", "batch_size", "seq_len")
+
+
+def check_type(name: str, value: object, type_name: object) -> None:
+    """Refuse a value of the wrong type. ``type_name`` is a dataclass annotation string: int, float, str or bool."""
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(type_name)]
+    # bool is an int subclass: True must not pass as a layer count, nor 1 as a flag.
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+        raise ConfigError(f"{name} must be {type_name}, got {type(value).__name__} {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 256
+    embed: int = 128
+    dropout: float = 0.1
+    tie_weights: bool = False
+    # data and optimisation
+    batch_size: int = 64  # parallel contiguous streams
+    seq_len: int = 128  # characters per truncated-BPTT window
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    # budget (0 = no limit); training stops at whichever comes first; none given = DEFAULT_EPOCHS epochs
+    max_steps: int = 0
+    max_epochs: int = 0  # with no budget at all, DEFAULT_EPOCHS
+    max_time: float = 0.0  # seconds of wall clock, counted across resumes
+    # evaluation, checkpoints, progress
+    eval_every: int = 200  # steps between evaluations of the whole validation split
+    patience: int = 0  # stop after this many evaluations without improvement; 0 = never
+    save_every: int = 0  # steps between saves of last.ckpt; 0 = at every evaluation
+    keep: int = 0  # also keep the N newest step-<k>.ckpt snapshots; 0 = only last and best
+    sample_every: int = 2  # show a sample every N evaluations; 0 = never
+    sample_length: int = 120
+    log_every: int = 10  # steps between metrics.jsonl lines / plain log lines
+    # runtime
+    seed: int = 1337
+    device: str = "auto"
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check_type(f.name, getattr(self, f.name), f.type)
+        self.max_time = float(self.max_time)
+        self.dropout = float(self.dropout)
+        positive = ("layers", "hidden", "embed", "batch_size", "seq_len", "eval_every", "sample_length", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        non_negative = ("warmup_steps", "weight_decay", "grad_clip", "max_steps", "max_epochs", "max_time",
+                        "patience", "save_every", "keep", "sample_every", "threads")
+        for name in non_negative:
+            v = getattr(self, name)
+            if v < 0 or (isinstance(v, float) and not math.isfinite(v)):
+                raise ConfigError(f"{name} must be 0 or more, got {v}")
+        if self.cell not in ("rnn", "lstm", "gru"):
+            raise ConfigError(f"cell must be rnn, lstm or gru, got {self.cell!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.tie_weights and self.embed != self.hidden:
+            raise ConfigError(f"tie_weights needs embed == hidden (got embed={self.embed}, hidden={self.hidden})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
+        return cls(**normalise_keys(d, where))
+
+    def model_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in MODEL_FIELDS}
+
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(layers=1, hidden=128, embed=64, dropout=0.0, batch_size=32, seq_len=64, lr=3e-3,
+                 warmup_steps=50, eval_every=100),
+    "small": {},
+    "medium": dict(layers=2, hidden=512, embed=256, dropout=0.2, lr=1.5e-3, warmup_steps=200, eval_every=500),
+    "large": dict(layers=3, hidden=1024, embed=512, dropout=0.3, seq_len=256, lr=1e-3, warmup_steps=500,
+                  eval_every=1000),
+}
+
+
+def normalise_keys(d: dict, where: str) -> dict[str, Any]:
+    """Accept `batch-size` as well as `batch_size`; refuse keys that are not TrainConfig fields."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a table of settings")
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELD_NAMES:
+            hint = " (settings are flat keys; no [tables])" if isinstance(value, dict) else ""
+            raise ConfigError(f"{where}: unknown setting {key!r}{hint}. Known: {', '.join(FIELD_NAMES)}")
+        if name == "max_time" and isinstance(value, str):
+            value = parse_duration(value)
+        out[name] = value
+    return out
+
+
+def parse_duration(text: str) -> float:
+    """'600', '90s', '10m', '1.5h', '1h30m' -> seconds."""
+    s = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", s)
+    if not parts or "".join(n + u for n, u in parts) != s:
+        raise ConfigError(f"not a duration: {text!r} (use seconds, or e.g. 90s, 10m, 1h30m)")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {p}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from None
+
+
+def resolve_config(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """defaults < preset < config file < overrides (flags). ``preset`` argument beats a preset key in the file."""
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        raw = dict(load_toml(config_file))
+        file_preset = raw.pop("preset", None)
+        if file_preset is not None and not isinstance(file_preset, str):
+            raise ConfigError(f"{config_file}: preset must be a string")
+        preset = preset or file_preset
+        file_values = normalise_keys(raw, str(config_file))
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update(file_values)
+    values.update(normalise_keys(overrides or {}, "flags"))
+    return TrainConfig(**values)
+
+
+def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    return replace(config, **normalise_keys(overrides, "flags"))

@@ -1,0 +1,191 @@
+"""Run directories: where a training run lives, who may write it, and how a `train` invocation becomes a run.
+
+A run directory (``checkpoints/<run-name>/``) holds::
+
+    last.ckpt          the newest state (saved every --save-every steps, at the end, on interruption)
+    best.ckpt          the state with the lowest validation loss so far
+    step-<k>.ckpt      snapshots, only with --keep N (the N newest are kept)
+    metrics.jsonl      one JSON object per line: type "start"/"resume", "train" (every --log-every steps), "eval"
+    .lock              {"pid", "host"} of the trainer writing it; removed when it stops
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from poetgen.checkpoint import LAST, Checkpoint, find_checkpoint, load_checkpoint
+from poetgen.config import FIXED_ON_RESUME, MODEL_FIELDS, TrainConfig, normalise_keys, resolve_config, with_overrides
+from poetgen.dataset import Dataset, load_dataset
+from poetgen.errors import CheckpointError, ConfigError, TrainingError
+
+METRICS = "metrics.jsonl"
+LOCK = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Refuse a second trainer in the same run directory; a lock left by a dead process is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+                pid, host = int(owner["pid"]), str(owner.get("host", ""))
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host = -1, ""  # unreadable: the writer died while writing it
+            if pid > 0 and (host != me["host"] or _pid_alive(pid)):
+                where = f"process {pid}" + (f" on {host}" if host != me["host"] else "")
+                raise TrainingError(
+                    f"run directory {run_dir} is in use by {where}; wait for it, stop it, or choose another --name"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise TrainingError(f"could not lock run directory {run_dir}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def rewind_metrics(path: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint's step (the resumed run writes them again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line cut short by a crash
+    path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+
+
+# --- from command-line arguments to a run ---------------------------------------------------------------------
+
+
+@dataclass
+class RunSetup:
+    config: TrainConfig
+    dataset: Dataset
+    run_dir: Path
+    resume: Checkpoint | None = None
+    init_from: Checkpoint | None = None
+
+
+def locate_run(run: str | Path, runs_dir: Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint to resume) for ``--resume RUN``: a run directory, a run name under
+    ``runs_dir``, or a checkpoint file (a snapshot) inside a run directory."""
+    p = Path(run)
+    if not p.exists() and (runs_dir / run).exists():
+        p = runs_dir / run
+    if p.is_file():
+        return p.parent, p
+    if p.is_dir():
+        if (p / LAST).is_file():
+            return p, p / LAST
+        raise CheckpointError(f"{p} has no {LAST} to resume from")
+    raise CheckpointError(f"run not found: {run} (looked in the current directory and in {runs_dir})")
+
+
+def default_run_name(dataset: Dataset, config: TrainConfig) -> str:
+    stem = re.sub(r"[^\w.-]+", "_", dataset.name).strip("_") or "run"
+    return f"{stem}-{config.cell}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _checked_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"--name must be a plain directory name, got {name!r}")
+    return name
+
+
+def _open_data(data: str | None, on_progress: Callable[[dict], None] | None) -> Dataset:
+    from poetgen.prepare import resolve_training_data
+
+    return load_dataset(resolve_training_data(data, on_progress=on_progress))
+
+
+def _refuse_changes(overrides: dict[str, Any], base: TrainConfig, keys: tuple[str, ...], why: str) -> None:
+    changed = [k for k in keys if k in overrides and overrides[k] != getattr(base, k)]
+    if changed:
+        shown = ", ".join(f"{k} ({getattr(base, k)!r} -> {overrides[k]!r})" for k in changed)
+        raise ConfigError(f"{why}: {shown}")
+
+
+def setup_run(
+    data: str | None,
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: str | None = None,
+    init_from: str | None = None,
+    runs_dir: str | Path = "checkpoints",
+    name: str | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> RunSetup:
+    """Turn `train` arguments into a configuration, a dataset and a run directory.
+
+    ``overrides`` are the flags the user actually gave (field name -> value). DATA may be a dataset directory,
+    a raw corpus (prepared on the fly and cached), or None: the bundled corpus, or on resume the run's own data.
+    """
+    runs_dir = Path(runs_dir)
+    overrides = normalise_keys(overrides or {}, "flags")
+    if resume is not None:
+        if init_from is not None:
+            raise ConfigError("--resume and --init-from cannot be combined")
+        if preset is not None or config_file is not None:
+            raise ConfigError("a resumed run keeps its configuration; change single settings with flags instead "
+                              "of --preset / --config")
+        run_dir, ckpt_path = locate_run(resume, runs_dir)
+        if name is not None and _checked_name(name) != run_dir.name:
+            raise ConfigError("--name cannot rename a run that is resumed")
+        ckpt = load_checkpoint(ckpt_path)
+        base = TrainConfig.from_dict(ckpt.train_config, f"{ckpt_path} training config")
+        _refuse_changes(overrides, base, FIXED_ON_RESUME,
+                        "these settings cannot change on --resume (fine-tune with --init-from instead)")
+        config = with_overrides(base, overrides)
+        if data is None:
+            recorded = ckpt.dataset_meta.get("path")
+            if not recorded or not Path(recorded).exists():
+                raise TrainingError(f"the run's dataset ({recorded or 'unknown'}) is gone; pass DATA to resume with")
+            data = recorded
+        return RunSetup(config, _open_data(data, on_progress), run_dir, resume=ckpt)
+
+    config = resolve_config(preset, config_file, overrides)
+    ckpt = None
+    if init_from is not None:
+        ckpt = load_checkpoint(find_checkpoint(init_from))
+        arch = {k: getattr(ckpt.model_config, k) for k in MODEL_FIELDS if k != "dropout"}
+        _refuse_changes(overrides, TrainConfig(**{**config.to_dict(), **arch}), tuple(arch),
+                        f"--init-from {ckpt.path} fixes the architecture; these flags disagree with it")
+        config = TrainConfig(**{**config.to_dict(), **arch})
+    dataset = _open_data(data, on_progress)
+    run_dir = runs_dir / (_checked_name(name) if name is not None else default_run_name(dataset, config))
+    return RunSetup(config, dataset, run_dir, init_from=ckpt)

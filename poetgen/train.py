@@ -1,0 +1,653 @@
+"""The training loop: truncated backpropagation through time over contiguous streams.
+
+The training split (one flat id array of N tokens) is cut into B = batch_size streams of equal length
+Ls = (N - 1) // B, and each step feeds every stream's next window of T = seq_len characters::
+
+    stream 0:  | w0 | w1 | w2 | ... |        step j feeds row s = tokens[s*Ls + j*T : s*Ls + (j+1)*T]
+    stream 1:  | w0 | w1 | w2 | ... |        and predicts the same slice shifted by one
+    ...
+    stream B-1 | w0 | w1 | w2 | ... |        batches per epoch = Ls // T (a partial last window is dropped)
+
+The hidden state of each stream is carried from window to window and detached (so gradients stop at the window
+edge), and reset to zero at each epoch start (where the streams wrap). One step consumes one batch, so the data
+position is a function of the step alone: epoch = step // batches, window = step % batches. A checkpoint saves the
+step, the carried hidden state, the RNG states and the optimizer, so a resumed run repeats an unbroken one exactly.
+
+Progress is reported through a TrainCallbacks object; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from poetgen import __version__
+from poetgen.checkpoint import BEST, LAST, Checkpoint, restore_rng, save_checkpoint
+from poetgen.config import DEFAULT_EPOCHS, MODEL_FIELDS, TrainConfig
+from poetgen.dataset import Dataset
+from poetgen.errors import ConfigError, TrainingError
+from poetgen.runs import METRICS, rewind_metrics, run_lock
+from poetgen.model import CharRNN, Hidden, ModelConfig, detach_hidden, hidden_to
+from poetgen.vocab import EOT_ID, UNK_ID, Vocab, format_symbols
+
+LN2 = math.log(2.0)
+
+
+class StopFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class TrainCallbacks:
+    """Override what you need; the CLI renders progress from these, tests record from them."""
+
+    def on_start(self, info: dict) -> None: ...
+    def on_step(self, info: dict) -> None: ...
+    def on_eval(self, info: dict) -> None: ...
+    def on_sample(self, step: int, text: str) -> None: ...
+    def on_checkpoint(self, path: Path, kind: str) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # completed | early_stopped | time_limit | interrupted
+    step: int
+    epoch: float
+    train_loss: float | None  # smoothed
+    last_val_loss: float | None
+    best_val_loss: float | None
+    elapsed: float
+    tokens_seen: int
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    signal: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("run_dir", "last_checkpoint", "best_checkpoint"):
+            d[k] = str(d[k]) if d[k] is not None else None
+        for k in ("last_val_loss", "best_val_loss"):
+            d[k.replace("loss", "bpc")] = d[k] / LN2 if d[k] is not None else None
+        return d
+
+
+# --- planning -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    parameters: int
+    vocab_size: int
+    train_tokens: int
+    val_tokens: int
+    streams: int
+    stream_len: int
+    batches_per_epoch: int
+    tokens_per_epoch: int
+    total_steps: int | None  # None when only --max-time bounds the run
+    estimated_memory_bytes: int
+    device: str
+    precision: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stream_layout(n_tokens: int, batch_size: int, seq_len: int) -> tuple[int, int]:
+    """(stream length, batches per epoch) for a split of ``n_tokens`` ids (inputs and targets need N - 1 pairs)."""
+    stream_len = max(n_tokens - 1, 0) // batch_size
+    return stream_len, stream_len // seq_len
+
+
+def total_steps(config: TrainConfig, batches: int) -> int | None:
+    """The step budget: the nearer of max_steps and max_epochs; DEFAULT_EPOCHS when no budget is set at all;
+    None when only max_time bounds the run."""
+    epochs = config.max_epochs
+    if not (config.max_steps or epochs or config.max_time):
+        epochs = DEFAULT_EPOCHS
+    limits = [x for x in (config.max_steps, epochs * batches) if x > 0]
+    return min(limits) if limits else None
+
+
+def estimate_memory(config: TrainConfig, parameters: int, vocab_size: int) -> int:
+    """Rough peak bytes: fp32 weights + gradients + two AdamW moments, plus activations kept for backward."""
+    per_layer = {"rnn": 2, "gru": 6, "lstm": 8}[config.cell] * config.hidden  # gates and states per step
+    per_token = config.embed + config.layers * per_layer + 3 * vocab_size  # logits, softmax, grad of logits
+    return 4 * (4 * parameters + config.batch_size * config.seq_len * per_token)
+
+
+def make_plan(config: TrainConfig, dataset: Dataset, vocab_size: int | None = None) -> Plan:
+    """Sizes of a run; raises TrainingError when the configuration gives no batch at all."""
+    vocab_size = vocab_size or len(dataset.vocab)
+    n = len(dataset.train)
+    stream_len, batches = stream_layout(n, config.batch_size, config.seq_len)
+    if batches == 0:
+        need = config.batch_size * config.seq_len + 1
+        if n - 1 >= config.seq_len:
+            hint = f"--batch-size {(n - 1) // config.seq_len} or lower"
+        else:
+            hint = f"--batch-size 1 --seq-len {max(1, n - 1)} or lower"
+        raise TrainingError(
+            f"zero batches: the training split has {n:,} tokens, but {config.batch_size} streams of "
+            f"{config.seq_len} characters need at least {need:,}. Use {hint}, or more data."
+        )
+    with torch.device("meta"):  # count parameters without allocating them
+        model = CharRNN(ModelConfig(vocab_size=vocab_size, **config.model_dict()))
+    params = model.num_parameters()
+    device = resolve_device(config.device)
+    return Plan(
+        parameters=params,
+        vocab_size=vocab_size,
+        train_tokens=n,
+        val_tokens=len(dataset.val),
+        streams=config.batch_size,
+        stream_len=stream_len,
+        batches_per_epoch=batches,
+        tokens_per_epoch=batches * config.batch_size * config.seq_len,
+        total_steps=total_steps(config, batches),
+        estimated_memory_bytes=estimate_memory(config, params, vocab_size),
+        device=str(device),
+        precision="bf16" if autocast_dtype(device, config.precision) else "fp32",
+    )
+
+
+# --- devices --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but CUDA is not available here (try --device auto)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device mps was asked for, but MPS is not available here (try --device auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 autocast on CUDA (auto or bf16); fp32 elsewhere. CPU/MPS bf16 RNN kernels are missing or slow."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if precision == "bf16":
+        raise ConfigError(f"precision bf16 needs a CUDA device (this run uses {device}); use fp32 or auto")
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+
+class StreamBatches:
+    """Windows over B contiguous streams of one split; ``get(j)`` -> LongTensor (B, T + 1) (inputs + next target)."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, id_map: np.ndarray | None = None):
+        self.tokens, self.seq_len, self.id_map = tokens, seq_len, id_map
+        self.stream_len, self.batches = stream_layout(len(tokens), batch_size, seq_len)
+        self.starts = np.arange(batch_size, dtype=np.int64) * self.stream_len  # (B,)
+        self.offsets = np.arange(seq_len + 1, dtype=np.int64)  # (T+1,)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def get(self, j: int) -> torch.Tensor:
+        idx = self.starts[:, None] + j * self.seq_len + self.offsets  # (B, T+1)
+        ids = np.asarray(self.tokens[idx], dtype=np.int64)
+        if self.id_map is not None:
+            ids = self.id_map[ids]
+        return torch.from_numpy(ids)
+
+
+def vocab_map(data_vocab: Vocab, model_vocab: Vocab, map_unknown: bool) -> np.ndarray | None:
+    """Dataset id -> model id table for fine-tuning on another corpus; None when the vocabularies are equal."""
+    if data_vocab == model_vocab:
+        return None
+    missing = [s for s in data_vocab.symbols[2:] if s not in model_vocab]
+    if missing and not map_unknown:
+        raise TrainingError(
+            f"the dataset has {len(missing)} character(s) the checkpoint's vocabulary does not know: "
+            f"{format_symbols(missing)}. Pass --map-unknown to train them as <unk>, or train from scratch."
+        )
+    table = np.array(
+        [EOT_ID, UNK_ID] + [model_vocab._index.get(s, UNK_ID) for s in data_vocab.symbols[2:]], dtype=np.int64
+    )
+    return table
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    id_map: np.ndarray | None = None,
+    amp: torch.dtype | None = None,
+) -> float | None:
+    """Mean loss in nats over EVERY next-character prediction of ``tokens``, with state carried along streams.
+
+    The split is laid out as S <= batch_size streams of ceil(n / S) positions; the tail of the last stream is
+    padding that the loss ignores, so no token is dropped. Returns None for a split too short to predict anything.
+    """
+    n = len(tokens) - 1
+    if n < 1:
+        return None
+    ids = np.asarray(tokens, dtype=np.int64)
+    if id_map is not None:
+        ids = id_map[ids]
+    S = min(batch_size, n)
+    Ls = -(-n // S)
+    x = torch.zeros(S * Ls, dtype=torch.long)
+    y = torch.full((S * Ls,), -100, dtype=torch.long)  # -100 = ignored by cross_entropy
+    x[:n] = torch.from_numpy(ids[:-1])
+    y[:n] = torch.from_numpy(ids[1:])
+    x, y = x.view(S, Ls), y.view(S, Ls)  # (S, Ls)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    hidden = None
+    try:
+        for j in range(0, Ls, seq_len):
+            xb, yb = x[:, j : j + seq_len].to(device), y[:, j : j + seq_len].to(device)
+            with _autocast(device, amp):
+                logits, hidden = model(xb, hidden)  # (S, t, V)
+            total += F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), yb.reshape(-1), ignore_index=-100, reduction="sum"
+            ).item()
+    finally:
+        model.train(was_training)
+    return total / n
+
+
+@torch.no_grad()
+def sample_text(
+    model: torch.nn.Module, vocab: Vocab, length: int, device: torch.device, seed: int, temperature: float = 0.8
+) -> str:
+    """A short sample from end-of-text for the progress display. Uses its own generator: the training RNG stream
+    (dropout masks) is not disturbed, so showing samples never changes the run."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out: list[int] = []
+    x = torch.tensor([[EOT_ID]], device=device)
+    hidden = None
+    try:
+        for _ in range(length):
+            logits, hidden = model(x, hidden)  # (1, 1, V)
+            probs = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
+            probs[UNK_ID] = 0.0  # never show <unk>
+            i = int(torch.multinomial(probs, 1, generator=gen))
+            if i == EOT_ID and out:
+                break
+            if i != EOT_ID:
+                out.append(i)
+            x = torch.tensor([[i]], device=device)
+    finally:
+        model.train(was_training)
+    return vocab.decode(out)
+
+
+# --- schedule -------------------------------------------------------------------------------------------------
+
+
+def lr_at(config: TrainConfig, step: int, total: int | None, time_fraction: float = 0.0) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio.
+
+    The decay follows the nearer budget: steps (max_steps / max_epochs) or, with --max-time, the clock. With no
+    bound at all the rate stays at its peak after warmup. ``step`` is the 0-based index of the step being taken.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = time_fraction
+    if total:
+        progress = max(progress, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+    progress = min(max(progress, 0.0), 1.0)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --- signals ------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def catch_signals() -> Iterator[threading.Event]:
+    """SIGINT / SIGTERM set the returned event (with ``.signum``) so the loop can finish its step and save.
+    A second signal interrupts at once (KeyboardInterrupt)."""
+    event = threading.Event()
+    event.signum = None  # type: ignore[attr-defined]
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.signum = signum  # type: ignore[attr-defined]
+        event.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    step: int = 0
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+    bad_evals: int = 0  # evaluations since the best one
+    evals: int = 0
+    elapsed: float = 0.0  # training seconds over all sessions
+    tokens_seen: int = 0
+    smooth_loss: float | None = None
+    best_step: int | None = None
+
+
+def train(
+    config: TrainConfig,
+    dataset: Dataset,
+    run_dir: str | Path,
+    *,
+    resume: Checkpoint | None = None,
+    init_from: Checkpoint | None = None,
+    map_unknown: bool = False,
+    callbacks: TrainCallbacks | None = None,
+    stop: StopFlag | None = None,
+) -> TrainResult:
+    """Train (or resume) into ``run_dir``. ``stop.is_set()`` is checked after every step: then save and return.
+
+    resume: a checkpoint of this run (its last.ckpt); weights, optimizer, RNG, hidden state and step continue.
+    init_from: a checkpoint to fine-tune from: its architecture and vocabulary, fresh optimizer and schedule.
+    """
+    run_dir = Path(run_dir)
+    cb = callbacks or TrainCallbacks()
+    if resume is not None and init_from is not None:
+        raise TrainingError("--resume and --init-from cannot be combined")
+    source = resume or init_from
+    if source is not None:
+        # The checkpoint decides the architecture (dropout may change when fine-tuning).
+        arch = {k: getattr(source.model_config, k) for k in MODEL_FIELDS if k != "dropout"}
+        config = TrainConfig(**{**config.to_dict(), **arch})
+        vocab = source.vocab
+    else:
+        vocab = dataset.vocab
+    if resume is not None:
+        fp_run, fp_data = resume.dataset_meta.get("fingerprint"), dataset.fingerprint
+        if fp_run and fp_data and fp_run != fp_data:
+            raise TrainingError(
+                f"the dataset {dataset.path} differs from the one this run was trained on (fingerprint "
+                f"{fp_data[:12]} != {fp_run[:12]}); resume needs the same data, or fine-tune with --init-from"
+            )
+    id_map = vocab_map(dataset.vocab, vocab, map_unknown) if source is not None else None
+    plan = make_plan(config, dataset, len(vocab))
+    device = torch.device(plan.device)
+    amp = autocast_dtype(device, config.precision)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+    with run_lock(run_dir):
+        if resume is None and any((run_dir / n).exists() for n in (LAST, BEST, METRICS)):
+            raise TrainingError(
+                f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
+                "another --name"
+            )
+        return _Loop(config, dataset, run_dir, vocab, id_map, plan, device, amp, cb, stop).run(resume, init_from)
+
+
+class _Loop:
+    def __init__(self, config, dataset, run_dir, vocab, id_map, plan, device, amp, callbacks, stop):
+        self.c: TrainConfig = config
+        self.dataset: Dataset = dataset
+        self.run_dir: Path = run_dir
+        self.vocab: Vocab = vocab
+        self.id_map = id_map
+        self.plan: Plan = plan
+        self.device: torch.device = device
+        self.amp = amp
+        self.cb: TrainCallbacks = callbacks
+        self.stop = stop
+        self.batches = StreamBatches(dataset.train, config.batch_size, config.seq_len, id_map)
+        self.total = plan.total_steps
+        self.last_path: Path | None = None
+        self.saved_step = -1
+        self.best_path: Path | None = run_dir / BEST if (run_dir / BEST).exists() else None
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def _build(self, resume: Checkpoint | None, init_from: Checkpoint | None) -> None:
+        c = self.c
+        if resume is None:
+            torch.manual_seed(c.seed)
+            random.seed(c.seed)
+            np.random.seed(c.seed % 2**32)
+        self.raw_model = CharRNN(ModelConfig(vocab_size=len(self.vocab), **c.model_dict()))
+        source = resume or init_from
+        if source is not None:
+            self.raw_model.load_state_dict(source.model_state)
+        self.raw_model.to(self.device).train()
+        decay, no_decay = [], []  # no weight decay on biases
+        for name, p in self.raw_model.named_parameters():
+            (no_decay if name.endswith("bias") or "bias_" in name else decay).append(p)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=c.lr, betas=(c.beta1, c.beta2),
+        )
+        self.model = torch.compile(self.raw_model) if c.compile else self.raw_model
+        self.state = _State()
+        self.hidden: Hidden | None = None
+        if resume is not None:
+            if resume.optimizer_state is None:
+                raise TrainingError(f"{resume.path} has no optimizer state, so it cannot be resumed exactly")
+            self.opt.load_state_dict(resume.optimizer_state)
+            # load_state_dict brings back the saved hyperparameters; the (possibly overridden) config wins.
+            for g, wd in zip(self.opt.param_groups, (c.weight_decay, 0.0)):
+                g["betas"], g["weight_decay"] = (c.beta1, c.beta2), wd
+            known = {k: v for k, v in resume.train_state.items() if k in _State.__dataclass_fields__}
+            self.state = _State(**known)
+            hidden = [resume.tensors[f"hidden.{i}"] for i in range(2) if f"hidden.{i}" in resume.tensors]
+            if hidden:
+                h = tuple(hidden) if c.cell == "lstm" else hidden[0]
+                self.hidden = hidden_to(h, self.device)
+            restore_rng(resume)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def _train_state(self) -> dict:
+        s = asdict(self.state)
+        s["epoch"], s["window"] = divmod(self.state.step, len(self.batches))
+        return s
+
+    def _save(self, path: Path, kind: str) -> Path:
+        extra = {}
+        if self.hidden is not None:
+            hs = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
+            extra = {f"hidden.{i}": h for i, h in enumerate(hs)}
+        meta = dict(self.dataset.meta)
+        meta["path"] = str(self.dataset.path.resolve())
+        save_checkpoint(
+            path, self.raw_model, self.vocab, train_config=self.c.to_dict(), train_state=self._train_state(),
+            optimizer=self.opt, dataset_meta=meta, extra_tensors=extra,
+        )
+        self.cb.on_checkpoint(path, kind)
+        return path
+
+    def _save_last(self) -> None:
+        if self.saved_step == self.state.step:
+            return
+        self.saved_step = self.state.step
+        self.last_path = self._save(self.run_dir / LAST, "last")
+        if self.c.keep > 0:
+            self._save(self.run_dir / f"step-{self.state.step:08d}.ckpt", "snapshot")
+            for old in sorted(self.run_dir.glob("step-*.ckpt"))[: -self.c.keep]:
+                old.unlink(missing_ok=True)
+
+    def _log(self, record: dict) -> None:
+        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+    def _evaluate(self) -> bool:
+        """Evaluate the whole validation split; returns True when early stopping should end the run."""
+        s = self.state
+        loss = evaluate(self.model, self.dataset.val, self.c.batch_size, self.c.seq_len, self.device,
+                        self.id_map, self.amp)
+        s.evals += 1
+        if loss is None:
+            return False
+        if not math.isfinite(loss):
+            raise TrainingError(self._nan_message(f"validation loss became {loss}"))
+        s.last_val_loss = loss
+        improved = s.best_val_loss is None or loss < s.best_val_loss
+        if improved:
+            s.best_val_loss, s.best_step, s.bad_evals = loss, s.step, 0
+        else:
+            s.bad_evals += 1
+        info = {"type": "eval", "step": s.step, "val_loss": loss, "val_bpc": loss / LN2, "best": improved,
+                "best_val_loss": s.best_val_loss, "elapsed": s.elapsed}
+        self._log(info)
+        self.cb.on_eval(info)
+        if improved:
+            self.best_path = self._save(self.run_dir / BEST, "best")
+        if self.c.sample_every and s.evals % self.c.sample_every == 0:
+            text = sample_text(self.raw_model, self.vocab, self.c.sample_length, self.device, seed=s.step)
+            self.cb.on_sample(s.step, text)
+        return bool(self.c.patience and s.bad_evals >= self.c.patience)
+
+    def _nan_message(self, what: str) -> str:
+        last = self.last_path or (self.run_dir / LAST if (self.run_dir / LAST).exists() else None)
+        keep = (f"The last good checkpoint is {last}; resume it with a lower rate: "
+                f"poetgen train --resume {self.run_dir} --lr {self.c.lr / 3:.3g}") if last else \
+            "No checkpoint was saved yet."
+        return (f"{what} at step {self.state.step + 1}: training diverged. Try a lower --lr (now {self.c.lr:g}), "
+                f"a stronger --grad-clip, or a smaller model. {keep}")
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def run(self, resume: Checkpoint | None, init_from: Checkpoint | None) -> TrainResult:
+        self._build(resume, init_from)
+        c, s, n = self.c, self.state, len(self.batches)
+        if resume is not None:
+            rewind_metrics(self.run_dir / METRICS, s.step)
+        start = {"type": "resume" if resume else "start", "step": s.step, "time": time.time(),
+                 "poetgen_version": __version__, "config": c.to_dict(), "plan": self.plan.to_dict(),
+                 "dataset": str(self.dataset.path), "init_from": str(init_from.path) if init_from else None}
+        self._log(start)
+        self.cb.on_start({**start, "run_dir": str(self.run_dir)})
+        has_val = len(self.dataset.val) > 1
+
+        session_t0, session_step0 = time.perf_counter(), s.step
+        window_t0, window_tokens = session_t0, 0
+        elapsed0 = s.elapsed
+        status, signum = "completed", None
+        tokens_per_step = c.batch_size * c.seq_len
+        just_evaluated = False
+        while True:
+            if self.total is not None and s.step >= self.total:
+                break
+            if c.max_time and s.elapsed >= c.max_time:
+                status = "time_limit"
+                break
+            window = s.step % n
+            if window == 0:
+                self.hidden = None  # a new epoch: the streams wrap around, nothing to carry over
+            batch = self.batches.get(window).to(self.device)  # (B, T+1)
+            lr = lr_at(c, s.step, self.total, s.elapsed / c.max_time if c.max_time else 0.0)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            with _autocast(self.device, self.amp):
+                logits, hidden = self.model(batch[:, :-1], self.hidden)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(self._nan_message(f"the training loss became {loss_value}"))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), c.grad_clip).item()
+                         if c.grad_clip > 0 else None)
+            self.opt.step()
+            self.hidden = detach_hidden(hidden)
+
+            s.step += 1
+            s.tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            s.smooth_loss = loss_value if s.smooth_loss is None else 0.95 * s.smooth_loss + 0.05 * loss_value
+            now = time.perf_counter()
+            s.elapsed = elapsed0 + (now - session_t0)
+            steps_per_s = (s.step - session_step0) / max(now - session_t0, 1e-9)
+            info = {"type": "train", "step": s.step, "epoch": s.step / n, "loss": loss_value,
+                    "smooth_loss": s.smooth_loss, "lr": lr, "grad_norm": grad_norm,
+                    "chars_per_sec": window_tokens / max(now - window_t0, 1e-9), "elapsed": s.elapsed,
+                    "total_steps": self.total, "eta": self._eta(steps_per_s), "val_loss": s.last_val_loss,
+                    "val_bpc": s.last_val_loss / LN2 if s.last_val_loss is not None else None}
+            self.cb.on_step(info)
+            if s.step % c.log_every == 0:
+                self._log({k: v for k, v in info.items() if k not in ("total_steps", "eta", "val_loss", "val_bpc")})
+                window_t0, window_tokens = now, 0
+
+            just_evaluated = False
+            early = False
+            if has_val and s.step % c.eval_every == 0:
+                early = self._evaluate()
+                just_evaluated = True
+            save_every = c.save_every or c.eval_every
+            if s.step % save_every == 0:
+                self._save_last()
+            if early:
+                status = "early_stopped"
+                break
+            if self.stop is not None and self.stop.is_set():
+                status, signum = "interrupted", getattr(self.stop, "signum", None)
+                break
+
+        # The end: a final evaluation (not when interrupted: a resumed run must see the same evaluations as an
+        # unbroken one), and the last checkpoint.
+        if status != "interrupted" and has_val and not just_evaluated:
+            self._evaluate()
+        self._save_last()
+        sig_name = signal.Signals(signum).name if signum else None
+        return TrainResult(
+            run_dir=self.run_dir, status=status, step=s.step, epoch=s.step / n, train_loss=s.smooth_loss,
+            last_val_loss=s.last_val_loss, best_val_loss=s.best_val_loss, elapsed=s.elapsed,
+            tokens_seen=s.tokens_seen, last_checkpoint=self.last_path, best_checkpoint=self.best_path,
+            signal=sig_name,
+        )
+
+    def _eta(self, steps_per_s: float) -> float | None:
+        s, c = self.state, self.c
+        etas = []
+        if self.total is not None and steps_per_s > 0:
+            etas.append((self.total - s.step) / steps_per_s)
+        if c.max_time:
+            etas.append(max(c.max_time - s.elapsed, 0.0))
+        return min(etas) if etas else None

@@ -1,0 +1,278 @@
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_dataset
+from poetgen.checkpoint import load_checkpoint, load_model
+from poetgen.config import TrainConfig
+from poetgen.dataset import load_dataset
+from poetgen.errors import ConfigError, TrainingError
+from poetgen.model import CharRNN, ModelConfig
+from poetgen.runs import run_lock
+from poetgen.train import (
+    TrainCallbacks,
+    autocast_dtype,
+    evaluate,
+    lr_at,
+    make_plan,
+    resolve_device,
+    sample_text,
+    stream_layout,
+    train,
+)
+
+torch.set_num_threads(1)
+
+# 1,000 training tokens -> 4 streams of 249 -> 7 windows of 32 per epoch.
+SMALL = dict(layers=1, hidden=48, embed=16, dropout=0.0, batch_size=4, seq_len=32, lr=2e-2, warmup_steps=5,
+             eval_every=1000, sample_every=0, log_every=1)
+
+
+class Recorder(TrainCallbacks):
+    def __init__(self, stop_at: int | None = None):
+        self.losses: dict[int, float] = {}
+        self.evals: list[dict] = []
+        self.samples: list[str] = []
+        self.stop = threading.Event()
+        self.stop_at = stop_at
+
+    def on_step(self, info):
+        self.losses[info["step"]] = info["loss"]
+        if info["step"] == self.stop_at:
+            self.stop.set()
+
+    def on_eval(self, info):
+        self.evals.append(info)
+
+    def on_sample(self, step, text):
+        self.samples.append(text)
+
+
+@pytest.fixture
+def ds(tiny_dataset):
+    return load_dataset(tiny_dataset)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_each_cell_overfits_a_tiny_corpus(ds, tmp_path, cell):
+    rec = Recorder()
+    result = train(TrainConfig(cell=cell, max_steps=210, **SMALL), ds, tmp_path / cell, callbacks=rec)
+    assert result.status == "completed" and result.step == 210
+    last_epoch = [rec.losses[s] for s in range(204, 211)]
+    assert max(last_epoch) < 0.05, last_epoch  # started near ln(40) = 3.7
+    assert rec.losses[1] > 3.0
+
+
+@pytest.mark.parametrize("stop_at", [13, 14])  # mid-epoch (carried hidden state) and an epoch boundary
+def test_resume_repeats_an_unbroken_run_exactly(ds, tmp_path, stop_at):
+    cfg = TrainConfig(cell="lstm", max_steps=30, **{**SMALL, "layers": 2, "dropout": 0.2, "eval_every": 10})
+    full = Recorder()
+    train(cfg, ds, tmp_path / "full", callbacks=full)
+
+    first = Recorder(stop_at=stop_at)
+    r1 = train(cfg, ds, tmp_path / "split", callbacks=first, stop=first.stop)
+    assert r1.status == "interrupted" and r1.step == stop_at
+    ckpt = load_checkpoint(tmp_path / "split" / "last.ckpt")
+    assert ckpt.train_state["step"] == stop_at
+    second = Recorder()
+    r2 = train(cfg, ds, tmp_path / "split", resume=ckpt, callbacks=second)
+    assert r2.status == "completed" and r2.step == 30
+
+    resumed = {**first.losses, **second.losses}
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(1, 31):
+        assert abs(resumed[step] - full.losses[step]) <= 1e-6, step
+    assert [e["val_loss"] for e in first.evals + second.evals] == pytest.approx(
+        [e["val_loss"] for e in full.evals], abs=1e-6)
+    a = load_checkpoint(tmp_path / "full" / "last.ckpt").model_state
+    b = load_checkpoint(tmp_path / "split" / "last.ckpt").model_state
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # metrics.jsonl of the resumed run: each step logged once
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "train"]
+    assert steps == list(range(1, 31))
+
+
+def test_plan_numbers_and_zero_batches(ds):
+    cfg = TrainConfig(cell="gru", max_epochs=3, **SMALL)
+    plan = make_plan(cfg, ds)
+    assert (plan.train_tokens, plan.val_tokens) == (len(ds.train), len(ds.val)) == (1000, 50)
+    assert plan.stream_len == 999 // 4 and plan.batches_per_epoch == 249 // 32 == 7
+    assert plan.tokens_per_epoch == 7 * 4 * 32 and plan.total_steps == 21
+    model = CharRNN(ModelConfig(vocab_size=len(ds.vocab), **cfg.model_dict()))
+    assert plan.parameters == model.num_parameters()
+    assert plan.estimated_memory_bytes > 16 * plan.parameters
+    assert make_plan(TrainConfig(**{**SMALL, "max_steps": 5}), ds).total_steps == 5
+    assert make_plan(TrainConfig(**{**SMALL, "max_time": 60.0}), ds).total_steps is None
+    assert make_plan(TrainConfig(**SMALL), ds).total_steps == 70  # no budget: 10 epochs
+    with pytest.raises(TrainingError, match="zero batches.*1,000 tokens.*need at least 1,025.*--batch-size 7 or lower"):
+        make_plan(TrainConfig(**{**SMALL, "batch_size": 8, "seq_len": 128}), ds)
+    with pytest.raises(TrainingError, match="zero batches.*--batch-size 1 --seq-len 999"):
+        make_plan(TrainConfig(**{**SMALL, "seq_len": 2000}), ds)
+    assert stream_layout(1, 1, 1) == (0, 0)
+
+
+def test_evaluate_scores_every_token_with_state_carried_along_streams():
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=9, cell="gru", layers=1, hidden=8, embed=4)).eval()
+    tokens = np.random.default_rng(0).integers(0, 9, size=103).astype(np.uint16)  # 102 predictions
+
+    def reference(streams: int) -> float:
+        x, y = torch.tensor(tokens[:-1], dtype=torch.long), torch.tensor(tokens[1:], dtype=torch.long)
+        size = -(-len(x) // streams)
+        total = 0.0
+        for s in range(0, len(x), size):  # each stream in one pass from a zero state
+            logits, _ = model(x[None, s : s + size])
+            total += F.cross_entropy(logits[0], y[s : s + size], reduction="sum").item()
+        return total / len(x)
+
+    for streams, seq_len in ((1, 7), (4, 5), (5, 100)):
+        got = evaluate(model, tokens, streams, seq_len, torch.device("cpu"))
+        assert got == pytest.approx(reference(streams), rel=1e-5)
+    assert model.training is False
+    assert evaluate(model, tokens[:1], 4, 5, torch.device("cpu")) is None
+
+
+def test_learning_rate_schedule():
+    c = TrainConfig(lr=1e-2, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(c, 0, 110) == pytest.approx(1e-3)
+    assert lr_at(c, 9, 110) == pytest.approx(1e-2)
+    assert lr_at(c, 60, 110) == pytest.approx(1e-3 + 9e-3 * 0.5)
+    assert lr_at(c, 110, 110) == pytest.approx(1e-3)
+    values = [lr_at(c, s, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert lr_at(c, 50, None) == pytest.approx(1e-2)  # no bound: constant after warmup
+    assert lr_at(c, 50, None, time_fraction=1.0) == pytest.approx(1e-3)  # --max-time follows the clock
+    assert lr_at(c, 50, 1000, time_fraction=0.5) == pytest.approx(1e-3 + 9e-3 * 0.5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(ds, tmp_path, monkeypatch):
+    real = F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 13 else out
+
+    monkeypatch.setattr(F, "cross_entropy", poisoned)
+    with pytest.raises(TrainingError, match=r"nan at step 13.*lower --lr.*last good checkpoint is .*last\.ckpt"):
+        train(TrainConfig(max_steps=30, save_every=5, **SMALL), ds, tmp_path / "run")
+    ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert ckpt.train_state["step"] == 10
+    assert all(torch.isfinite(t).all() for t in ckpt.model_state.values())
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_early_stopping_on_patience(ds, tmp_path, monkeypatch):
+    import poetgen.train as tr
+
+    scores = iter([2.0, 1.5, 1.6, 1.7, 1.0, 0.5])
+    monkeypatch.setattr(tr, "evaluate", lambda *a, **k: next(scores))
+    rec = Recorder()
+    r = train(TrainConfig(max_steps=60, patience=2, **{**SMALL, "eval_every": 5}), ds, tmp_path / "r", callbacks=rec)
+    assert r.status == "early_stopped" and r.step == 20
+    assert r.best_val_loss == 1.5 and [e["best"] for e in rec.evals] == [True, True, False, False]
+    assert load_checkpoint(tmp_path / "r" / "best.ckpt").train_state["step"] == 10
+
+
+def test_run_directory_lock(tmp_path):
+    run = tmp_path / "run"
+    with run_lock(run):
+        assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(TrainingError, match=f"in use by process {os.getpid()}"):
+            with run_lock(run):
+                pass
+    assert not (run / ".lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (run / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    with run_lock(run):  # stale lock of a dead process: taken over
+        assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_second_fresh_run_into_existing_run_is_refused(ds, tmp_path):
+    train(TrainConfig(max_steps=2, **SMALL), ds, tmp_path / "r")
+    with pytest.raises(TrainingError, match="already holds a run.*--resume"):
+        train(TrainConfig(max_steps=2, **SMALL), ds, tmp_path / "r")
+
+
+def test_keep_prunes_old_snapshots(ds, tmp_path):
+    train(TrainConfig(max_steps=20, keep=2, save_every=4, **SMALL), ds, tmp_path / "r")
+    names = sorted(p.name for p in (tmp_path / "r").glob("*.ckpt"))
+    assert names == ["best.ckpt", "last.ckpt", "step-00000016.ckpt", "step-00000020.ckpt"]
+
+
+def test_fine_tune_from_checkpoint_on_another_corpus(tmp_path, ds):
+    train(TrainConfig(max_steps=5, **SMALL), ds, tmp_path / "base")
+    base = load_checkpoint(tmp_path / "base" / "last.ckpt")
+    # A corpus with characters unknown to the base vocabulary.
+    other = load_dataset(make_dataset(tmp_path / "other", ["春眠不觉晓，处处闻啼鸟。"] * 30, ["春眠不觉晓"]))
+    with pytest.raises(TrainingError, match=r"4 character\(s\).*'春', '眠', '觉', '晓'|character\(s\) the checkpoint"):
+        train(TrainConfig(max_steps=3, **SMALL), other, tmp_path / "ft", init_from=base)
+    with pytest.raises(TrainingError, match="'春'"):
+        train(TrainConfig(max_steps=3, **SMALL), other, tmp_path / "ft2", init_from=base)
+    r = train(TrainConfig(max_steps=3, **SMALL), other, tmp_path / "ft3", init_from=base, map_unknown=True)
+    assert r.status == "completed" and math.isfinite(r.train_loss)
+    # A corpus whose characters are a subset, with different ids: remapped, weights carried over.
+    subset = load_dataset(make_dataset(tmp_path / "subset", ["低头思故乡。"] * 200, ["低头思故乡。"]))
+    assert subset.vocab != base.vocab
+    rec = Recorder()
+    r = train(TrainConfig(max_steps=4, **{**SMALL, "hidden": 999}), subset, tmp_path / "ft4", init_from=base,
+              callbacks=rec)
+    tuned = load_checkpoint(tmp_path / "ft4" / "last.ckpt")
+    assert tuned.vocab == base.vocab and tuned.model_config.hidden == 48  # the checkpoint's architecture wins
+    assert tuned.train_state["step"] == 4
+
+
+def test_sample_line_does_not_disturb_training_randomness():
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=5, cell="lstm", layers=1, hidden=8, embed=4))
+    from poetgen.vocab import Vocab
+
+    vocab = Vocab(["<eot>", "<unk>", "a", "b", "c"])
+    state = torch.get_rng_state()
+    text = sample_text(model, vocab, 20, torch.device("cpu"), seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert text == sample_text(model, vocab, 20, torch.device("cpu"), seed=3)
+    assert set(text) <= {"a", "b", "c"} and len(text) <= 20
+
+
+def test_samples_and_evals_are_reported(ds, tmp_path):
+    rec = Recorder()
+    r = train(TrainConfig(max_steps=12, **{**SMALL, "eval_every": 4, "sample_every": 2, "sample_length": 10}),
+              ds, tmp_path / "r", callbacks=rec)
+    assert [e["step"] for e in rec.evals] == [4, 8, 12] and len(rec.samples) == 1
+    assert r.best_val_loss == min(e["val_loss"] for e in rec.evals)
+    assert rec.evals[0]["val_bpc"] == pytest.approx(rec.evals[0]["val_loss"] / math.log(2))
+    model, ckpt = load_model(tmp_path / "r")  # best.ckpt
+    assert ckpt.path.name == "best.ckpt" and ckpt.dataset_meta["fingerprint"] == ds.fingerprint
+
+
+def test_devices_precision_and_compile(ds, tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp32") is None
+    with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
+        autocast_dtype(cpu, "bf16")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") in (torch.device("cpu"), torch.device("mps"))
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("abacus")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    r = train(TrainConfig(max_steps=2, compile=True, threads=1, **SMALL), ds, tmp_path / "c")
+    assert len(compiled) == 1 and r.step == 2
