@@ -292,8 +292,10 @@ class _Collector:
 def _first_occurrences(digests: np.ndarray) -> np.ndarray:
     """True for each document whose text has not appeared before it (equal digests = equal texts)."""
     order = np.argsort(digests, kind="stable")
+    ordered = digests[order]
     first_sorted = np.ones(len(digests), dtype=bool)
-    first_sorted[1:] = digests[order][1:] != digests[order][:-1]
+    first_sorted[1:] = ordered[1:] != ordered[:-1]
+    del ordered
     first = np.empty(len(digests), dtype=bool)
     first[order] = first_sorted
     return first
@@ -436,8 +438,9 @@ def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: S
             done_bytes += f.size
             progress({"stage": "read", "file": f.name, "done": done_bytes, "total": total_bytes})
         counts = collector.counts
-        starts = np.array(collector.starts, dtype=np.int64)
-        digests = np.array(collector.digests, dtype=np.uint64)
+        # zero-copy views of the table (it is not appended to any more)
+        starts = np.frombuffer(collector.starts, dtype=np.int64) if collector.starts else np.zeros(0, np.int64)
+        digests = np.frombuffer(collector.digests, dtype=np.uint64) if collector.digests else np.zeros(0, np.uint64)
         total = stream.length
         lengths = np.diff(np.append(starts, total))  # code points per document, end-of-text included
         keep = _first_occurrences(digests) if o.dedupe else np.ones(len(digests), dtype=bool)
