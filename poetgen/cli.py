@@ -255,17 +255,243 @@ def _print_prepare_summary(report) -> None:
 
 # --- train ------------------------------------------------------------------------------------------------------
 
+_TRAIN_FLAGS = (  # CLI parameter -> TrainConfig field; only flags actually given override preset and config file
+    "cell", "layers", "hidden", "embed", "dropout", "tie_weights", "batch_size", "seq_len", "lr", "min_lr_ratio",
+    "warmup_steps", "weight_decay", "grad_clip", "max_steps", "max_epochs", "max_time", "eval_every", "patience",
+    "save_every", "keep", "sample_every", "log_every", "seed", "device", "precision", "compile", "threads",
+)
+
 
 @app.command()
 @handles_errors
-def train() -> None:
-    """Train a model (not yet available).
+def train(
+    data: Optional[str] = typer.Argument(
+        None, help="A prepared dataset directory, or a raw corpus (prepared on the fly and cached). "
+        "None: the bundled corpus (or, with --resume, the run's own dataset).",
+    ),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", "-p", help="tiny | small | medium | large (sizes in `poetgen.config`). Default: small."
+    ),
+    config_file: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="TOML file of settings (flat keys named like the flags: batch_size = 32)."
+    ),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name. Default: <dataset>-<cell>-<date-time>."),
+    runs_dir: Path = typer.Option(Path("checkpoints"), "--runs-dir", help="Where run directories are created."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="RUN", help="Continue a run exactly: its directory, its name, or a checkpoint in it."
+    ),
+    init_from: Optional[str] = typer.Option(
+        None, "--init-from", metavar="CKPT", help="Fine-tune from a checkpoint (or run directory) on DATA."
+    ),
+    map_unknown: bool = typer.Option(
+        False, "--map-unknown", help="With --init-from: train characters the checkpoint does not know as <unk>."
+    ),
+    cell: Optional[str] = typer.Option(None, "--cell", help="rnn (tanh) | lstm | gru."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Stacked recurrent layers."),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden units per layer."),
+    embed: Optional[int] = typer.Option(None, "--embed", help="Embedding size."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout on embeddings, between layers, output."),
+    tie_weights: Optional[bool] = typer.Option(
+        None, "--tie-weights/--no-tie-weights", help="Share the embedding and output matrices (needs embed == hidden)."
+    ),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Parallel contiguous streams."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Characters per backpropagation window."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate."),
+    min_lr_ratio: Optional[float] = typer.Option(
+        None, "--min-lr-ratio", help="The cosine decay ends at lr × this (default 0.1)."
+    ),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup", help="Steps of linear learning-rate warmup."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (not on biases)."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max global gradient norm; 0 = off."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps; 0 = no limit."),
+    max_epochs: Optional[int] = typer.Option(None, "--max-epochs", help="Stop after this many epochs; 0 = no limit."),
+    max_time: Optional[str] = typer.Option(
+        None, "--max-time", help="Wall-clock budget: seconds or 90s / 10m / 1h30m; the learning rate decays to it."
+    ),
+    eval_every: Optional[int] = typer.Option(
+        None, "--eval-every", help="Steps between evaluations of the whole validation split."
+    ),
+    patience: Optional[int] = typer.Option(
+        None, "--patience", help="Stop after this many evaluations without improvement; 0 = never."
+    ),
+    save_every: Optional[int] = typer.Option(
+        None, "--save-every", help="Steps between saves of last.ckpt; 0 = at every evaluation."
+    ),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Also keep the N newest step-<k>.ckpt snapshots."),
+    sample_every: Optional[int] = typer.Option(
+        None, "--sample-every", help="Show a sample line every N evaluations; 0 = never."
+    ),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between metrics lines and log lines."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; a CPU run repeats step for step."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (cuda, mps, cpu) | cpu | cuda | cuda:N | mps."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="auto (bf16 autocast on CUDA, else fp32) | fp32 | bf16."
+    ),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; 0 = torch's default."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print parameters, tokens and batches per epoch, estimated memory; then exit."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Train a character-level RNN / LSTM / GRU language model.
+
+    Truncated backpropagation through time over --batch-size contiguous streams; AdamW with warmup and cosine
+    decay; evaluation on the whole validation split; last.ckpt, best.ckpt and metrics.jsonl in
+    checkpoints/<run-name>/. Ctrl-C saves and tells you how to resume (exit 130; SIGTERM 143).
 
     Example:
 
-        poetgen train corpus.txt
+        poetgen train datasets/tang --preset small --max-time 10m
     """
-    raise fail("`poetgen train` is not yet available")
+    from poetgen.config import parse_duration
+
+    given = {k: v for k, v in locals().items() if k in _TRAIN_FLAGS and v is not None}
+    if isinstance(given.get("max_time"), str):
+        given["max_time"] = parse_duration(given["max_time"])
+    console = _stderr_console(quiet)
+    with console.status("Preparing data…") if console.is_terminal and not quiet else _nullcontext():
+        from poetgen.runs import setup_run
+
+        setup = setup_run(
+            data, preset=preset, config_file=config_file, overrides=given, resume=resume, init_from=init_from,
+            runs_dir=runs_dir, name=name,
+        )
+    from poetgen.train import catch_signals, make_plan
+    from poetgen.train import train as run_training
+
+    vocab = (setup.resume or setup.init_from).vocab if (setup.resume or setup.init_from) else setup.dataset.vocab
+    plan = make_plan(setup.config, setup.dataset, len(vocab))
+    if dry_run:
+        _print_plan(plan, setup, json_out)
+        return
+    renderer = _TrainRenderer(console, plan)
+    with renderer, catch_signals() as stop:
+        result = run_training(
+            setup.config, setup.dataset, setup.run_dir, resume=setup.resume, init_from=setup.init_from,
+            map_unknown=map_unknown, callbacks=renderer, stop=stop,
+        )
+    if json_out:
+        print_json(result.to_dict())
+    if result.status == "interrupted":
+        typer.echo(
+            f"Interrupted by {result.signal or 'a stop request'} at step {result.step}; saved {result.last_checkpoint}.\n"
+            f"Resume with: poetgen train --resume {result.run_dir}",
+            err=True,
+        )
+        raise typer.Exit(143 if result.signal == "SIGTERM" else 130)
+    if not quiet:
+        val = (f", best val {result.best_val_loss:.4f} nats ({result.best_val_loss / 0.6931471805599453:.3f} bits/char)"
+               if result.best_val_loss is not None else "")
+        typer.echo(
+            f"Done ({result.status.replace('_', ' ')}) at step {result.step}{val}. "
+            f"Checkpoints in {result.run_dir}", err=True,
+        )
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _fmt_time(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _print_plan(plan, setup, json_out: bool) -> None:
+    rows = {
+        "run directory": str(setup.run_dir),
+        "dataset": str(setup.dataset.path),
+        "model": f"{setup.config.cell} {setup.config.layers}×{setup.config.hidden}, embed {setup.config.embed}",
+        "parameters": f"{plan.parameters:,}",
+        "vocabulary": f"{plan.vocab_size:,} symbols",
+        "tokens per epoch": f"{plan.tokens_per_epoch:,} (train split {plan.train_tokens:,}, val {plan.val_tokens:,})",
+        "batches per epoch": f"{plan.batches_per_epoch:,} ({plan.streams} streams × {setup.config.seq_len} chars)",
+        "total steps": f"{plan.total_steps:,}" if plan.total_steps is not None else "until --max-time",
+        "estimated memory": _fmt_bytes(plan.estimated_memory_bytes),
+        "device": f"{plan.device} ({plan.precision})",
+    }
+    if json_out:
+        print_json({**plan.to_dict(), "run_dir": str(setup.run_dir), "config": setup.config.to_dict()})
+        return
+    for k, v in rows.items():
+        typer.echo(f"{k}: {v}")
+
+
+class _TrainRenderer:
+    """Training callbacks -> a Rich progress bar on a terminal, plain log lines otherwise, nothing when quiet."""
+
+    def __init__(self, console, plan):
+        self.console, self.plan = console, plan
+        self.quiet = console.quiet
+        self.live = console.is_terminal and not self.quiet
+        self.bar = None
+        self.log_every = 10
+
+    def __enter__(self):
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("step {task.completed:,.0f}/{task.fields[total_text]}"), BarColumn(),
+                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=self.console, transient=True,
+            )
+            self.bar.start()
+            total = self.plan.total_steps
+            self.task = self.bar.add_task("train", total=total, total_text=f"{total:,}" if total else "?", detail="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+    def _print(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text, highlight=False, markup=False)
+        else:
+            typer.echo(text, err=True)
+
+    def on_start(self, info: dict) -> None:
+        self.log_every = info["config"]["log_every"]
+        verb = "Resuming" if info["type"] == "resume" else "Training"
+        p = info["plan"]
+        self._print(f"{verb} {info['run_dir']} at step {info['step']}: {p['parameters']:,} parameters, "
+                    f"{p['batches_per_epoch']:,} batches/epoch, device {p['device']} ({p['precision']})")
+
+    def on_step(self, info: dict) -> None:
+        val = f"val {info['val_loss']:.3f} ({info['val_bpc']:.3f} bpc)" if info["val_loss"] is not None else "val -"
+        detail = (f"loss {info['smooth_loss']:.3f} | {val} | {info['chars_per_sec']:,.0f} chars/s | "
+                  f"lr {info['lr']:.2e} | eta {_fmt_time(info['eta'])}")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=info["step"], detail=detail)
+        elif info["step"] % self.log_every == 0:
+            total = f"/{info['total_steps']:,}" if info["total_steps"] else ""
+            self._print(f"step {info['step']:,}{total} | epoch {info['epoch']:.2f} | {detail}")
+
+    def on_eval(self, info: dict) -> None:
+        mark = " (best)" if info["best"] else ""
+        self._print(f"eval at step {info['step']:,}: val loss {info['val_loss']:.4f} nats, "
+                    f"{info['val_bpc']:.4f} bits/char{mark}")
+
+    def on_sample(self, step: int, text: str) -> None:
+        self._print(f"sample at step {step:,}: " + text.replace("\n", " ⏎ "))
+
+    def on_checkpoint(self, path, kind: str) -> None:
+        pass
 
 
 # --- sample -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,219 @@
+"""`poetgen train` end to end, at tiny sizes: exit codes, files written, JSON, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from poetgen.checkpoint import load_checkpoint, load_model
+from poetgen.cli import app
+
+torch.set_num_threads(1)
+
+runner = CliRunner()
+TINY = ["--layers", "1", "--hidden", "32", "--embed", "16", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
+        "--warmup", "2", "--sample-every", "0", "--threads", "1"]
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POETGEN_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def invoke(*args):
+    return runner.invoke(app, ["train", *map(str, args)])
+
+
+def test_train_end_to_end_with_json(cwd, tiny_dataset):
+    r = invoke(tiny_dataset, *TINY, "--max-steps", "12", "--eval-every", "5", "--name", "run1", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["status"] == "completed" and summary["step"] == 12
+    assert summary["best_val_bpc"] == pytest.approx(summary["best_val_loss"] / 0.6931471805599453)
+    run = cwd / "checkpoints" / "run1"
+    assert {p.name for p in run.iterdir()} == {"last.ckpt", "best.ckpt", "metrics.jsonl"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["type"] == "start" and records[0]["config"]["hidden"] == 32
+    assert [r["step"] for r in records if r["type"] == "eval"] == [5, 10, 12]
+    model, ckpt = load_model(run / "last.ckpt")
+    assert ckpt.train_state["step"] == 12 and model.config.hidden == 32 and not model.training
+    assert "eval at step 5" in r.stderr and "Done (completed) at step 12" in r.stderr
+
+
+def test_dry_run_reports_sizes_and_writes_nothing(cwd, tiny_dataset):
+    r = invoke(tiny_dataset, *TINY, "--max-epochs", "2", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    V, E, H = 40, 16, 32
+    assert plan["parameters"] == V * E + 4 * (E * H + H * H + 2 * H) + H * V + V
+    assert plan["tokens_per_epoch"] == 7 * 4 * 32 and plan["batches_per_epoch"] == 7
+    assert plan["total_steps"] == 14 and plan["estimated_memory_bytes"] > 0
+    assert not (cwd / "checkpoints").exists()
+    r = invoke(tiny_dataset, *TINY, "--dry-run")
+    assert r.exit_code == 0
+    assert f"parameters: {plan['parameters']:,}" in r.stdout and "batches per epoch: 7 (4 streams × 32 chars)" in r.stdout
+
+
+def test_zero_batch_configuration_is_an_error(cwd, tiny_dataset):
+    r = invoke(tiny_dataset, "--batch-size", "64", "--seq-len", "64", "--dry-run")
+    assert r.exit_code == 1 and "Error: zero batches" in r.stderr and "Traceback" not in r.output
+
+
+def test_preset_config_file_and_flags_precedence(cwd, tiny_dataset):
+    cfg = cwd / "train.toml"
+    cfg.write_text('preset = "tiny"\ncell = "gru"\nhidden = 48\nbatch-size = 2\nmax_time = "1m30s"\n')
+    r = invoke(tiny_dataset, "--config", cfg, "--hidden", "40", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.stdout)["config"]
+    assert (c["cell"], c["hidden"], c["batch_size"], c["max_time"]) == ("gru", 40, 2, 90.0)  # flag > file
+    assert (c["layers"], c["embed"], c["seq_len"]) == (1, 64, 64)  # from the tiny preset
+    r = invoke(tiny_dataset, "--config", cfg, "--preset", "medium", "--batch-size", "2", "--seq-len", "16",
+               "--dry-run", "--json")
+    c = json.loads(r.stdout)["config"]
+    assert (c["layers"], c["embed"], c["hidden"]) == (2, 256, 48)  # --preset beats the file's preset key
+
+    cfg.write_text("hiden = 48\n")
+    r = invoke(tiny_dataset, "--config", cfg, "--dry-run")
+    assert r.exit_code == 1 and "unknown setting 'hiden'" in r.stderr
+    cfg.write_text('layers = "2"\n')
+    r = invoke(tiny_dataset, "--config", cfg, "--dry-run")
+    assert r.exit_code == 1 and "layers must be int, got str" in r.stderr
+    cfg.write_text("[model]\nlayers = 2\n")
+    r = invoke(tiny_dataset, "--config", cfg, "--dry-run")
+    assert r.exit_code == 1 and "no [tables]" in r.stderr
+    r = invoke(tiny_dataset, "--preset", "huge", "--dry-run")
+    assert r.exit_code == 1 and "unknown preset 'huge'" in r.stderr
+    r = invoke(tiny_dataset, "--max-time", "soon", "--dry-run")
+    assert r.exit_code == 1 and "not a duration" in r.stderr
+    r = invoke(tiny_dataset, "--embed", "32", "--hidden", "64", "--tie-weights", "--dry-run")
+    assert r.exit_code == 1 and "tie_weights needs embed == hidden" in r.stderr
+
+
+def test_resume_continues_and_refuses_architecture_changes(cwd, tiny_dataset):
+    assert invoke(tiny_dataset, *TINY, "--max-steps", "8", "--eval-every", "4", "--name", "r").exit_code == 0
+    r = invoke("--resume", "r", "--max-steps", "12", "--json")  # by name; data taken from the run
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["step"] == 12 and s["status"] == "completed"
+    assert "Resuming checkpoints/r at step 8" in r.stderr
+    r = invoke("--resume", "checkpoints/r", "--hidden", "64")
+    assert r.exit_code == 1 and "cannot change on --resume" in r.stderr and "hidden (32 -> 64)" in r.stderr
+    r = invoke("--resume", "nowhere")
+    assert r.exit_code == 1 and "run not found" in r.stderr
+    r = invoke(tiny_dataset, *TINY, "--max-steps", "2", "--name", "r")
+    assert r.exit_code == 1 and "already holds a run" in r.stderr
+
+
+def test_run_in_use_is_refused(cwd, tiny_dataset):
+    run = cwd / "checkpoints" / "busy"
+    run.mkdir(parents=True)
+    import socket
+
+    (run / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    r = invoke(tiny_dataset, *TINY, "--max-steps", "2", "--name", "busy")
+    assert r.exit_code == 1 and f"in use by process {os.getppid()}" in r.stderr
+
+
+def test_init_from_reports_unknown_symbols(cwd, tiny_dataset, tmp_path):
+    from conftest import make_dataset
+
+    assert invoke(tiny_dataset, *TINY, "--max-steps", "2", "--name", "base").exit_code == 0
+    other = make_dataset(tmp_path / "other", ["春眠不觉晓。"] * 40, ["春眠不觉晓。"])
+    r = invoke(other, "--init-from", "checkpoints/base", "--max-steps", "2", "--batch-size", "2", "--seq-len", "8")
+    assert r.exit_code == 1 and "5 character(s)" in r.stderr and "--map-unknown" in r.stderr
+    assert all(f"'{ch}'" in r.stderr for ch in "春眠不觉晓")
+    r = invoke(other, "--init-from", "checkpoints/base", "--map-unknown", "--max-steps", "2", "--batch-size", "2",
+               "--seq-len", "8", "--name", "ft", "--json")
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(cwd / "checkpoints" / "ft" / "last.ckpt").model_config.hidden == 32
+    r = invoke(other, "--init-from", "checkpoints/base", "--hidden", "64", "--dry-run")
+    assert r.exit_code == 1 and "fixes the architecture" in r.stderr
+
+
+def test_raw_corpus_is_prepared_on_the_fly(cwd):
+    corpus = cwd / "poems.txt"
+    corpus.write_text("\n\n".join(["床前明月光，疑是地上霜。举头望明月，低头思故乡。"] * 30), encoding="utf-8")
+    r = invoke(corpus, *TINY, "--max-steps", "3", "--name", "raw", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["step"] == 3
+    assert str(cwd / "cache") in load_checkpoint(cwd / "checkpoints" / "raw" / "last.ckpt").dataset_meta["path"]
+
+
+def test_nan_loss_exits_1_with_advice(cwd, tiny_dataset, monkeypatch):
+    import torch.nn.functional as F
+
+    real = F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k) * (float("inf") if calls["n"] >= 7 else 1.0)
+
+    monkeypatch.setattr(F, "cross_entropy", poisoned)
+    r = invoke(tiny_dataset, *TINY, "--max-steps", "20", "--save-every", "3", "--eval-every", "100", "--name", "n")
+    assert r.exit_code == 1
+    assert "Error: the training loss became inf at step 7" in r.stderr and "lower --lr" in r.stderr
+    assert load_checkpoint(cwd / "checkpoints" / "n" / "last.ckpt").train_state["step"] == 6
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_loadable_checkpoint_and_exits(cwd, tiny_dataset, sig, code):
+    env = {**os.environ, "POETGEN_CACHE_DIR": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poetgen", "train", str(tiny_dataset), *TINY, "--max-steps", "1000000",
+         "--eval-every", "1000000", "--log-every", "1", "--name", "sig"],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = cwd / "checkpoints" / "sig" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and '"type": "train"' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert f"Interrupted by {sig.name}" in err and "Resume with: poetgen train --resume checkpoints/sig" in err
+    ckpt = load_checkpoint(cwd / "checkpoints" / "sig" / "last.ckpt")
+    assert ckpt.train_state["step"] >= 1 and not (cwd / "checkpoints" / "sig" / ".lock").exists()
+
+
+def test_terminal_progress_rendering():
+    """On a terminal the callbacks drive a Rich bar; eval and sample lines print above it."""
+    import io
+
+    from rich.console import Console
+
+    from poetgen.cli import _TrainRenderer
+    from poetgen.train import Plan
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=160, highlight=False)
+    plan = Plan(parameters=10, vocab_size=5, train_tokens=100, val_tokens=10, streams=2, stream_len=49,
+                batches_per_epoch=3, tokens_per_epoch=96, total_steps=6, estimated_memory_bytes=1, device="cpu",
+                precision="fp32")
+    with _TrainRenderer(console, plan) as r:
+        r.on_start({"type": "start", "run_dir": "checkpoints/x", "step": 0, "plan": plan.to_dict(),
+                    "config": {"log_every": 1}})
+        r.on_step({"step": 3, "epoch": 1.0, "loss": 2.0, "smooth_loss": 2.25, "lr": 1e-3, "chars_per_sec": 1234.0,
+                   "eta": 75.0, "total_steps": 6, "val_loss": 1.5, "val_bpc": 2.164})
+        r.bar.refresh()
+        r.on_eval({"step": 3, "val_loss": 1.5, "val_bpc": 2.164, "best": True})
+        r.on_sample(3, "床前\n明月")
+    out = buf.getvalue()
+    assert "Training checkpoints/x at step 0" in out
+    assert "loss 2.250 | val 1.500 (2.164 bpc) | 1,234 chars/s | lr 1.00e-03 | eta 1m15s" in out
+    assert "eval at step 3: val loss 1.5000 nats, 2.1640 bits/char (best)" in out
+    assert "sample at step 3: 床前 ⏎ 明月" in out
