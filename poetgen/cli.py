@@ -572,6 +572,10 @@ def sample(
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the samples to this file."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, mps, or auto (cuda when available)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads",
+        help="CPU threads. Default: 1 for fewer than 8 samples (one step is too small to share), else torch's.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Say nothing on stderr but errors."),
 ) -> None:
     """Generate text from a trained model: many samples in one batch, or Tang poems in guaranteed form.
@@ -601,6 +605,10 @@ def sample(
     note(f"Checkpoint: {path}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if threads is not None and threads < 1:
+        raise typer.BadParameter(f"--threads must be at least 1, got {threads}")
+    if threads is not None or len(primes) * num_samples < 8:
+        torch.set_num_threads(threads or 1)
     try:
         torch_device = torch.device(device)
     except RuntimeError as e:

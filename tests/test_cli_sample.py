@@ -174,5 +174,6 @@ def test_usage_errors(ckpt, tmp_path):
     assert run("-c", ckpt, "--prime", "白", "--primes-file", f).exit_code == 2
     assert run("-c", ckpt, "--stream", "-n", 2).exit_code == 2
     assert run("-c", ckpt, "--output-script", "cyrillic").exit_code == 2
+    assert run("-c", ckpt, "--threads", 0).exit_code == 2
     r = run("-c", ckpt, "--rhyme")
     assert r.exit_code == 1 and "--rhyme needs --form or --acrostic" in r.stderr
