@@ -256,13 +256,11 @@ def generate(
     """``options.num_samples`` samples for each prime, all in one batch (prime-major order).
 
     ``on_text`` receives the first sample as it is written: its prime, then each new character (converted to the
-    output script one character at a time). The model must be in eval mode (``load_model`` does that).
+    output script one character at a time). A model in training mode is switched to eval mode for the call.
     """
     o = options or SampleOptions()
     o.validate()
     primes = list(primes) or [""]
-    device = next(model.parameters()).device
-    V = len(vocab)
     notes: list[str] = []
     script = vocab_script(vocab) if any(vocab.unknown(t) for t in (*primes, o.style or "", o.acrostic or "")) else None
 
@@ -289,81 +287,92 @@ def generate(
     else:
         max_new = o.length or DEFAULT_LENGTH
 
+    was_training = model.training
+    model.eval()  # dropout would draw from the global RNG: no longer the seed alone decides the output
+    try:
+        with torch.inference_mode():
+            return _decode(model, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text):
+    """The batched loop of ``generate`` (inside inference mode)."""
+    device = next(model.parameters()).device
+    V = len(vocab)
     seed = o.seed if o.seed is not None else random.SystemRandom().randrange(2**31)
     top_k = min(o.top_k or V, V)
     n = o.num_samples
     B = len(primes) * n
     t0 = time.perf_counter()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    style_ids = vocab.encode(style) + [EOT_ID] if style else []
+    distinct = list(dict.fromkeys(primes_model))
+    prefixes = [[EOT_ID] + style_ids + vocab.encode(p) for p in distinct]
+    logits, hidden = _feed_prefixes(model, prefixes, device)
+    row_prefix = torch.tensor(
+        [distinct.index(p) for p in primes_model for _ in range(n)], dtype=torch.long, device=device
+    )  # (B,) which distinct prefix each row continues
+    logits = logits.index_select(0, row_prefix)  # (B, V)
+    hidden = select_hidden(hidden, row_prefix)
 
-    with torch.inference_mode():
-        gen = torch.Generator(device=device).manual_seed(seed)
-        style_ids = vocab.encode(style) + [EOT_ID] if style else []
-        distinct = list(dict.fromkeys(primes_model))
-        prefixes = [[EOT_ID] + style_ids + vocab.encode(p) for p in distinct]
-        logits, hidden = _feed_prefixes(model, prefixes, device)
-        row_prefix = torch.tensor(
-            [distinct.index(p) for p in primes_model for _ in range(n)], dtype=torch.long, device=device
-        )  # (B,) which distinct prefix each row continues
-        logits = logits.index_select(0, row_prefix)  # (B, V)
-        hidden = select_hidden(hidden, row_prefix)
+    batch_constraint = None
+    if constraint is not None:
+        batch_constraint = _Constraint(constraint, [s for s in starts for _ in range(n)], device)
+    penalize = o.repetition_penalty != 1.0
+    if penalize:
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device)  # (B, V) symbols used so far
+        for r, p in enumerate(primes_model):
+            if p:
+                seen[r * n : (r + 1) * n, torch.tensor(vocab.encode(p), device=device)] = True
+        penalizable = _penalizable(vocab, device)  # (V,)
+        seen &= penalizable[None, :]
 
-        batch_constraint = None
-        if constraint is not None:
-            batch_constraint = _Constraint(constraint, [s for s in starts for _ in range(n)], device)
-        penalize = o.repetition_penalty != 1.0
+    out = torch.full((B, max_new), -1, dtype=torch.long, device=device)  # (B, max_new); -1 after the end
+    logps = torch.zeros(B, max_new, device=device)  # (B, max_new) model log-probabilities
+    rows = torch.arange(B, device=device)  # (b,) original row of each active row
+    streaming = on_text is not None
+    if streaming:
+        on_text(_convert(primes_model[0], o.output_script))
+
+    steps = 0
+    for t in range(max_new):
+        logits = scores = logits.float()  # (b, V)
+        log_norm = torch.logsumexp(logits, dim=-1)  # (b,) for the model's log-probability of the choice
         if penalize:
-            seen = torch.zeros(B, V, dtype=torch.bool, device=device)  # (B, V) symbols used so far
-            for r, p in enumerate(primes_model):
-                if p:
-                    seen[r * n : (r + 1) * n, torch.tensor(vocab.encode(p), device=device)] = True
-            seen &= _penalizable(vocab, device)[None, :]
-            penalizable = _penalizable(vocab, device)
-
-        out = torch.full((B, max_new), -1, dtype=torch.long, device=device)  # (B, max_new); -1 after the end
-        logps = torch.zeros(B, max_new, device=device)  # (B, max_new) model log-probabilities
-        rows = torch.arange(B, device=device)  # (b,) original row of each active row
-        streaming = on_text is not None
+            penalized = torch.where(scores > 0, scores / o.repetition_penalty, scores * o.repetition_penalty)
+            scores = torch.where(seen, penalized, scores)
+        if batch_constraint is not None:
+            scores = scores.masked_fill(~batch_constraint.allowed(), NEG_INF)
+        token = _choose(scores, o, top_k, gen)  # (b,)
+        out[rows, t] = token
+        logps[rows, t] = logits.gather(1, token[:, None]).squeeze(1) - log_norm
         if streaming:
-            on_text(_convert(primes_model[0], o.output_script))
-
-        steps = 0
-        for t in range(max_new):
-            scores = logits.float()  # (b, V)
-            log_norm = torch.logsumexp(scores, dim=-1)  # (b,) for the model's log-probability of the choice
-            if penalize:
-                penalized = torch.where(scores > 0, scores / o.repetition_penalty, scores * o.repetition_penalty)
-                scores = torch.where(seen, penalized, scores)
-            if batch_constraint is not None:
-                scores = scores.masked_fill(~batch_constraint.allowed(), NEG_INF)
-            token = _choose(scores, o, top_k, gen)  # (b,)
-            out[rows, t] = token
-            logps[rows, t] = logits.float().gather(1, token[:, None]).squeeze(1) - log_norm
-            if streaming:
-                first = int(token[0]) if int(rows[0]) == 0 else EOT_ID
-                if first == EOT_ID:
-                    streaming = False
-                else:
-                    on_text(_convert(vocab.symbols[first] if first != 1 else "\ufffd", o.output_script))
-            if batch_constraint is not None:
-                batch_constraint.advance(token)
-            if penalize:
-                seen[torch.arange(len(token), device=device), token] |= penalizable[token]
-            done = token == EOT_ID
-            if done.any():
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                rows, token = rows[keep], token[keep]
-                hidden = select_hidden(hidden, keep)
-                if batch_constraint is not None:
-                    batch_constraint.keep(keep)
-                if penalize:
-                    seen = seen[keep]
-            if t == max_new - 1:
+            first = int(token[0]) if int(rows[0]) == 0 else EOT_ID
+            if first == EOT_ID:
+                streaming = False
+            else:
+                on_text(_convert(vocab.symbols[first] if first != 1 else "\ufffd", o.output_script))
+        if batch_constraint is not None:
+            batch_constraint.advance(token)
+        if penalize:
+            seen[torch.arange(len(token), device=device), token] |= penalizable[token]
+        done = token == EOT_ID
+        if done.any():
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
                 break
-            logits, hidden = model(token[:, None], hidden)  # (b, 1, V)
-            logits = logits[:, -1]
-            steps += 1
+            rows, token = rows[keep], token[keep]
+            hidden = select_hidden(hidden, keep)
+            if batch_constraint is not None:
+                batch_constraint.keep(keep)
+            if penalize:
+                seen = seen[keep]
+        if t == max_new - 1:
+            break
+        logits, hidden = model(token[:, None], hidden)  # (b, 1, V)
+        logits = logits[:, -1]
+        steps += 1
 
     seconds = time.perf_counter() - t0
     samples = []

@@ -241,3 +241,12 @@ def test_import_needs_neither_torch_nor_pypinyin():
     code = "import sys, poetgen.poetry; print('torch' in sys.modules, 'pypinyin' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_rhyme_on_a_traditional_vocabulary():
+    """pypinyin reads traditional characters, so a traditional model rhymes too."""
+    trad = Vocab.from_counts(Counter("牀前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。黃河遠上白雲間，一片孤城萬仞山。"))
+    c = FormConstraint(trad, "五绝", rhyme=True)
+    state = walk(c, "牀前明月光，疑是地上霜。舉頭望明月，低頭思故")
+    allowed = {trad.symbols[i] for i in np.flatnonzero(c.allowed(state))}
+    assert allowed == {"光", "霜", "鄉", "牀", "黃"}  # 唐 and level; not 上 (shàng, oblique) nor 間 (寒)

@@ -291,3 +291,13 @@ def test_form_with_prime_and_style(trained):
         assert not s.text.startswith("空山新雨后")
     plain = generate(model, vocab, ["白日", "床前明月光，"], SampleOptions(form="五绝", num_samples=20, seed=14))
     assert [s.mean_logprob for s in plain.samples] != [s.mean_logprob for s in r.samples]  # the style conditions
+
+
+def test_training_mode_model_is_sampled_in_eval_mode_and_restored():
+    torch.manual_seed(0)
+    vocab = Vocab.from_counts(Counter("".join(POEMS)))
+    model = CharRNN(ModelConfig(len(vocab), layers=2, hidden=16, embed=8, dropout=0.5)).train()
+    o = SampleOptions(num_samples=3, seed=8, length=20)
+    a = generate(model, vocab, [""], o)
+    assert model.training
+    assert texts(generate(model.eval(), vocab, [""], o)) == texts(a)  # dropout was off
