@@ -35,7 +35,10 @@ from poetgen.errors import ConfigError
 
 DEVICES_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 PRECISIONS = ("auto", "fp32", "bf16")
-DEFAULT_EPOCHS = 10  # the budget when neither max_steps, max_epochs nor max_time is set
+# The budget when neither max_steps, max_epochs nor max_time is set: 10 epochs, but at least 500 steps (a small
+# corpus such as the bundled one has only a few batches per epoch).
+DEFAULT_EPOCHS = 10
+DEFAULT_MIN_STEPS = 500
 MODEL_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "tie_weights")
 # Changing these on --resume would change what a step means (data position, shapes): refused.
 FIXED_ON_RESUME = ("cell", "layers", "hidden", "embed", "tie_weights", "batch_size", "seq_len")
@@ -68,13 +71,13 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    # budget (0 = no limit); training stops at whichever comes first; none given = DEFAULT_EPOCHS epochs
+    # budget (0 = no limit); training stops at whichever comes first; none given = DEFAULT_EPOCHS / _MIN_STEPS
     max_steps: int = 0
-    max_epochs: int = 0  # with no budget at all, DEFAULT_EPOCHS
+    max_epochs: int = 0
     max_time: float = 0.0  # seconds of wall clock, counted across resumes
     # evaluation, checkpoints, progress
     eval_every: int = 200  # steps between evaluations of the whole validation split
-    patience: int = 0  # stop after this many evaluations without improvement; 0 = never
+    patience: int = 5  # stop after this many evaluations without improvement; 0 = never
     save_every: int = 0  # steps between saves of last.ckpt; 0 = at every evaluation
     keep: int = 0  # also keep the N newest step-<k>.ckpt snapshots; 0 = only last and best
     sample_every: int = 2  # show a sample every N evaluations; 0 = never

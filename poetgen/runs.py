@@ -115,7 +115,9 @@ def locate_run(run: str | Path, runs_dir: Path) -> tuple[Path, Path]:
 
 
 def default_run_name(dataset: Dataset, config: TrainConfig) -> str:
-    stem = re.sub(r"[^\w.-]+", "_", dataset.name).strip("_") or "run"
+    # Datasets prepared on the fly live in <cache>/datasets/<stem>-<16 hex digits>: keep the readable stem.
+    name = re.sub(r"-[0-9a-f]{16}$", "", dataset.name)
+    stem = re.sub(r"[^\w.-]+", "_", name).strip("_") or "run"
     return f"{stem}-{config.cell}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from poetgen import __version__
 from poetgen.checkpoint import BEST, LAST, Checkpoint, restore_rng, save_checkpoint
-from poetgen.config import DEFAULT_EPOCHS, MODEL_FIELDS, TrainConfig
+from poetgen.config import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, MODEL_FIELDS, TrainConfig
 from poetgen.dataset import Dataset
 from poetgen.errors import ConfigError, TrainingError
 from poetgen.runs import METRICS, rewind_metrics, run_lock
@@ -113,12 +113,11 @@ def stream_layout(n_tokens: int, batch_size: int, seq_len: int) -> tuple[int, in
 
 
 def total_steps(config: TrainConfig, batches: int) -> int | None:
-    """The step budget: the nearer of max_steps and max_epochs; DEFAULT_EPOCHS when no budget is set at all;
-    None when only max_time bounds the run."""
-    epochs = config.max_epochs
-    if not (config.max_steps or epochs or config.max_time):
-        epochs = DEFAULT_EPOCHS
-    limits = [x for x in (config.max_steps, epochs * batches) if x > 0]
+    """The step budget: the nearer of max_steps and max_epochs; with no budget at all DEFAULT_EPOCHS epochs but at
+    least DEFAULT_MIN_STEPS steps; None when only max_time bounds the run."""
+    if not (config.max_steps or config.max_epochs or config.max_time):
+        return max(DEFAULT_EPOCHS * batches, DEFAULT_MIN_STEPS)
+    limits = [x for x in (config.max_steps, config.max_epochs * batches) if x > 0]
     return min(limits) if limits else None
 
 
@@ -444,6 +443,7 @@ class _Loop:
         self.total = plan.total_steps
         self.last_path: Path | None = None
         self.saved_step = -1
+        self.eval_seconds = 0.0  # duration of the latest evaluation
         self.best_path: Path | None = run_dir / BEST if (run_dir / BEST).exists() else None
 
     # --- setup ------------------------------------------------------------------------------------------------
@@ -521,8 +521,10 @@ class _Loop:
     def _evaluate(self) -> bool:
         """Evaluate the whole validation split; returns True when early stopping should end the run."""
         s = self.state
+        t0 = time.perf_counter()
         loss = evaluate(self.model, self.dataset.val, self.c.batch_size, self.c.seq_len, self.device,
                         self.id_map, self.amp)
+        self.eval_seconds = time.perf_counter() - t0
         s.evals += 1
         if loss is None:
             return False
@@ -575,7 +577,9 @@ class _Loop:
         while True:
             if self.total is not None and s.step >= self.total:
                 break
-            if c.max_time and s.elapsed >= c.max_time:
+            s.elapsed = elapsed0 + (time.perf_counter() - session_t0)
+            # --max-time includes the final evaluation: stop early enough to fit one more.
+            if c.max_time and s.elapsed + (self.eval_seconds if has_val else 0.0) >= c.max_time:
                 status = "time_limit"
                 break
             window = s.step % n

@@ -148,6 +148,10 @@ def test_raw_corpus_is_prepared_on_the_fly(cwd):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["step"] == 3
     assert str(cwd / "cache") in load_checkpoint(cwd / "checkpoints" / "raw" / "last.ckpt").dataset_meta["path"]
+    r = invoke(corpus, *TINY, "--cell", "gru", "--dry-run", "--json")  # the cached dataset is reused
+    import re
+
+    assert re.fullmatch(r"checkpoints/poems-gru-\d{8}-\d{6}", json.loads(r.stdout)["run_dir"])
 
 
 def test_nan_loss_exits_1_with_advice(cwd, tiny_dataset, monkeypatch):
