@@ -597,8 +597,12 @@ class _Loop:
                 raise TrainingError(self._nan_message(f"the training loss became {loss_value}"))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), c.grad_clip).item()
-                         if c.grad_clip > 0 else None)
+            # The norm is computed even without clipping: a non-finite gradient must never reach the weights.
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.raw_model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
+            ).item()
+            if not math.isfinite(grad_norm):
+                raise TrainingError(self._nan_message(f"the gradient norm became {grad_norm}"))
             self.opt.step()
             self.hidden = detach_hidden(hidden)
 

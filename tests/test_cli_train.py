@@ -221,3 +221,9 @@ def test_terminal_progress_rendering():
     assert "loss 2.250 | val 1.500 (2.164 bpc) | 1,234 chars/s | lr 1.00e-03 | eta 1m15s" in out
     assert "eval at step 3: val loss 1.5000 nats, 2.1640 bits/char (best)" in out
     assert "sample at step 3: 床前 ⏎ 明月" in out
+
+
+def test_quiet_says_nothing(cwd, tiny_dataset):
+    r = invoke(tiny_dataset, *TINY, "--max-steps", "3", "--eval-every", "2", "--quiet", "--name", "q")
+    assert r.exit_code == 0 and r.stderr == "" and r.stdout == ""
+    assert (cwd / "checkpoints" / "q" / "last.ckpt").exists()

@@ -286,3 +286,21 @@ def test_max_time_stops_on_the_clock_with_decayed_rate(ds, tmp_path):
     assert r.status == "time_limit" and r.step > 2 and 1.0 <= r.elapsed < 3.0
     assert lrs[0] == pytest.approx(2e-2, rel=0.05) and lrs[-1] < lrs[0] / 2  # the cosine follows the clock
     assert r.best_val_loss is not None  # the final evaluation ran
+
+
+def test_non_finite_gradient_never_reaches_the_weights(ds, tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def poison_then_measure(params, *a, **k):
+        params = list(params)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the loss stayed finite, but a gradient did not
+            params[0].grad.view(-1)[0] = float("inf")
+        return real(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poison_then_measure)
+    with pytest.raises(TrainingError, match="gradient norm became (nan|inf) at step 4"):
+        train(TrainConfig(max_steps=10, save_every=1, grad_clip=0.0, **SMALL), ds, tmp_path / "g")
+    ckpt = load_checkpoint(tmp_path / "g" / "last.ckpt")
+    assert ckpt.train_state["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt.model_state.values())
