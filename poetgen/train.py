@@ -1,17 +1,10 @@
-"""The training loop: truncated backpropagation through time over contiguous streams.
+"""The training loop: truncated backpropagation through time over contiguous streams (see poetgen.streams).
 
-The training split (one flat id array of N tokens) is cut into B = batch_size streams of equal length
-Ls = (N - 1) // B, and each step feeds every stream's next window of T = seq_len characters::
-
-    stream 0:  | w0 | w1 | w2 | ... |        step j feeds row s = tokens[s*Ls + j*T : s*Ls + (j+1)*T]
-    stream 1:  | w0 | w1 | w2 | ... |        and predicts the same slice shifted by one
-    ...
-    stream B-1 | w0 | w1 | w2 | ... |        batches per epoch = Ls // T (a partial last window is dropped)
-
-The hidden state of each stream is carried from window to window and detached (so gradients stop at the window
-edge), and reset to zero at each epoch start (where the streams wrap). One step consumes one batch, so the data
-position is a function of the step alone: epoch = step // batches, window = step % batches. A checkpoint saves the
-step, the carried hidden state, the RNG states and the optimizer, so a resumed run repeats an unbroken one exactly.
+Each step feeds the next window of --seq-len characters of --batch-size parallel streams; the hidden state of
+each stream is carried from window to window and detached (gradients stop at the window edge), and reset at each
+epoch start, where the streams wrap. One step consumes one batch, so the data position is a function of the step
+alone: epoch = step // batches, window = step % batches. A checkpoint saves the step, the carried hidden state,
+the RNG states and the optimizer, so a resumed run repeats an unbroken one exactly.
 
 Progress is reported through a TrainCallbacks object; nothing here prints.
 """
@@ -20,15 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -38,12 +30,12 @@ from poetgen import __version__
 from poetgen.checkpoint import BEST, LAST, Checkpoint, restore_rng, save_checkpoint
 from poetgen.config import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, MODEL_FIELDS, TrainConfig
 from poetgen.dataset import Dataset
-from poetgen.errors import ConfigError, TrainingError
-from poetgen.runs import METRICS, rewind_metrics, run_lock
+from poetgen.devices import autocast, autocast_dtype, resolve_device
+from poetgen.errors import TrainingError
 from poetgen.model import CharRNN, Hidden, ModelConfig, detach_hidden, hidden_to
-from poetgen.vocab import EOT_ID, UNK_ID, Vocab, format_symbols
-
-LN2 = math.log(2.0)
+from poetgen.runs import METRICS, rewind_metrics, run_lock
+from poetgen.streams import LN2, StreamBatches, evaluate, stream_layout, vocab_map
+from poetgen.vocab import EOT_ID, UNK_ID, Vocab
 
 
 class StopFlag(Protocol):
@@ -106,12 +98,6 @@ class Plan:
         return asdict(self)
 
 
-def stream_layout(n_tokens: int, batch_size: int, seq_len: int) -> tuple[int, int]:
-    """(stream length, batches per epoch) for a split of ``n_tokens`` ids (inputs and targets need N - 1 pairs)."""
-    stream_len = max(n_tokens - 1, 0) // batch_size
-    return stream_len, stream_len // seq_len
-
-
 def total_steps(config: TrainConfig, batches: int) -> int | None:
     """The step budget: the nearer of max_steps and max_epochs; with no budget at all DEFAULT_EPOCHS epochs but at
     least DEFAULT_MIN_STEPS steps; None when only max_time bounds the run."""
@@ -161,129 +147,6 @@ def make_plan(config: TrainConfig, dataset: Dataset, vocab_size: int | None = No
         device=str(device),
         precision="bf16" if autocast_dtype(device, config.precision) else "fp32",
     )
-
-
-# --- devices --------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for, but CUDA is not available here (try --device auto)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device mps was asked for, but MPS is not available here (try --device auto)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16 autocast on CUDA (auto or bf16); fp32 elsewhere. CPU/MPS bf16 RNN kernels are missing or slow."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if precision == "bf16":
-        raise ConfigError(f"precision bf16 needs a CUDA device (this run uses {device}); use fp32 or auto")
-    return None
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-# --- data -----------------------------------------------------------------------------------------------------
-
-
-class StreamBatches:
-    """Windows over B contiguous streams of one split; ``get(j)`` -> LongTensor (B, T + 1) (inputs + next target)."""
-
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, id_map: np.ndarray | None = None):
-        self.tokens, self.seq_len, self.id_map = tokens, seq_len, id_map
-        self.stream_len, self.batches = stream_layout(len(tokens), batch_size, seq_len)
-        self.starts = np.arange(batch_size, dtype=np.int64) * self.stream_len  # (B,)
-        self.offsets = np.arange(seq_len + 1, dtype=np.int64)  # (T+1,)
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def get(self, j: int) -> torch.Tensor:
-        idx = self.starts[:, None] + j * self.seq_len + self.offsets  # (B, T+1)
-        ids = np.asarray(self.tokens[idx], dtype=np.int64)
-        if self.id_map is not None:
-            ids = self.id_map[ids]
-        return torch.from_numpy(ids)
-
-
-def vocab_map(data_vocab: Vocab, model_vocab: Vocab, map_unknown: bool) -> np.ndarray | None:
-    """Dataset id -> model id table for fine-tuning on another corpus; None when the vocabularies are equal."""
-    if data_vocab == model_vocab:
-        return None
-    missing = [s for s in data_vocab.symbols[2:] if s not in model_vocab]
-    if missing and not map_unknown:
-        raise TrainingError(
-            f"the dataset has {len(missing)} character(s) the checkpoint's vocabulary does not know: "
-            f"{format_symbols(missing)}. Pass --map-unknown to train them as <unk>, or train from scratch."
-        )
-    table = np.array(
-        [EOT_ID, UNK_ID] + [model_vocab._index.get(s, UNK_ID) for s in data_vocab.symbols[2:]], dtype=np.int64
-    )
-    return table
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    tokens: np.ndarray,
-    batch_size: int,
-    seq_len: int,
-    device: torch.device,
-    id_map: np.ndarray | None = None,
-    amp: torch.dtype | None = None,
-) -> float | None:
-    """Mean loss in nats over EVERY next-character prediction of ``tokens``, with state carried along streams.
-
-    The split is laid out as S <= batch_size streams of ceil(n / S) positions; the tail of the last stream is
-    padding that the loss ignores, so no token is dropped. Returns None for a split too short to predict anything.
-    """
-    n = len(tokens) - 1
-    if n < 1:
-        return None
-    ids = np.asarray(tokens, dtype=np.int64)
-    if id_map is not None:
-        ids = id_map[ids]
-    S = min(batch_size, n)
-    Ls = -(-n // S)
-    x = torch.zeros(S * Ls, dtype=torch.long)
-    y = torch.full((S * Ls,), -100, dtype=torch.long)  # -100 = ignored by cross_entropy
-    x[:n] = torch.from_numpy(ids[:-1])
-    y[:n] = torch.from_numpy(ids[1:])
-    x, y = x.view(S, Ls), y.view(S, Ls)  # (S, Ls)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    hidden = None
-    try:
-        for j in range(0, Ls, seq_len):
-            xb, yb = x[:, j : j + seq_len].to(device), y[:, j : j + seq_len].to(device)
-            with _autocast(device, amp):
-                logits, hidden = model(xb, hidden)  # (S, t, V)
-            total += F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), yb.reshape(-1), ignore_index=-100, reduction="sum"
-            ).item()
-    finally:
-        model.train(was_training)
-    return total / n
 
 
 @torch.no_grad()
@@ -589,7 +452,7 @@ class _Loop:
             lr = lr_at(c, s.step, self.total, s.elapsed / c.max_time if c.max_time else 0.0)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            with _autocast(self.device, self.amp):
+            with autocast(self.device, self.amp):
                 logits, hidden = self.model(batch[:, :-1], self.hidden)  # (B, T, V)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
             loss_value = loss.item()

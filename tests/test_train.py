@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,17 +19,9 @@ from poetgen.dataset import load_dataset
 from poetgen.errors import ConfigError, TrainingError
 from poetgen.model import CharRNN, ModelConfig
 from poetgen.runs import run_lock
-from poetgen.train import (
-    TrainCallbacks,
-    autocast_dtype,
-    evaluate,
-    lr_at,
-    make_plan,
-    resolve_device,
-    sample_text,
-    stream_layout,
-    train,
-)
+from poetgen.devices import autocast_dtype, resolve_device
+from poetgen.streams import evaluate, stream_layout
+from poetgen.train import TrainCallbacks, lr_at, make_plan, sample_text, train
 
 torch.set_num_threads(1)
 
