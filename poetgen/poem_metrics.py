@@ -1,0 +1,395 @@
+"""Poem metrics: is it in form, does it rhyme, does it follow the tone patterns, is it copied, is it varied.
+
+Every tone and rhyme reading comes from :mod:`poetgen.poetry` and is the *modern-Mandarin approximation*
+(pypinyin readings, tones 1-2 level, the 14 groups of 中华新韵), not the Middle Chinese of the Tang poets: the old
+entering tone (入声) is lost, so even real Tang poems do not score 100% here.
+
+Definitions (rates are shares in [0, 1]):
+
+* **format**: the poem's form is the declared one (``--form``, or a record's ``form`` field), else the form
+  ``detect_form`` infers. A poem complies when it is exactly that form's lines of Han characters, each line
+  followed by one mark: after odd lines one of ，；：？！, after even lines one of 。？！ (whitespace ignored). A poem
+  with no declared form and none that can be inferred does not comply.
+* **regular poems**: those whose lines (text between punctuation) have the form's count and length, punctuation
+  aside. Rhyme and tones are measured on these only, and their number is reported.
+* **rhyme**: the last characters of all even lines share a level rhyme group (``poetry.rhymes``).
+* **tones (平仄)**: each line is compared with the regulated-verse patterns built from the four basic five-character
+  lines A 仄仄平平仄, B 平平仄仄平, C 平平平仄仄, D 仄仄仄平平 (seven-character lines put the two opposite tones in front,
+  e.g. A7 平平仄仄平平仄). A quatrain is A B C D or C D A B (the 律诗 repeats it); when the first line rhymes
+  (首句入韵) it takes the level-ending line instead: D B C D or B D A B. The four patterns per form are named by
+  the tone of the first line's second character (平起 / 仄起) and 首句入韵 / 首句不入韵. Two figures, both for the
+  pattern that fits best (first by the 2-4-6 figure, then the full one): ``tone_246`` — agreement at positions
+  2, 4 (and 6) of each line, where the rule is strict (一三五不论，二四六分明); ``tone_full`` — agreement at every
+  position. Characters without a reading are left out of both.
+* **copy**: a line (of 4 or more characters) is copied when it occurs as a whole line in the training text; a
+  7-gram is any 7 consecutive symbols of the poem, punctuation included, and is copied when the training text
+  holds it (within one document).
+* **distinct-1 / distinct-2**: distinct Han characters / all Han characters, and distinct adjacent pairs within
+  lines / all such pairs, over all poems together.
+* **repeated characters**: the share of a poem's Han characters that already occurred earlier in the same poem,
+  over all poems together.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from poetgen.errors import CorpusError, PoetgenError
+from poetgen.poetry import FORMS, Form, detect_form, is_han, is_level, parse_form, rhymes, split_lines
+from poetgen.vocab import EOT_ID, UNK_ID, Vocab
+
+ODD_MARKS = "，；：？！"
+EVEN_MARKS = "。？！"
+MIN_COPY_LINE = 4
+NGRAM = 7
+LEVEL, OBLIQUE = "平", "仄"
+
+# --- tone patterns --------------------------------------------------------------------------------------------
+
+_BASE5 = {"A": "仄仄平平仄", "B": "平平仄仄平", "C": "平平平仄仄", "D": "仄仄仄平平"}
+_CYCLES = (("A", "B", "C", "D"), ("C", "D", "A", "B"))
+_RHYMING_FIRST = {"A": "D", "C": "B"}  # the first line, when it rhymes, ends level instead
+
+
+def _line_pattern(name: str, chars: int) -> str:
+    five = _BASE5[name]
+    if chars == 5:
+        return five
+    flip = {LEVEL: OBLIQUE, OBLIQUE: LEVEL}
+    return flip[five[0]] * 2 + five
+
+
+@dataclass(frozen=True)
+class TonePattern:
+    name: str  # e.g. "仄起首句不入韵"
+    lines: tuple[str, ...]  # one 平/仄 string per line
+
+
+def tone_patterns(form: Form | str) -> list[TonePattern]:
+    """The four standard patterns of a regulated form (平起 / 仄起 x 首句入韵 / 不入韵)."""
+    form = parse_form(form) if isinstance(form, str) else form
+    out = []
+    for cycle in _CYCLES:
+        for first_rhymes in (False, True):
+            names = list(cycle) * (form.lines // 4)
+            if first_rhymes:
+                names[0] = _RHYMING_FIRST[names[0]]
+            lines = tuple(_line_pattern(n, form.chars) for n in names)
+            start = "平起" if lines[0][1] == LEVEL else "仄起"
+            out.append(TonePattern(f"{start}首句{'入韵' if first_rhymes else '不入韵'}", lines))
+    return out
+
+
+def tones(line: str) -> str:
+    """平 / 仄 per character (modern Mandarin reading), ? for a character without a reading."""
+    from poetgen.poetry import readings
+
+    return "".join((LEVEL if is_level(c) else OBLIQUE) if readings(c) else "?" for c in line)
+
+
+@dataclass
+class ToneMatch:
+    pattern: str
+    agree_246: float
+    agree_full: float
+    checked_246: int
+    checked_full: int
+
+
+def match_tones(lines: Sequence[str], form: Form | str) -> ToneMatch:
+    """The best-fitting standard pattern for ``lines`` (already of the form's shape) and its agreement."""
+    form = parse_form(form) if isinstance(form, str) else form
+    actual = [tones(line) for line in lines]
+    strict = set(range(1, form.chars - 1, 2))  # 0-based 1, 3 (5) for 五言; 1, 3, 5 for 七言
+    best: ToneMatch | None = None
+    for p in tone_patterns(form):
+        hit246 = n246 = hit = n = 0
+        for got, want in zip(actual, p.lines):
+            for i, (g, w) in enumerate(zip(got, want)):
+                if g == "?":
+                    continue
+                n += 1
+                hit += g == w
+                if i in strict:
+                    n246 += 1
+                    hit246 += g == w
+        m = ToneMatch(p.name, hit246 / n246 if n246 else 0.0, hit / n if n else 0.0, n246, n)
+        if best is None or (m.agree_246, m.agree_full) > (best.agree_246, best.agree_full):
+            best = m
+    assert best is not None
+    return best
+
+
+# --- one poem ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Poem:
+    text: str
+    form: str | None = None  # declared form, if any
+
+
+@dataclass
+class PoemCheck:
+    form: str | None  # declared, else inferred, else None
+    declared: bool
+    format_ok: bool
+    problems: list[str]
+    regular: bool  # lines fit the form, punctuation aside
+    rhymes: bool | None  # None when not regular
+    tone: ToneMatch | None
+
+
+def check_format(text: str, form: Form) -> list[str]:
+    """What keeps ``text`` from being exactly ``form`` (empty: it complies). See the module doc."""
+    body = "".join(text.split())
+    lines = split_lines(body)
+    problems = []
+    if len(lines) != form.lines:
+        problems.append(f"{len(lines)} lines, not {form.lines}")
+    bad = [i + 1 for i, line in enumerate(lines) if len(line) != form.chars or not all(map(is_han, line))]
+    if bad:
+        problems.append(f"line(s) {', '.join(map(str, bad))} not {form.chars} Han characters")
+    pos = 0
+    for i in range(form.lines):
+        pos += form.chars
+        marks = ODD_MARKS if i % 2 == 0 else EVEN_MARKS
+        if pos >= len(body) or body[pos] not in marks:
+            if not problems:
+                problems.append(f"line {i + 1} is not followed by one of {marks}")
+            break
+        pos += 1
+    else:
+        if pos != len(body) and not problems:
+            problems.append(f"text after the last line: {body[pos:pos + 10]!r}")
+    return problems
+
+
+def check_poem(poem: Poem | str) -> PoemCheck:
+    poem = Poem(poem) if isinstance(poem, str) else poem
+    declared = poem.form is not None
+    name = parse_form(poem.form).name if declared else detect_form(poem.text)  # type: ignore[arg-type]
+    if name is None:
+        return PoemCheck(None, False, False, ["not in a regular form (4 or 8 lines of 5 or 7)"], False, None, None)
+    form = FORMS[name]
+    problems = check_format(poem.text, form)
+    lines = split_lines("".join(poem.text.split()))
+    regular = len(lines) == form.lines and all(len(x) == form.chars and all(map(is_han, x)) for x in lines)
+    if not regular:
+        return PoemCheck(name, declared, False, problems, False, None, None)
+    return PoemCheck(name, declared, not problems, problems, True, rhymes([x[-1] for x in lines[1::2]]),
+                     match_tones(lines, form))
+
+
+# --- copying from the training text -----------------------------------------------------------------------------
+
+_P = np.uint64(1_000_003)
+
+
+def _ngram_hashes(ids: np.ndarray, n: int = NGRAM) -> tuple[np.ndarray, np.ndarray]:
+    """A 64-bit polynomial hash of every n-gram of ``ids`` (wrapping uint64 arithmetic), and whether it holds no
+    <eot> and no <unk> (the others never count as copied)."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    m = max(len(ids) - n + 1, 0)
+    h = np.zeros(m, dtype=np.uint64)
+    ok = np.ones(m, dtype=bool)
+    for k in range(n if m else 0):
+        part = ids[k : k + m]
+        with np.errstate(over="ignore"):
+            h = h * _P + part + np.uint64(1)
+        ok &= (part != EOT_ID) & (part != UNK_ID)
+    return h, ok
+
+
+def _is_separator(ch: str) -> bool:
+    return not split_lines(ch)
+
+
+class TrainingIndex:
+    """The lines and 7-grams of a training text, to tell copied lines and 7-grams from new ones.
+
+    Lines are kept as a set of strings; 7-grams as a sorted array of 64-bit hashes (8 bytes each), so the index of
+    the whole 全唐诗 fits in tens of MB. Built from the id stream ``chunk`` ids at a time: the 7-grams starting in a
+    chunk read 6 ids past its end, and a line cut by the chunk's end is carried to the next.
+    """
+
+    def __init__(self, ids: np.ndarray, vocab: Vocab, chunk: int = 1 << 20):
+        self.vocab = vocab
+        symbols = np.array(["\n", "\ufffd"] + vocab.symbols[2:], dtype=object)
+        self.lines: set[str] = set()
+        hashes = []
+        carry = ""
+        n = len(ids)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            part = np.asarray(ids[start : min(n, stop + NGRAM - 1)], dtype=np.int64)
+            h, ok = _ngram_hashes(part)
+            hashes.append(np.unique(h[: stop - start][ok[: stop - start]]))
+            text = carry + "".join(symbols[part[: stop - start]])
+            cut = len(text)
+            while cut > 0 and not _is_separator(text[cut - 1]):
+                cut -= 1
+            carry = text[cut:] if stop < n else ""
+            self.lines.update(x for x in split_lines(text if stop == n else text[:cut])
+                              if len(x) >= MIN_COPY_LINE and "\ufffd" not in x)
+        self.ngrams = np.unique(np.concatenate(hashes)) if hashes else np.zeros(0, dtype=np.uint64)
+
+    def copied_lines(self, text: str) -> tuple[int, int]:
+        """(copied, checked) lines of ``text``."""
+        lines = [x for x in split_lines(text) if len(x) >= MIN_COPY_LINE]
+        return sum(x in self.lines for x in lines), len(lines)
+
+    def copied_ngrams(self, text: str) -> tuple[int, int]:
+        """(copied, checked) 7-grams of ``text`` (whitespace removed)."""
+        body = "".join(text.split())
+        checked = max(len(body) - NGRAM + 1, 0)
+        if not checked or not len(self.ngrams):
+            return 0, checked
+        h, ok = _ngram_hashes(np.array(self.vocab.encode(body, on_unknown="unk"), dtype=np.int64))
+        h = h[ok]
+        i = np.searchsorted(self.ngrams, h)
+        found = (i < len(self.ngrams)) & (self.ngrams[np.minimum(i, len(self.ngrams) - 1)] == h)
+        return int(found.sum()), checked
+
+
+# --- all poems ----------------------------------------------------------------------------------------------------
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+@dataclass
+class PoemReport:
+    poems: int
+    forms: dict[str, int]  # declared or inferred form -> poems; "none" for no form
+    format_rate: float
+    regular: int  # poems whose lines fit their form: rhyme and tones are measured on these
+    rhyme_rate: float | None
+    tone_246: float | None  # mean per poem
+    tone_full: float | None
+    tone_perfect_rate: float | None  # poems whose 2-4-6 positions all fit their best pattern
+    patterns: dict[str, int]
+    copy_line_rate: float | None  # None without a training index
+    copy_lines_checked: int
+    copy_ngram_rate: float | None
+    copy_ngrams_checked: int
+    distinct_1: float | None
+    distinct_2: float | None
+    repeated_char_rate: float | None
+    examples: list[dict] = field(default_factory=list)  # a few failing poems with their problems
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_poems(poems: Iterable[Poem | str], index: TrainingIndex | None = None, examples: int = 3) -> PoemReport:
+    poems = [Poem(p) if isinstance(p, str) else p for p in poems]
+    forms: Counter = Counter()
+    patterns: Counter = Counter()
+    ok = regular = rhymed = perfect = 0
+    t246: list[float] = []
+    tfull: list[float] = []
+    copied_l = checked_l = copied_n = checked_n = 0
+    chars: Counter = Counter()
+    pairs: Counter = Counter()
+    n_chars = n_pairs = repeats = 0
+    failures = []
+    for poem in poems:
+        c = check_poem(poem)
+        forms[c.form or "none"] += 1
+        ok += c.format_ok
+        if not c.format_ok and len(failures) < examples:
+            failures.append({"text": poem.text, "form": c.form, "problems": c.problems})
+        if c.regular:
+            regular += 1
+            rhymed += bool(c.rhymes)
+            assert c.tone is not None
+            patterns[c.tone.pattern] += 1
+            t246.append(c.tone.agree_246)
+            tfull.append(c.tone.agree_full)
+            perfect += c.tone.checked_246 > 0 and c.tone.agree_246 == 1.0
+        if index is not None:
+            a, b = index.copied_lines(poem.text)
+            copied_l, checked_l = copied_l + a, checked_l + b
+            a, b = index.copied_ngrams(poem.text)
+            copied_n, checked_n = copied_n + a, checked_n + b
+        seen: set[str] = set()
+        for line in split_lines(poem.text):
+            han = [ch for ch in line if is_han(ch)]
+            for ch in han:
+                repeats += ch in seen
+                seen.add(ch)
+            chars.update(han)
+            n_chars += len(han)
+            pairs.update(zip(han, han[1:]))
+            n_pairs += max(len(han) - 1, 0)
+    n = len(poems)
+    return PoemReport(
+        poems=n,
+        forms=dict(forms.most_common()),
+        format_rate=ok / n if n else 0.0,
+        regular=regular,
+        rhyme_rate=rhymed / regular if regular else None,
+        tone_246=_mean(t246),
+        tone_full=_mean(tfull),
+        tone_perfect_rate=perfect / regular if regular else None,
+        patterns=dict(patterns.most_common()),
+        copy_line_rate=(copied_l / checked_l if checked_l else 0.0) if index is not None else None,
+        copy_lines_checked=checked_l,
+        copy_ngram_rate=(copied_n / checked_n if checked_n else 0.0) if index is not None else None,
+        copy_ngrams_checked=checked_n,
+        distinct_1=len(chars) / n_chars if n_chars else None,
+        distinct_2=len(pairs) / n_pairs if n_pairs else None,
+        repeated_char_rate=repeats / n_chars if n_chars else None,
+        examples=failures,
+    )
+
+
+def read_poems(path: str | Path) -> list[Poem]:
+    """Poems from a JSON Lines file: records with ``paragraphs`` (a list of lines, as in chinese-poetry) or
+    ``text`` (as `poetgen sample --json` writes), and an optional ``form``; a plain JSON string is a poem too."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise CorpusError(f"poems file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"cannot read poems file {p}: {e}") from None
+    poems = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{p}: invalid JSON on line {lineno}: {e.msg}") from None
+        if isinstance(rec, str):
+            poems.append(Poem(rec))
+            continue
+        if not isinstance(rec, dict):
+            raise CorpusError(f"{p}: line {lineno}: expected an object with 'paragraphs' or 'text'")
+        if isinstance(rec.get("paragraphs"), list) and all(isinstance(x, str) for x in rec["paragraphs"]):
+            text = "".join(x.strip() for x in rec["paragraphs"])
+        elif isinstance(rec.get("text"), str):
+            text = rec["text"]
+        else:
+            raise CorpusError(f"{p}: line {lineno}: no 'paragraphs' (list of strings) or 'text' field")
+        form = rec.get("form")
+        if form is not None and not isinstance(form, str):
+            raise CorpusError(f"{p}: line {lineno}: 'form' must be a string")
+        if form:
+            try:
+                form = parse_form(form).name
+            except PoetgenError as e:
+                raise CorpusError(f"{p}: line {lineno}: {e}") from None
+        poems.append(Poem(text, form or None))
+    if not poems:
+        raise CorpusError(f"{p} holds no poems")
+    return poems

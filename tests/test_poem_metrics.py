@@ -1,0 +1,160 @@
+"""Poem metrics on handcrafted poems: a correct 五绝, broken ones, a copied line, a known rhyme, tone patterns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from poetgen.errors import CorpusError
+from poetgen.poem_metrics import (
+    Poem, TrainingIndex, check_format, check_poem, evaluate_poems, match_tones, read_poems, tone_patterns, tones,
+)
+from poetgen.poetry import FORMS
+from poetgen.vocab import EOT_ID, Vocab
+
+# 王之涣《登鹳雀楼》: a correct 五绝, even lines ending in 流 liú / 楼 lóu (尤 group, level tones).
+DENG = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
+# 李白《静夜思》as commonly printed: 光/霜/乡 end in 唐 group, level.
+JING = "床前明月光，疑是地上霜。举头望明月，低头思故乡。"
+
+
+def test_the_four_standard_patterns_of_each_form():
+    five = {p.name: "，".join(p.lines) for p in tone_patterns("五绝")}
+    assert five == {
+        "仄起首句不入韵": "仄仄平平仄，平平仄仄平，平平平仄仄，仄仄仄平平",
+        "仄起首句入韵": "仄仄仄平平，平平仄仄平，平平平仄仄，仄仄仄平平",
+        "平起首句不入韵": "平平平仄仄，仄仄仄平平，仄仄平平仄，平平仄仄平",
+        "平起首句入韵": "平平仄仄平，仄仄仄平平，仄仄平平仄，平平仄仄平",
+    }
+    seven = {p.name: "，".join(p.lines) for p in tone_patterns("七绝")}
+    assert seven["平起首句入韵"] == "平平仄仄仄平平，仄仄平平仄仄平，仄仄平平平仄仄，平平仄仄仄平平"
+    assert seven["仄起首句入韵"] == "仄仄平平仄仄平，平平仄仄仄平平，平平仄仄平平仄，仄仄平平仄仄平"
+    assert len(seven) == 4
+    lv = {p.name: p.lines for p in tone_patterns("五律")}
+    assert lv["仄起首句不入韵"] == ("仄仄平平仄", "平平仄仄平", "平平平仄仄", "仄仄仄平平") * 2
+    assert lv["平起首句入韵"][:2] == ("平平仄仄平", "仄仄仄平平") and lv["平起首句入韵"][4] == "平平平仄仄"
+    assert all(len(p.lines) == 8 and all(len(x) == 7 for x in p.lines) for p in tone_patterns("七律"))
+
+
+def test_a_correct_wujue_complies_rhymes_and_fits_its_tone_pattern():
+    c = check_poem(DENG)
+    assert c.form == "五绝" and not c.declared and c.format_ok and c.problems == [] and c.regular and c.rhymes
+    # Modern readings: 白 bái (level, though 入声 in Tang), 日 仄, 依 山 平, 尽 仄 / 黄河 平, 入海 仄, 流 平 /
+    # 欲 仄, 穷千 平, 里目 仄 / 更 gēng? pypinyin: level, 上 仄, 一 yī 平, 层楼 平.
+    assert tones("白日依山尽") == "平仄平平仄" and tones("更上一层楼") == "平仄平平平"
+    # Best pattern 仄起首句不入韵 (仄仄平平仄 平平仄仄平 平平平仄仄 仄仄仄平平): positions 2 and 4 all agree (8/8);
+    # all positions: 白, 欲, 更 and 一 disagree -> 16/20.
+    assert c.tone.pattern == "仄起首句不入韵"
+    assert (c.tone.agree_246, c.tone.checked_246) == (1.0, 8)
+    assert (c.tone.agree_full, c.tone.checked_full) == (0.8, 20)
+
+
+def test_broken_poems_fail_format_with_a_reason():
+    short_line = "白日依山尽，黄河入海流。欲穷千里目，更上一层。"
+    c = check_poem(Poem(short_line, "五绝"))
+    assert c.declared and not c.format_ok and not c.regular and c.rhymes is None and c.tone is None
+    assert any("line(s) 4 not 5" in p for p in c.problems)
+    assert check_poem(short_line).form is None  # nothing to infer
+    assert not check_poem(short_line).format_ok
+
+    swapped = "白日依山尽。黄河入海流，欲穷千里目，更上一层楼。"  # the lines are right, the marks are not
+    c = check_poem(swapped)
+    assert c.form == "五绝" and c.regular and not c.format_ok
+    assert c.problems == ["line 1 is not followed by one of ，；：？！"]
+    assert c.rhymes  # rhyme and tones are still measured on a regular poem
+
+    assert check_format(DENG + "。", FORMS["五绝"]) == ["text after the last line: '。'"]
+    assert check_format("白日依山尽，黄河入海流。", FORMS["五绝"])[0] == "2 lines, not 4"
+    assert check_poem(Poem(DENG, "七绝")).format_ok is False  # judged by the declared form
+    # whitespace and question marks are allowed
+    assert check_poem("白日依山尽，黄河入海流？\n欲穷千里目！更上一层楼。").format_ok
+
+
+def test_known_rhyme_and_a_non_rhyme():
+    assert check_poem(DENG).rhymes and check_poem(JING).rhymes
+    no_rhyme = "白日依山尽，黄河入海流。欲穷千里目，更上一层山。"  # 流 尤 vs 山 寒
+    assert check_poem(no_rhyme).rhymes is False
+
+
+def test_a_poem_built_from_each_pattern_fits_it_exactly():
+    level, oblique = "天风山花", "月雨水树"  # modern tones 1-2 / 3-4
+    assert tones(level) == "平平平平" and tones(oblique) == "仄仄仄仄"
+    for form in ("五绝", "七律"):
+        for p in tone_patterns(form):
+            lines = ["".join((level if t == "平" else oblique)[i % 4] for i, t in enumerate(line)) for line in p.lines]
+            m = match_tones(lines, form)
+            # 首句入韵 and 不入韵 agree at positions 2-4-6 (仄仄平平仄 / 仄仄仄平平): the full figure decides
+            assert (m.pattern, m.agree_246, m.agree_full) == (p.name, 1.0, 1.0)
+
+
+def _index(docs: list[str], chunk: int = 16) -> tuple[TrainingIndex, Vocab]:
+    vocab = Vocab(["<eot>", "<unk>"] + sorted(set("".join(docs))))
+    ids = []
+    for d in docs:
+        ids += vocab.encode(d) + [EOT_ID]
+    return TrainingIndex(np.array(ids, dtype=np.uint16), vocab, chunk=chunk), vocab
+
+
+def test_copied_lines_and_7grams_against_the_training_text():
+    train = [JING, "春眠不觉晓，处处闻啼鸟。"]
+    index, _ = _index(train)
+    assert "床前明月光" in index.lines and "处处闻啼鸟" in index.lines
+    poem = "床前明月光，春风入海流。欲穷千里目，低头思故乡。"  # lines 1 and 4 copied
+    assert index.copied_lines(poem) == (2, 4)
+    # reference: every 7-symbol window of the poem against every 7-symbol window of each training document
+    grams = {d[i:i + 7] for d in train for i in range(len(d) - 6)}
+    windows = [poem[i:i + 7] for i in range(len(poem) - 6)]
+    assert index.copied_ngrams(poem) == (sum(w in grams for w in windows), len(windows))
+    assert index.copied_ngrams(poem)[0] == 1  # only "，低头思故乡。" (the training text has 月, not 目, before it)
+    # a window across two training documents is not in the index
+    assert index.copied_ngrams("思故乡。春眠不")[0] == 0
+    assert index.copied_ngrams(JING) == (len(JING) - 6, len(JING) - 6)
+    assert index.copied_lines("鹅鹅鹅，曲项向天歌。") == (0, 1)  # 鹅鹅鹅 is shorter than 4: not checked
+    for chunk in (1, 5, 1 << 20):  # chunked building (lines carried, 7-grams read past the chunk) changes nothing
+        other, _ = _index(train, chunk)
+        assert other.lines == index.lines and np.array_equal(other.ngrams, index.ngrams)
+
+
+def test_distinct_and_repeated_characters_by_hand():
+    # poem 1 lines 山水山水 / 山花; poem 2 花月. Characters: 8, distinct 4 -> distinct-1 0.5.
+    # Pairs within lines: 山水 水山 山水 | 山花 | 花月 = 5, distinct 4 -> 0.8.
+    # Repeats within a poem: 山 水 山* 水* 山* 花 | 花 月 -> 3 of 8.
+    r = evaluate_poems(["山水山水，山花。", "花月。"])
+    assert (r.distinct_1, r.distinct_2, r.repeated_char_rate) == (0.5, 0.8, 0.375)
+    assert r.forms == {"none": 2} and r.format_rate == 0.0 and r.regular == 0 and r.rhyme_rate is None
+    assert r.copy_line_rate is None  # no training index given
+
+
+def test_report_over_a_mix_of_poems():
+    index, _ = _index([JING])
+    broken = "白日依山尽，黄河入海流。欲穷千里目，更上一层。"
+    copied = "床前明月光，黄河入海流。欲穷千里目，更上一层楼。"
+    r = evaluate_poems([DENG, broken, copied], index)
+    assert r.poems == 3 and r.forms == {"五绝": 2, "none": 1}
+    assert r.format_rate == pytest.approx(2 / 3) and r.regular == 2 and r.rhyme_rate == 1.0
+    assert r.copy_lines_checked == 12 and r.copy_line_rate == pytest.approx(1 / 12)
+    assert r.examples == [{"text": broken, "form": None, "problems": ["not in a regular form (4 or 8 lines of 5 or 7)"]}]
+    assert r.tone_246 is not None and 0 < r.tone_full <= 1 and sum(r.patterns.values()) == 2
+    assert json.loads(json.dumps(r.to_dict()))["poems"] == 3
+
+
+def test_read_poems_takes_paragraphs_text_and_form(tmp_path: Path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        json.dumps({"paragraphs": ["白日依山尽，黄河入海流。", "欲穷千里目，更上一层楼。"]}, ensure_ascii=False) + "\n\n"
+        + json.dumps({"text": JING, "form": "wujue"}, ensure_ascii=False) + "\n" + json.dumps("花月。") + "\n",
+        encoding="utf-8",
+    )
+    poems = read_poems(f)
+    assert [p.text for p in poems] == [DENG, JING, "花月。"] and [p.form for p in poems] == [None, "五绝", None]
+    f.write_text('{"text": "a"}\n{"title": "x"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match="line 2"):
+        read_poems(f)
+    f.write_text('{"text": "a", "form": "haiku"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match="line 1.*haiku"):
+        read_poems(f)
+    with pytest.raises(CorpusError, match="not found"):
+        read_poems(tmp_path / "missing.jsonl")
