@@ -270,7 +270,9 @@ def train(
         "None: the bundled corpus (or, with --resume, the run's own dataset).",
     ),
     preset: Optional[str] = typer.Option(
-        None, "--preset", "-p", help="tiny | small | medium | large (sizes in `poetgen.config`). Default: small."
+        None, "--preset", "-p",
+        help="tiny (LSTM 1×128, embed 64, batch 32×64) | small (2×256, embed 128, 64×128; the default) | "
+        "medium (2×512, embed 256) | large (3×1024, embed 512, seq 256).",
     ),
     config_file: Optional[Path] = typer.Option(
         None, "--config", "-c", help="TOML file of settings (flat keys named like the flags: batch_size = 32)."
