@@ -6,7 +6,7 @@
 Measures, for an untrained LSTM of 2 layers x 256 (embedding 128) over a 6,000-symbol vocabulary (about the
 size of a simplified Tang corpus), generated characters per second for 1 and for 64 parallel samples — free text
 (<eot> masked out so every row runs the full length) and 五绝 with --rhyme — at 1 thread and at torch's default
-thread count. Then the wall time of whole `poetgen sample` processes, start-up included, next to the bare
+thread count, next to the bare forward step (the ceiling: what decoding costs on top is the difference). Then the wall time of whole `poetgen sample` processes, start-up included, next to the bare
 `import torch` and `poetgen --help` for scale.
 """
 
@@ -63,6 +63,19 @@ def chars_per_second(model, vocab, batch: int, options: SampleOptions, repeats: 
     return best
 
 
+def forward_only(model, batch: int, steps: int, repeats: int) -> float:
+    """The ceiling: the model's own step, fed a constant, with no decoding at all."""
+    best = 0.0
+    with torch.inference_mode():
+        x, hidden = torch.ones(batch, 1, dtype=torch.long), None
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(steps):
+                _, hidden = model(x, hidden)
+            best = max(best, batch * steps / (time.perf_counter() - t))
+    return best
+
+
 def wall(cmd: list[str], repeats: int, cwd: Path) -> float:
     times = []
     for _ in range(repeats):
@@ -90,6 +103,7 @@ def main() -> None:
             rows.append((f"free text, length {length}", batch, threads, cps))
             cps = chars_per_second(model, vocab, batch, SampleOptions(form="五绝", rhyme=True), repeats)
             rows.append(("五绝 --rhyme", batch, threads, cps))
+            rows.append(("model forward only", batch, threads, forward_only(model, batch, length, repeats)))
     torch.set_num_threads(default_threads)
 
     print(f"LSTM 2 x 256, embed 128, vocabulary {V:,}; torch {torch.__version__}, default threads {default_threads}")

@@ -242,8 +242,14 @@ def _choose(scores: torch.Tensor, o: SampleOptions, top_k: int, gen: torch.Gener
         drop = (probs.cumsum(-1) - probs) >= o.top_p
         sorted_scores = sorted_scores.masked_fill(drop, NEG_INF)
         scores = torch.full_like(scores, NEG_INF).scatter_(-1, order, sorted_scores)
-    probs = scores.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    # Inverse-CDF draw: one uniform number per row. torch.multinomial draws one exponential per symbol instead,
+    # which made it 70% of the step time for 64 rows x 6,000 symbols. (In float32 a symbol below ~1e-7 of the
+    # running total loses its share: a bias far below anything a sample could show.)
+    weights = (scores - scores.amax(-1, keepdim=True)).exp_()  # (B, V), 0 where forbidden
+    cdf = weights.cumsum_(-1)  # (B, V)
+    u = (1.0 - torch.rand(cdf.size(0), 1, generator=gen, device=cdf.device)) * cdf[:, -1:]
+    # u in (0, total]: the first index whose cdf reaches u has a positive weight, so a masked symbol never comes.
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.size(1) - 1)
 
 
 def generate(
