@@ -670,17 +670,280 @@ def sample(
 
 # --- eval -------------------------------------------------------------------------------------------------------
 
+_TONE_NOTE = ("tones and rhymes are the modern-Mandarin approximation (pypinyin readings, tones 1-2 level, "
+              "中华新韵 groups), not the Tang-era 平水韵")
+
 
 @app.command(name="eval")
 @handles_errors
-def eval_() -> None:
-    """Measure a model (not yet available).
+def eval_(
+    checkpoints: Optional[List[str]] = typer.Argument(
+        None, help="Checkpoint files or run directories; several give one comparison table."
+    ),
+    data: Optional[List[str]] = typer.Option(
+        None, "--data", "-d",
+        help="Text to score instead of the checkpoint's own validation split: a dataset directory, or text / JSON / "
+        "JSONL / chinese-poetry files and directories (repeatable), encoded with the model's vocabulary.",
+    ),
+    split: str = typer.Option("val", "--split", help="val | train: which split of a dataset to score."),
+    streams: int = typer.Option(32, "--streams", min=1, help="Parallel contiguous streams (speed only)."),
+    warmup: int = typer.Option(
+        1000, "--warmup", min=0,
+        help="Characters before each stream that prime the warm figure (not scored); 0 = cold figure only.",
+    ),
+    no_loss: bool = typer.Option(False, "--no-loss", help="Skip the cross-entropy; only the poem metrics."),
+    encoding: Optional[str] = typer.Option(None, "--encoding", help="Encoding of --data files. Default: detected."),
+    doc_sep: str = typer.Option(
+        "file", "--doc-sep", help="Documents in plain-text --data: file | blank (blank-line separated) | line."
+    ),
+    text_field: Optional[List[str]] = typer.Option(
+        None, "--text-field", help="JSON field(s) holding the text of --data records (repeatable or a,b)."
+    ),
+    poems: Optional[Path] = typer.Option(
+        None, "--poems", help="JSONL file of poems to measure: records with `paragraphs` or `text` (and `form`)."
+    ),
+    samples: int = typer.Option(0, "--samples", "-n", min=0, help="Generate N poems per checkpoint and measure them."),
+    form: Optional[str] = typer.Option(
+        None, "--form", "-f", help="Form of the generated poems (五绝 七绝 五律 七律); also the declared form they are judged by."
+    ),
+    rhyme: bool = typer.Option(False, "--rhyme", help="Generate with the rhyme constraint (needs --form)."),
+    prime: Optional[str] = typer.Option(None, "--prime", "-p", help="Text every generated sample starts from."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k likeliest symbols only."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the samples. Default: random (reported)."),
+    save_samples: Optional[Path] = typer.Option(
+        None, "--save-samples", help="Also write the generated poems as JSONL (re-measure them with --poems)."
+    ),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, mps, or auto (cuda when available)."),
+    json_out: bool = typer.Option(False, "--json", help="Print every figure as one JSON object on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no notes on stderr."),
+) -> None:
+    """Measure models and poems with exact, labelled numbers.
+
+    Model metrics: mean cross-entropy in nats per character, bits per character (nats / ln 2) and perplexity, over
+    EVERY symbol of the checkpoint's validation split (or --data). Two figures: cold, every stream starting from the
+    all-zero state, and warm, each stream's state first primed on the --warmup characters before it.
+
+    Poem metrics (on --samples N generated poems or a --poems file): format compliance, rhyme rate, 平仄 agreement
+    with the regulated-verse patterns (2-4-6 positions and all positions), copy rate of lines and 7-grams against
+    the training split, distinct-1/-2 and repeated characters. Tones and rhymes are the modern-Mandarin
+    approximation (pypinyin, 中华新韵), not the Tang-era 平水韵.
 
     Example:
 
-        poetgen eval checkpoints/run/best.ckpt
+        poetgen eval checkpoints/tang-lstm --samples 50 --form 五绝 --seed 1
     """
-    raise fail("`poetgen eval` is not yet available")
+    if not checkpoints and poems is None:
+        raise typer.BadParameter("give at least one CHECKPOINT, or --poems FILE")
+    if samples and not checkpoints:
+        raise typer.BadParameter("--samples needs a CHECKPOINT to generate from")
+    if split not in ("val", "train"):
+        raise typer.BadParameter(f"--split must be val or train, not {split!r}")
+    if rhyme and not form:
+        raise typer.BadParameter("--rhyme needs --form")
+
+    from poetgen.poem_metrics import Poem, evaluate_poems, read_poems
+
+    console = _stderr_console(quiet)
+    note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    model_reports, poem_reports = [], []
+    indexes: dict = {}
+    generated: list[dict] = []
+
+    def index_for(ckpt):
+        """The copy-rate index of a checkpoint's training split, built once per dataset; None if it is gone."""
+        from poetgen.errors import DatasetError
+        from poetgen.evaluate import checkpoint_dataset
+        from poetgen.poem_metrics import TrainingIndex
+
+        try:
+            ds = checkpoint_dataset(ckpt.dataset_meta)
+        except DatasetError as e:
+            note(f"Note: no copy rate for {ckpt.path}: {e}")
+            return None
+        key = str(ds.path.resolve())
+        if key not in indexes:
+            indexes[key] = TrainingIndex(ds.train, ds.vocab)
+        return indexes[key]
+
+    loaded = []
+    if checkpoints:
+        import torch
+
+        from poetgen.checkpoint import find_checkpoint, load_model
+        from poetgen.evaluate import evaluate_model
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            torch_device = torch.device(device)
+        except RuntimeError as e:
+            raise typer.BadParameter(f"unknown device {device!r}: {e}") from None
+        for c in checkpoints:
+            model, ckpt = load_model(find_checkpoint(c), torch_device)
+            loaded.append((model, ckpt))
+            if no_loss:
+                continue
+            with _progress(console, "Scoring") as on_progress:
+                report = evaluate_model(
+                    model, ckpt, data, split=split, streams=streams, warmup=warmup, encoding=encoding,
+                    doc_sep=doc_sep, text_fields=_split_csv(text_field) or None, on_progress=on_progress,
+                )
+            model_reports.append(report)
+
+    if samples:
+        from poetgen.poetry import parse_form
+        from poetgen.sample import SampleOptions, generate
+
+        declared = parse_form(form).name if form else None
+        for model, ckpt in loaded:
+            options = SampleOptions(temperature=temperature, top_k=top_k, top_p=top_p, num_samples=samples,
+                                    seed=seed, form=form, rhyme=rhyme)
+            result = generate(model, ckpt.vocab, [prime or ""], options)
+            if seed is None:
+                note(f"Seed of the samples of {ckpt.path}: {result.seed}")
+            texts = [s.text for s in result.samples]
+            generated.extend({"text": t, "form": declared, "checkpoint": str(ckpt.path)} for t in texts)
+            report = evaluate_poems([Poem(t, declared) for t in texts], index_for(ckpt))
+            poem_reports.append((f"{samples} samples of {ckpt.path}", report))
+    if poems is not None:
+        index = index_for(loaded[0][1]) if loaded else None
+        poem_reports.append((str(poems), evaluate_poems(read_poems(poems), index)))
+    if save_samples is not None and generated:
+        save_samples.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generated),
+                                encoding="utf-8")
+        note(f"Wrote {len(generated)} poem(s) to {save_samples}")
+
+    if json_out:
+        print_json({
+            "models": [r.to_dict() for r in model_reports],
+            "poems": [{"source": label, **r.to_dict()} for label, r in poem_reports],
+            "tone_note": _TONE_NOTE if poem_reports else None,
+        })
+        return
+    for r in model_reports:
+        for n in r.notes:
+            note(f"Note: {r.checkpoint}: {n}")
+    if model_reports:
+        _print_model_table(model_reports)
+    if poem_reports:
+        _print_poem_reports(poem_reports)
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _print_model_table(reports) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    warmups = sorted({r.result.warmup for r in reports})
+    cold_label = "cold (all-zero state at each stream start)"
+    warm_label = f"warm (state primed on up to {', '.join(f'{w:,}' for w in warmups)} preceding characters)"
+    if not out.is_terminal:
+        for r in reports:
+            typer.echo(f"checkpoint: {r.checkpoint}")
+            typer.echo(f"data: {r.data}")
+            typer.echo(f"scored: {r.symbols:,} symbols ({r.characters:,} characters + {r.documents:,} end-of-text), "
+                       f"{r.unknown:,} unknown, {r.result.streams} streams, {r.seconds:.1f} s")
+            for label, score in (("cold", r.result.cold), ("warm", r.result.warm)):
+                if score is not None:
+                    text = cold_label if label == "cold" else warm_label
+                    typer.echo(f"{text}: {score.nats:.4f} nats/char, {score.bits:.4f} bits/char, "
+                               f"perplexity {score.perplexity:.3f}")
+        return
+    table = Table(title="Cross-entropy per character (every symbol scored once)")
+    for col in ("checkpoint", "data", "scored", "cold nats", "cold bits", "cold ppl", "warm nats", "warm bits",
+                "warm ppl"):
+        table.add_column(col, justify="left" if col in ("checkpoint", "data") else "right")
+    for r in reports:
+        w = r.result.warm
+        table.add_row(
+            r.checkpoint, r.data, f"{r.symbols:,}" + (f" ({r.unknown:,} unk)" if r.unknown else ""),
+            f"{r.result.cold.nats:.4f}", f"{r.result.cold.bits:.4f}", f"{r.result.cold.perplexity:.2f}",
+            *((f"{w.nats:.4f}", f"{w.bits:.4f}", f"{w.perplexity:.2f}") if w is not None else ("-", "-", "-")),
+        )
+    out.print(table)
+    out.print(f"{cold_label}; {warm_label}. Scored = characters + end-of-text symbols.")
+
+
+def _poem_rows(r) -> list:
+    forms = ", ".join(f"{k} {v}" for k, v in r.forms.items())
+    return [
+        ("poems", f"{r.poems:,} ({forms})"),
+        ("format compliance", _pct(r.format_rate)),
+        ("regular poems", f"{r.regular:,} (rhyme and 平仄 measured on these)"),
+        ("rhyme rate", _pct(r.rhyme_rate)),
+        ("平仄 agreement 2-4-6", _pct(r.tone_246)),
+        ("平仄 agreement all positions", _pct(r.tone_full)),
+        ("2-4-6 all right", _pct(r.tone_perfect_rate)),
+        ("copied lines", f"{_pct(r.copy_line_rate)} of {r.copy_lines_checked:,}"),
+        ("copied 7-grams", f"{_pct(r.copy_ngram_rate)} of {r.copy_ngrams_checked:,}"),
+        ("distinct-1 / distinct-2", " / ".join("-" if x is None else f"{x:.3f}" for x in (r.distinct_1, r.distinct_2))),
+        ("repeated characters", _pct(r.repeated_char_rate)),
+    ]
+
+
+def _print_poem_reports(reports) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        for label, r in reports:
+            typer.echo(f"poems: {label}")
+            for k, v in _poem_rows(r):
+                typer.echo(f"{k}: {v}")
+        typer.echo(f"note: {_TONE_NOTE}")
+        return
+    table = Table(title="Poem metrics")
+    table.add_column("")
+    for label, _ in reports:
+        table.add_column(label, justify="right")
+    rows = [_poem_rows(r) for _, r in reports]
+    for i, (k, _) in enumerate(rows[0]):
+        table.add_row(k, *(row[i][1] for row in rows))
+    out.print(table)
+    out.print(f"Note: {_TONE_NOTE}.")
+
+
+# --- plot -------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@handles_errors
+def plot(
+    runs: List[str] = typer.Argument(
+        ..., help="Run directories, metrics.jsonl files, or a directory of runs (e.g. checkpoints)."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write a PNG here (needs matplotlib: pip install 'poetgen[plot]')."
+    ),
+    title: Optional[str] = typer.Option(None, "--title", help="Title of the PNG."),
+    log_y: bool = typer.Option(False, "--log-y", help="Logarithmic loss axis in the PNG."),
+    width: int = typer.Option(60, "--width", min=8, help="Columns of the terminal chart."),
+    height: int = typer.Option(12, "--height", min=3, help="Rows of the terminal chart."),
+) -> None:
+    """Training curves: train and validation loss against step, for one or several runs.
+
+    Without --output, a character chart with a sparkline per curve is printed (no extra packages needed);
+    with --output, a PNG is written through matplotlib (the optional `plot` extra).
+
+    Example:
+
+        poetgen plot checkpoints/run-a checkpoints/run-b -o curves.png
+    """
+    from poetgen.plot import load_runs, plot_png, render_terminal
+
+    curves = load_runs(runs)
+    if output is None:
+        typer.echo(render_terminal(curves, width=width, height=height))
+        return
+    drawn = plot_png(curves, output, title=title, log_y=log_y)
+    typer.echo(f"Wrote {output} ({len(drawn)} curve(s) from {len(curves)} run(s))", err=True)
 
 
 # --- download ---------------------------------------------------------------------------------------------------
