@@ -716,6 +716,7 @@ def eval_(
         None, "--save-samples", help="Also write the generated poems as JSONL (re-measure them with --poems)."
     ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, mps, or auto (cuda when available)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch. Default: torch's."),
     json_out: bool = typer.Option(False, "--json", help="Print every figure as one JSON object on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no notes on stderr."),
 ) -> None:
@@ -774,6 +775,8 @@ def eval_(
         from poetgen.checkpoint import find_checkpoint, load_model
         from poetgen.evaluate import evaluate_model
 
+        if threads is not None:
+            torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:

@@ -20,7 +20,7 @@ Two figures, each over the same N positions:
   starts from the end-of-text symbol. With ``warmup`` >= N the warm figure equals an unbroken single-stream pass.
 
 Both are computed in one pass as a batch of 2S rows (S cold, S warm). Nothing here prints; progress goes to
-``on_progress`` callbacks as ``{"stage": "score", "done": positions, "total": N}``.
+``on_progress`` callbacks as ``{"stage": "cross-entropy", "done": positions, "total": N}``.
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def cross_entropy(
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
             loss = (loss.view(rows, S, t).double() * valid.view(rows, S, t)).sum(dim=(1, 2))
             sums += loss.cpu().numpy()
-            progress({"stage": "score", "done": int(min(N, S * (j + t))), "total": N})
+            progress({"stage": "cross-entropy", "done": int(min(N, S * (j + t))), "total": N})
     finally:
         model.train(was_training)
     mean = sums / N
