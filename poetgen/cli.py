@@ -883,8 +883,10 @@ def _poem_rows(r) -> list:
         ("平仄 agreement 2-4-6", _pct(r.tone_246)),
         ("平仄 agreement all positions", _pct(r.tone_full)),
         ("2-4-6 all right", _pct(r.tone_perfect_rate)),
-        ("copied lines", f"{_pct(r.copy_line_rate)} of {r.copy_lines_checked:,}"),
-        ("copied 7-grams", f"{_pct(r.copy_ngram_rate)} of {r.copy_ngrams_checked:,}"),
+        ("copied lines", f"{_pct(r.copy_line_rate)} of {r.copy_lines_checked:,}" if r.copy_line_rate is not None
+         else "- (no training text to compare with)"),
+        ("copied 7-grams", f"{_pct(r.copy_ngram_rate)} of {r.copy_ngrams_checked:,}" if r.copy_ngram_rate is not None
+         else "- (no training text to compare with)"),
         ("distinct-1 / distinct-2", " / ".join("-" if x is None else f"{x:.3f}" for x in (r.distinct_1, r.distinct_2))),
         ("repeated characters", _pct(r.repeated_char_rate)),
     ]
@@ -897,7 +899,7 @@ def _print_poem_reports(reports) -> None:
     out = Console(highlight=False)
     if not out.is_terminal:
         for label, r in reports:
-            typer.echo(f"poems: {label}")
+            typer.echo(f"source: {label}")
             for k, v in _poem_rows(r):
                 typer.echo(f"{k}: {v}")
         typer.echo(f"note: {_TONE_NOTE}")
