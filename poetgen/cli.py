@@ -739,6 +739,10 @@ def eval_(
         raise typer.BadParameter("give at least one CHECKPOINT, or --poems FILE")
     if samples and not checkpoints:
         raise typer.BadParameter("--samples needs a CHECKPOINT to generate from")
+    if data and not checkpoints:
+        raise typer.BadParameter("--data is scored by a model: give a CHECKPOINT")
+    if no_loss and not samples and poems is None:
+        raise typer.BadParameter("--no-loss leaves nothing to measure: add --samples N or --poems FILE")
     if split not in ("val", "train"):
         raise typer.BadParameter(f"--split must be val or train, not {split!r}")
     if rhyme and not form:

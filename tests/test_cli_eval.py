@@ -112,6 +112,8 @@ def test_errors(setup, tmp_path: Path):
     assert run().exit_code == 2
     assert run(setup["ckpts"][0], "--split", "test").exit_code == 2
     assert run("--poems", tmp_path / "p.jsonl", "--samples", "2").exit_code == 2
+    assert run("--poems", tmp_path / "p.jsonl", "--data", tmp_path).exit_code == 2
+    assert run(setup["ckpts"][0], "--no-loss").exit_code == 2
     r = run("--poems", tmp_path / "p.jsonl")
     assert r.exit_code == 1 and "Error: poems file not found" in r.stderr
 
