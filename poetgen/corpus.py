@@ -155,6 +155,14 @@ def _sniff_format(path: Path) -> str:
     return "text"
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(READ_BYTES), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # --- encodings ----------------------------------------------------------------------------------------------------
 
 

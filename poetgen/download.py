@@ -17,7 +17,6 @@ Progress is reported through ``on_progress(event: dict)``; this module never pri
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import time
@@ -30,6 +29,7 @@ from typing import Callable, Iterable, Mapping
 
 from poetgen import __version__
 from poetgen.errors import CorpusError, DownloadError
+from poetgen.corpus import file_sha256
 from poetgen.paths import cache_dir
 
 ENV_MIRROR = "POETGEN_MIRROR"
@@ -191,12 +191,7 @@ def corpus_dir(name: str) -> Path:
     return cache_dir() / "corpora" / name
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = file_sha256  # re-exported: callers of this module name it so
 
 
 def verify_file(path: Path, sha256: str) -> bool:

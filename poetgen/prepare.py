@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from poetgen import __version__
-from poetgen.corpus import DEFAULT_GLOBS, Batch, ReadOptions, SourceFile, Spool, expand_sources, inspect, read_pieces
+from poetgen.corpus import DEFAULT_GLOBS, Batch, ReadOptions, file_sha256, SourceFile, Spool, expand_sources, inspect, read_pieces
 from poetgen.dataset import FORMAT, FORMAT_VERSION, is_dataset_dir
-from poetgen.errors import CorpusError, DatasetError, PoetgenError
+from poetgen.errors import CorpusError, DatasetError
 from poetgen.normalize import Normalizer, convert_script
 from poetgen.vocab import EOT_ID, UNK_ID, Vocab
 
@@ -598,21 +598,10 @@ def resolve_training_data(source: str | None, *, on_progress: ProgressFn | None 
     key = hashlib.sha256()
     key.update(f"{FORMAT_VERSION}:{json.dumps(_options_dict(PrepareOptions()), sort_keys=True)}".encode())
     for f in files:
-        key.update(f.name.encode() + b"\0" + _file_sha256(f.path).encode())
+        key.update(f.name.encode() + b"\0" + file_sha256(f.path).encode())
     stem = Path(raw.rstrip("/")).stem or "corpus"
     target = cache_dir() / "datasets" / f"{stem}-{key.hexdigest()[:16]}"
     if is_dataset_dir(target):
         return target
-    try:
-        prepare([raw], target, PrepareOptions(), force=True, on_progress=on_progress)
-    except PoetgenError:
-        raise
+    prepare([raw], target, PrepareOptions(), force=True, on_progress=on_progress)
     return target
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
