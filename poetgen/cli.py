@@ -196,7 +196,7 @@ class _progress:
     def __enter__(self):
         if not self.console.is_terminal or self.console.quiet:
             return lambda event: None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
