@@ -9,8 +9,14 @@ import torch
 from poetgen.errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto = cuda, then mps, then cpu; an explicit device that is not there is a ConfigError."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """auto = cuda, then mps, then cpu; an explicit device that is not there is a ConfigError.
+
+    ``local_rank`` (distributed training, see poetgen.distributed): each process takes cuda:LOCAL_RANK for auto
+    and cuda, or the CPU; MPS and a fixed cuda:N are refused (N processes cannot share one device that way).
+    """
+    if local_rank is not None:
+        return _rank_device(name, local_rank)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -29,6 +35,25 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def _rank_device(name: str, local_rank: int) -> torch.device:
+    if name not in ("auto", "cuda", "cpu"):
+        raise ConfigError(
+            f"--device {name} cannot be used with several processes: each one takes cuda:LOCAL_RANK with --device "
+            "cuda (or auto), or the CPU with --device cpu"
+        )
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but CUDA is not available here (try --device auto)")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(
+            f"the process with local rank {local_rank} has no GPU: this machine has {count}. Start at most {count} "
+            "processes per machine (torchrun --nproc-per-node), or train on the CPU with --device cpu"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

@@ -9,11 +9,22 @@ every stream's next window of T = seq_len characters::
     stream B-1 | w0 | w1 | w2 | ... |        batches per epoch = Ls // T (a partial last window is dropped)
 
 Evaluation lays the whole split out the same way but pads instead of dropping, so every token is scored.
+
+Several processes (poetgen.distributed) share the streams: N ranks with B streams each lay the split out as N·B
+streams, exactly as one process with B' = N·B would, and rank r takes rows r·B … r·B+B-1::
+
+    stream 0    ┐ rank 0          the rows of all ranks, stacked in rank order, are the single-process
+    stream B-1  ┘                 batch of N·B rows: same streams, same windows, same order
+    stream B    ┐ rank 1
+    ...         ┘
+
+Evaluation is shared the same way (each rank scores its rows; the loss sums are added up across ranks).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,12 +44,18 @@ def stream_layout(n_tokens: int, batch_size: int, seq_len: int) -> tuple[int, in
 
 
 class StreamBatches:
-    """Windows over B contiguous streams of one split; ``get(j)`` -> LongTensor (B, T + 1) (inputs + next target)."""
+    """Windows over B contiguous streams of one split; ``get(j)`` -> LongTensor (B, T + 1) (inputs + next target).
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, id_map: np.ndarray | None = None):
+    With ``world_size`` N > 1 the split is cut into N·B streams and this is rank ``rank``'s block of B of them.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, batch_size: int, seq_len: int, id_map: np.ndarray | None = None, *,
+        rank: int = 0, world_size: int = 1,
+    ):
         self.tokens, self.seq_len, self.id_map = tokens, seq_len, id_map
-        self.stream_len, self.batches = stream_layout(len(tokens), batch_size, seq_len)
-        self.starts = np.arange(batch_size, dtype=np.int64) * self.stream_len  # (B,)
+        self.stream_len, self.batches = stream_layout(len(tokens), batch_size * world_size, seq_len)
+        self.starts = (rank * batch_size + np.arange(batch_size, dtype=np.int64)) * self.stream_len  # (B,)
         self.offsets = np.arange(seq_len + 1, dtype=np.int64)  # (T+1,)
 
     def __len__(self) -> int:
@@ -77,11 +94,19 @@ def evaluate(
     device: torch.device,
     id_map: np.ndarray | None = None,
     amp: torch.dtype | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> float | None:
     """Mean loss in nats over EVERY next-character prediction of ``tokens``, with state carried along streams.
 
     The split is laid out as S <= batch_size streams of ceil(n / S) positions; the tail of the last stream is
     padding that the loss ignores, so no token is dropped. Returns None for a split too short to predict anything.
+
+    Shared by ``world_size`` ranks: S <= batch_size * world_size streams, rank ``rank`` scores rows
+    [rank·B, (rank+1)·B) of them (possibly none), and ``reduce`` (a sum over ranks) adds up [loss sum, count], so
+    every rank returns the same number, the one a single process with batch_size * world_size streams gets.
     """
     n = len(tokens) - 1
     if n < 1:
@@ -89,19 +114,21 @@ def evaluate(
     ids = np.asarray(tokens, dtype=np.int64)
     if id_map is not None:
         ids = id_map[ids]
-    S = min(batch_size, n)
+    S = min(batch_size * world_size, n)
     Ls = -(-n // S)
+    lo, hi = min(rank * batch_size, S), min((rank + 1) * batch_size, S)
     x = torch.zeros(S * Ls, dtype=torch.long)
     y = torch.full((S * Ls,), -100, dtype=torch.long)  # -100 = ignored by cross_entropy
     x[:n] = torch.from_numpy(ids[:-1])
     y[:n] = torch.from_numpy(ids[1:])
-    x, y = x.view(S, Ls), y.view(S, Ls)  # (S, Ls)
+    x, y = x.view(S, Ls)[lo:hi], y.view(S, Ls)[lo:hi]  # (rows of this rank, Ls)
+    count = float((y != -100).sum())
     was_training = model.training
     model.eval()
     total = 0.0
     hidden = None
     try:
-        for j in range(0, Ls, seq_len):
+        for j in range(0, Ls if hi > lo else 0, seq_len):
             xb, yb = x[:, j : j + seq_len].to(device), y[:, j : j + seq_len].to(device)
             with autocast(device, amp):
                 logits, hidden = model(xb, hidden)  # (S, t, V)
@@ -110,4 +137,6 @@ def evaluate(
             ).item()
     finally:
         model.train(was_training)
-    return total / n
+    if reduce is not None:
+        total, count = reduce([total, count])
+    return total / count if count else None  # no count: a rank without rows, and no reduce to add the others
