@@ -6,7 +6,15 @@ epoch start, where the streams wrap. One step consumes one batch, so the data po
 alone: epoch = step // batches, window = step % batches. A checkpoint saves the step, the carried hidden state,
 the RNG states and the optimizer, so a resumed run repeats an unbroken one exactly.
 
-Progress is reported through a TrainCallbacks object; nothing here prints.
+Several processes (torchrun; poetgen.distributed): with N ranks and --batch-size B, rank r trains streams
+r·B … r·B+B-1 of N·B, the model is wrapped in DistributedDataParallel, and the ranks keep in step with one small
+all-reduce per step (the loss, for logging and the NaN check, and the stop votes), plus a broadcast of rank 0's
+clock when --max-time is set, so they never disagree about the step count. Only rank 0 locks the run directory and
+writes metrics, checkpoints and progress. A checkpoint stores world_size, the hidden state of all ranks gathered
+in stream order ((L, N·B, H), the layout of a single process with batch N·B) and each rank's RNG state; on resume
+every rank reads its own rows and RNG state from the file. Resuming with another N is refused.
+
+Progress is reported through a TrainCallbacks object (on rank 0 only); nothing here prints.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -31,6 +39,7 @@ from poetgen.checkpoint import BEST, LAST, Checkpoint, restore_rng, save_checkpo
 from poetgen.config import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, MODEL_FIELDS, TrainConfig
 from poetgen.dataset import Dataset
 from poetgen.devices import autocast, autocast_dtype, resolve_device
+from poetgen.distributed import Local, context, mark_reported, rank_seed, restore_rank_rng, rng_tensors
 from poetgen.errors import TrainingError
 from poetgen.model import CharRNN, Hidden, ModelConfig, detach_hidden, hidden_to
 from poetgen.runs import METRICS, rewind_metrics, run_lock
@@ -93,6 +102,7 @@ class Plan:
     estimated_memory_bytes: int
     device: str
     precision: str
+    world_size: int = 1  # processes; `streams` counts the streams of all of them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,44 +118,56 @@ def total_steps(config: TrainConfig, batches: int) -> int | None:
 
 
 def estimate_memory(config: TrainConfig, parameters: int, vocab_size: int) -> int:
-    """Rough peak bytes: fp32 weights + gradients + two AdamW moments, plus activations kept for backward."""
+    """Rough peak bytes (of one process): fp32 weights + gradients + two AdamW moments, plus activations kept for
+    backward."""
     per_layer = {"rnn": 2, "gru": 6, "lstm": 8}[config.cell] * config.hidden  # gates and states per step
     per_token = config.embed + config.layers * per_layer + 3 * vocab_size  # logits, softmax, grad of logits
     return 4 * (4 * parameters + config.batch_size * config.seq_len * per_token)
 
 
-def make_plan(config: TrainConfig, dataset: Dataset, vocab_size: int | None = None) -> Plan:
-    """Sizes of a run; raises TrainingError when the configuration gives no batch at all."""
+def make_plan(
+    config: TrainConfig, dataset: Dataset, vocab_size: int | None = None, *, world_size: int = 1,
+    local_rank: int | None = None,
+) -> Plan:
+    """Sizes of a run (of all ``world_size`` processes together); raises TrainingError when the configuration gives
+    no batch at all. ``local_rank``: the device of that process of a distributed run."""
     vocab_size = vocab_size or len(dataset.vocab)
     n = len(dataset.train)
-    stream_len, batches = stream_layout(n, config.batch_size, config.seq_len)
+    streams = config.batch_size * world_size
+    stream_len, batches = stream_layout(n, streams, config.seq_len)
     if batches == 0:
-        need = config.batch_size * config.seq_len + 1
-        if n - 1 >= config.seq_len:
-            hint = f"--batch-size {(n - 1) // config.seq_len} or lower"
+        need = streams * config.seq_len + 1
+        if n - 1 >= config.seq_len * world_size:
+            hint = f"--batch-size {(n - 1) // config.seq_len // world_size} or lower"
+        elif world_size > 1:
+            hint = "fewer processes"
         else:
             hint = f"--batch-size 1 --seq-len {max(1, n - 1)} or lower"
+        who = f"{world_size} processes × {config.batch_size}" if world_size > 1 else f"{config.batch_size}"
         raise TrainingError(
-            f"zero batches: the training split has {n:,} tokens, but {config.batch_size} streams of "
+            f"zero batches: the training split has {n:,} tokens, but {who} streams of "
             f"{config.seq_len} characters need at least {need:,}. Use {hint}, or more data."
         )
     with torch.device("meta"):  # count parameters without allocating them
         model = CharRNN(ModelConfig(vocab_size=vocab_size, **config.model_dict()))
     params = model.num_parameters()
-    device = resolve_device(config.device)
+    if world_size > 1 and local_rank is None:
+        local_rank = 0  # a plan made before launching: describe the first process
+    device = resolve_device(config.device, local_rank)
     return Plan(
         parameters=params,
         vocab_size=vocab_size,
         train_tokens=n,
         val_tokens=len(dataset.val),
-        streams=config.batch_size,
+        streams=streams,
         stream_len=stream_len,
         batches_per_epoch=batches,
-        tokens_per_epoch=batches * config.batch_size * config.seq_len,
+        tokens_per_epoch=batches * streams * config.seq_len,
         total_steps=total_steps(config, batches),
         estimated_memory_bytes=estimate_memory(config, params, vocab_size),
         device=str(device),
         precision="bf16" if autocast_dtype(device, config.precision) else "fp32",
+        world_size=world_size,
     )
 
 
@@ -200,9 +222,11 @@ def lr_at(config: TrainConfig, step: int, total: int | None, time_fraction: floa
 
 
 @contextmanager
-def catch_signals() -> Iterator[threading.Event]:
+def catch_signals(abort_on_repeat: bool = True) -> Iterator[threading.Event]:
     """SIGINT / SIGTERM set the returned event (with ``.signum``) so the loop can finish its step and save.
-    A second signal interrupts at once (KeyboardInterrupt)."""
+    A second signal interrupts at once (KeyboardInterrupt) unless ``abort_on_repeat`` is False: under torchrun,
+    which passes a signal on to every worker and kills them itself 30 s later, a worker must not abort the
+    collective save halfway (its peers would lose it)."""
     event = threading.Event()
     event.signum = None  # type: ignore[attr-defined]
     if threading.current_thread() is not threading.main_thread():
@@ -211,6 +235,8 @@ def catch_signals() -> Iterator[threading.Event]:
 
     def handler(signum, frame):
         if event.is_set():
+            if not abort_on_repeat:
+                return
             raise KeyboardInterrupt
         event.signum = signum  # type: ignore[attr-defined]
         event.set()
@@ -256,42 +282,69 @@ def train(
     init_from: a checkpoint to fine-tune from: its architecture and vocabulary, fresh optimizer and schedule.
     """
     run_dir = Path(run_dir)
-    cb = callbacks or TrainCallbacks()
-    if resume is not None and init_from is not None:
-        raise TrainingError("--resume and --init-from cannot be combined")
-    source = resume or init_from
-    if source is not None:
-        # The checkpoint decides the architecture (dropout may change when fine-tuning).
-        arch = {k: getattr(source.model_config, k) for k in MODEL_FIELDS if k != "dropout"}
-        config = TrainConfig(**{**config.to_dict(), **arch})
-        vocab = source.vocab
-    else:
-        vocab = dataset.vocab
-    if resume is not None:
-        fp_run, fp_data = resume.dataset_meta.get("fingerprint"), dataset.fingerprint
-        if fp_run and fp_data and fp_run != fp_data:
-            raise TrainingError(
-                f"the dataset {dataset.path} differs from the one this run was trained on (fingerprint "
-                f"{fp_data[:12]} != {fp_run[:12]}); resume needs the same data, or fine-tune with --init-from"
-            )
-    id_map = vocab_map(dataset.vocab, vocab, map_unknown) if source is not None else None
-    plan = make_plan(config, dataset, len(vocab))
-    device = torch.device(plan.device)
-    amp = autocast_dtype(device, config.precision)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    ctx = context()
+    cb = (callbacks or TrainCallbacks()) if ctx.is_main else TrainCallbacks()  # progress from rank 0 only
 
-    with run_lock(run_dir):
-        if resume is None and any((run_dir / n).exists() for n in (LAST, BEST, METRICS)):
-            raise TrainingError(
-                f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
-                "another --name"
-            )
-        return _Loop(config, dataset, run_dir, vocab, id_map, plan, device, amp, cb, stop).run(resume, init_from)
+    with ExitStack() as stack:
+
+        def prepare() -> _Loop:
+            nonlocal config
+            if resume is not None and init_from is not None:
+                raise TrainingError("--resume and --init-from cannot be combined")
+            source = resume or init_from
+            if source is not None:
+                # The checkpoint decides the architecture (dropout may change when fine-tuning).
+                arch = {k: getattr(source.model_config, k) for k in MODEL_FIELDS if k != "dropout"}
+                config = TrainConfig(**{**config.to_dict(), **arch})
+                vocab = source.vocab
+            else:
+                vocab = dataset.vocab
+            if resume is not None:
+                fp_run, fp_data = resume.dataset_meta.get("fingerprint"), dataset.fingerprint
+                if fp_run and fp_data and fp_run != fp_data:
+                    raise TrainingError(
+                        f"the dataset {dataset.path} differs from the one this run was trained on (fingerprint "
+                        f"{fp_data[:12]} != {fp_run[:12]}); resume needs the same data, or fine-tune with --init-from"
+                    )
+                _check_world_size(resume, ctx.world_size, run_dir)
+            id_map = vocab_map(dataset.vocab, vocab, map_unknown) if source is not None else None
+            plan = make_plan(config, dataset, len(vocab), world_size=ctx.world_size,
+                             local_rank=ctx.local_rank if ctx.distributed else None)
+            device = torch.device(plan.device)
+            amp = autocast_dtype(device, config.precision)
+            if config.threads:
+                torch.set_num_threads(config.threads)
+            if ctx.is_main:  # only rank 0 owns the run directory
+                stack.enter_context(run_lock(run_dir))
+                if resume is None and any((run_dir / n).exists() for n in (LAST, BEST, METRICS)):
+                    raise TrainingError(
+                        f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}, or "
+                        "choose another --name"
+                    )
+            loop = _Loop(config, dataset, run_dir, vocab, id_map, plan, device, amp, cb, stop, ctx)
+            loop.build(resume, init_from)
+            return loop
+
+        # Every rank checks; if one fails, all stop here instead of waiting for it in the first collective.
+        return ctx.agree(prepare).run(resume, init_from)
+
+
+def _check_world_size(resume: Checkpoint, world_size: int, run_dir: Path) -> None:
+    saved = int(resume.train_state.get("world_size", 1))
+    if saved == world_size:
+        return
+    how = (f"poetgen train --nproc {saved} --resume {run_dir} (or torchrun --nproc-per-node {saved} -m poetgen "
+           f"train --resume {run_dir})") if saved > 1 else f"poetgen train --resume {run_dir}, in one process"
+    raise TrainingError(
+        f"{resume.path} was trained by {saved} process{'es' if saved > 1 else ''} and resumes exactly only with "
+        f"{saved} (this run has {world_size}): each process carries its own streams' hidden state and random "
+        f"state. Resume with {how}; or, to go on with {world_size}, fine-tune from it with --init-from "
+        "(fresh optimizer and schedule)"
+    )
 
 
 class _Loop:
-    def __init__(self, config, dataset, run_dir, vocab, id_map, plan, device, amp, callbacks, stop):
+    def __init__(self, config, dataset, run_dir, vocab, id_map, plan, device, amp, callbacks, stop, ctx):
         self.c: TrainConfig = config
         self.dataset: Dataset = dataset
         self.run_dir: Path = run_dir
@@ -302,7 +355,9 @@ class _Loop:
         self.amp = amp
         self.cb: TrainCallbacks = callbacks
         self.stop = stop
-        self.batches = StreamBatches(dataset.train, config.batch_size, config.seq_len, id_map)
+        self.ctx: Local = ctx
+        self.batches = StreamBatches(dataset.train, config.batch_size, config.seq_len, id_map,
+                                     rank=ctx.rank, world_size=ctx.world_size)
         self.total = plan.total_steps
         self.last_path: Path | None = None
         self.saved_step = -1
@@ -310,13 +365,17 @@ class _Loop:
         self.best_path: Path | None = run_dir / BEST if (run_dir / BEST).exists() else None
 
     # --- setup ------------------------------------------------------------------------------------------------
-    def _build(self, resume: Checkpoint | None, init_from: Checkpoint | None) -> None:
-        c = self.c
+    def build(self, resume: Checkpoint | None, init_from: Checkpoint | None) -> None:
+        """Model, optimizer and state, without any collective (so it may fail on one rank alone)."""
+        c, ctx = self.c, self.ctx
         if resume is None:
             torch.manual_seed(c.seed)
             random.seed(c.seed)
             np.random.seed(c.seed % 2**32)
         self.raw_model = CharRNN(ModelConfig(vocab_size=len(self.vocab), **c.model_dict()))
+        if ctx.distributed and resume is None:  # same weights everywhere, but each rank its own dropout masks
+            torch.manual_seed(rank_seed(c.seed, ctx.rank))
+            random.seed(rank_seed(c.seed, ctx.rank))
         source = resume or init_from
         if source is not None:
             self.raw_model.load_state_dict(source.model_state)
@@ -328,7 +387,6 @@ class _Loop:
             [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=c.lr, betas=(c.beta1, c.beta2),
         )
-        self.model = torch.compile(self.raw_model) if c.compile else self.raw_model
         self.state = _State()
         self.hidden: Hidden | None = None
         if resume is not None:
@@ -342,28 +400,52 @@ class _Loop:
             self.state = _State(**known)
             hidden = [resume.tensors[f"hidden.{i}"] for i in range(2) if f"hidden.{i}" in resume.tensors]
             if hidden:
+                # Saved in stream order for all ranks, (L, N·B, H): this rank's streams are rows r·B … r·B+B-1.
+                B, rows = c.batch_size, ctx.world_size * c.batch_size
+                if any(h.dim() != 3 or h.size(1) != rows for h in hidden):
+                    raise TrainingError(f"{resume.path}: the saved hidden state does not have {rows} streams")
+                hidden = [h[:, ctx.rank * B : (ctx.rank + 1) * B].contiguous() for h in hidden]
                 h = tuple(hidden) if c.cell == "lstm" else hidden[0]
                 self.hidden = hidden_to(h, self.device)
-            restore_rng(resume)
+            if ctx.distributed:
+                restore_rank_rng(resume.tensors, ctx.rank)
+            else:
+                restore_rng(resume)
+
+    def _wrap(self) -> None:
+        """DDP (a collective: it copies rank 0's weights to all ranks), then torch.compile when asked for."""
+        model = self.ctx.wrap(self.raw_model, self.device)
+        self.model = torch.compile(model) if self.c.compile else model
+        # Evaluation runs on each rank's own rows only, outside DDP (no gradient, nothing to synchronise).
+        self.eval_model = self.raw_model if self.ctx.distributed else self.model
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def _train_state(self) -> dict:
         s = asdict(self.state)
         s["epoch"], s["window"] = divmod(self.state.step, len(self.batches))
+        s["world_size"] = self.ctx.world_size
         return s
 
     def _save(self, path: Path, kind: str) -> Path:
+        """Every rank calls this (the hidden and RNG states are gathered); rank 0 writes."""
+        ctx = self.ctx
         extra = {}
         if self.hidden is not None:
             hs = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
-            extra = {f"hidden.{i}": h for i, h in enumerate(hs)}
-        meta = dict(self.dataset.meta)
-        meta["path"] = str(self.dataset.path.resolve())
-        save_checkpoint(
-            path, self.raw_model, self.vocab, train_config=self.c.to_dict(), train_state=self._train_state(),
-            optimizer=self.opt, dataset_meta=meta, extra_tensors=extra,
-        )
-        self.cb.on_checkpoint(path, kind)
+            for i, h in enumerate(hs):
+                parts = ctx.gather(h)  # (L, B, H) of every rank, on rank 0
+                if parts is not None:
+                    extra[f"hidden.{i}"] = torch.cat(parts, dim=1)  # (L, N·B, H): streams in order
+        if ctx.distributed:
+            extra.update(rng_tensors(ctx, self.device))
+        if ctx.is_main:
+            meta = dict(self.dataset.meta)
+            meta["path"] = str(self.dataset.path.resolve())
+            save_checkpoint(
+                path, self.raw_model, self.vocab, train_config=self.c.to_dict(), train_state=self._train_state(),
+                optimizer=self.opt, dataset_meta=meta, extra_tensors=extra,
+            )
+            self.cb.on_checkpoint(path, kind)
         return path
 
     def _save_last(self) -> None:
@@ -373,10 +455,12 @@ class _Loop:
         self.last_path = self._save(self.run_dir / LAST, "last")
         if self.c.keep > 0:
             self._save(self.run_dir / f"step-{self.state.step:08d}.ckpt", "snapshot")
-            for old in sorted(self.run_dir.glob("step-*.ckpt"))[: -self.c.keep]:
+            for old in sorted(self.run_dir.glob("step-*.ckpt"))[: -self.c.keep] if self.ctx.is_main else ():
                 old.unlink(missing_ok=True)
 
     def _log(self, record: dict) -> None:
+        if not self.ctx.is_main:
+            return
         with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -385,14 +469,16 @@ class _Loop:
         """Evaluate the whole validation split; returns True when early stopping should end the run."""
         s = self.state
         t0 = time.perf_counter()
-        loss = evaluate(self.model, self.dataset.val, self.c.batch_size, self.c.seq_len, self.device,
-                        self.id_map, self.amp)
+        ctx = self.ctx
+        loss = evaluate(self.eval_model, self.dataset.val, self.c.batch_size, self.c.seq_len, self.device,
+                        self.id_map, self.amp, rank=ctx.rank, world_size=ctx.world_size,
+                        reduce=ctx.sum if ctx.distributed else None)
         self.eval_seconds = time.perf_counter() - t0
         s.evals += 1
         if loss is None:
             return False
         if not math.isfinite(loss):
-            raise TrainingError(self._nan_message(f"validation loss became {loss}"))
+            raise self._error(self._nan_message(f"validation loss became {loss}"))
         s.last_val_loss = loss
         improved = s.best_val_loss is None or loss < s.best_val_loss
         if improved:
@@ -405,24 +491,39 @@ class _Loop:
         self.cb.on_eval(info)
         if improved:
             self.best_path = self._save(self.run_dir / BEST, "best")
-        if self.c.sample_every and s.evals % self.c.sample_every == 0:
+        if self.c.sample_every and s.evals % self.c.sample_every == 0 and ctx.is_main:
             text = sample_text(self.raw_model, self.vocab, self.c.sample_length, self.device, seed=s.step)
             self.cb.on_sample(s.step, text)
         return bool(self.c.patience and s.bad_evals >= self.c.patience)
 
+    def _error(self, message: str) -> TrainingError:
+        """An error every rank raises at the same step; rank 0 reports it for all."""
+        e = TrainingError(message)
+        return e if self.ctx.is_main else mark_reported(e)  # type: ignore[return-value]
+
+    def _stop_votes(self) -> list[float]:
+        """[stop asked, by SIGINT, by SIGTERM] on this rank; summed over ranks with each step's loss."""
+        if self.stop is None or not self.stop.is_set():
+            return [0.0, 0.0, 0.0]
+        signum = getattr(self.stop, "signum", None)
+        return [1.0, float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
+
+    def _nproc_flag(self) -> str:
+        return f" --nproc {self.ctx.world_size}" if self.ctx.distributed else ""
+
     def _nan_message(self, what: str) -> str:
         last = self.last_path or (self.run_dir / LAST if (self.run_dir / LAST).exists() else None)
         keep = (f"The last good checkpoint is {last}; resume it with a lower rate: "
-                f"poetgen train --resume {self.run_dir} --lr {self.c.lr / 3:.3g}") if last else \
+                f"poetgen train{self._nproc_flag()} --resume {self.run_dir} --lr {self.c.lr / 3:.3g}") if last else \
             "No checkpoint was saved yet."
         return (f"{what} at step {self.state.step + 1}: training diverged. Try a lower --lr (now {self.c.lr:g}), "
                 f"a stronger --grad-clip, or a smaller model. {keep}")
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def run(self, resume: Checkpoint | None, init_from: Checkpoint | None) -> TrainResult:
-        self._build(resume, init_from)
-        c, s, n = self.c, self.state, len(self.batches)
-        if resume is not None:
+        self._wrap()
+        c, s, n, ctx = self.c, self.state, len(self.batches), self.ctx
+        if resume is not None and ctx.is_main:
             rewind_metrics(self.run_dir / METRICS, s.step)
         start = {"type": "resume" if resume else "start", "step": s.step, "time": time.time(),
                  "poetgen_version": __version__, "config": c.to_dict(), "plan": self.plan.to_dict(),
@@ -435,20 +536,25 @@ class _Loop:
         window_t0, window_tokens = session_t0, 0
         elapsed0 = s.elapsed
         status, signum = "completed", None
-        tokens_per_step = c.batch_size * c.seq_len
+        tokens_per_step = ctx.world_size * c.batch_size * c.seq_len
         just_evaluated = False
         while True:
             if self.total is not None and s.step >= self.total:
                 break
             s.elapsed = elapsed0 + (time.perf_counter() - session_t0)
             # --max-time includes the final evaluation: stop early enough to fit one more.
-            if c.max_time and s.elapsed + (self.eval_seconds if has_val else 0.0) >= c.max_time:
+            time_up = bool(c.max_time) and s.elapsed + (self.eval_seconds if has_val else 0.0) >= c.max_time
+            if c.max_time and ctx.distributed:
+                # Rank 0's clock decides for all ranks (and sets the learning rate, which follows the clock).
+                s.elapsed, up = ctx.broadcast([s.elapsed, float(time_up)])
+                time_up = up > 0
+            if time_up:
                 status = "time_limit"
                 break
             window = s.step % n
             if window == 0:
                 self.hidden = None  # a new epoch: the streams wrap around, nothing to carry over
-            batch = self.batches.get(window).to(self.device)  # (B, T+1)
+            batch = self.batches.get(window).to(self.device)  # (B, T+1): this rank's streams
             lr = lr_at(c, s.step, self.total, s.elapsed / c.max_time if c.max_time else 0.0)
             for g in self.opt.param_groups:
                 g["lr"] = lr
@@ -456,16 +562,22 @@ class _Loop:
                 logits, hidden = self.model(batch[:, :-1], self.hidden)  # (B, T, V)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
             loss_value = loss.item()
+            votes = None
+            if ctx.distributed:
+                # One all-reduce per step: the mean loss over all N·B streams (what one process with batch N·B
+                # reports), and the stop votes; so every rank sees the same NaN, and stops after the same step.
+                total, *votes = ctx.sum([loss_value, *self._stop_votes()])
+                loss_value = total / ctx.world_size
             if not math.isfinite(loss_value):
-                raise TrainingError(self._nan_message(f"the training loss became {loss_value}"))
+                raise self._error(self._nan_message(f"the training loss became {loss_value}"))
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            ctx.collective(loss.backward)  # DDP averages the gradients over ranks during backward
             # The norm is computed even without clipping: a non-finite gradient must never reach the weights.
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.raw_model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
             ).item()
-            if not math.isfinite(grad_norm):
-                raise TrainingError(self._nan_message(f"the gradient norm became {grad_norm}"))
+            if not math.isfinite(grad_norm):  # the same on every rank: the gradients are averaged
+                raise self._error(self._nan_message(f"the gradient norm became {grad_norm}"))
             self.opt.step()
             self.hidden = detach_hidden(hidden)
 
@@ -497,7 +609,12 @@ class _Loop:
             if early:
                 status = "early_stopped"
                 break
-            if self.stop is not None and self.stop.is_set():
+            if votes is not None:
+                if votes[0] > 0:
+                    status = "interrupted"
+                    signum = signal.SIGTERM if votes[2] else signal.SIGINT if votes[1] else None
+                    break
+            elif self.stop is not None and self.stop.is_set():
                 status, signum = "interrupted", getattr(self.stop, "signum", None)
                 break
 
@@ -506,6 +623,9 @@ class _Loop:
         if status != "interrupted" and has_val and not just_evaluated:
             self._evaluate()
         self._save_last()
+        # Leave together: torchrun stops every worker as soon as one exits non-zero (say 143 after SIGTERM), so
+        # no rank may exit before rank 0 has written the last checkpoint.
+        ctx.barrier()
         sig_name = signal.Signals(signum).name if signum else None
         return TrainResult(
             run_dir=self.run_dir, status=status, step=s.step, epoch=s.step / n, train_loss=s.smooth_loss,
