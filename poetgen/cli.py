@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -331,6 +332,11 @@ def train(
     ),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; 0 = torch's default."),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1, metavar="N",
+        help="Train with N processes on this machine (one per GPU, or N on the CPU), each reading --batch-size "
+        "streams: starts torchrun --standalone --nproc-per-node N with the other arguments.",
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print parameters, tokens and batches per epoch, estimated memory; then exit."
     ),
@@ -343,46 +349,98 @@ def train(
     decay; evaluation on the whole validation split; last.ckpt, best.ckpt and metrics.jsonl in
     checkpoints/<run-name>/. Ctrl-C saves and tells you how to resume (exit 130; SIGTERM 143).
 
+    Several processes: `poetgen train --nproc N ...` on one machine, or `torchrun ... -m poetgen train ...`
+    (see the README); rank 0 writes the run, and a run resumes with the number of processes it was made with.
+
     Example:
 
         poetgen train datasets/tang --preset small --max-time 10m
     """
+    if nproc is not None and nproc > 1 and not dry_run:
+        from poetgen.distributed import launch, strip_option, under_torchrun
+
+        if under_torchrun():
+            raise fail("--nproc starts torchrun itself; leave it out when poetgen is started by torchrun", 2)
+        args = sys.argv[1:]
+        if "train" not in args:
+            raise fail("--nproc needs `poetgen train ...` on the command line", 2)
+        raise typer.Exit(launch(nproc, strip_option(args, "--nproc")))
+
     from poetgen.config import parse_duration
+    from poetgen.distributed import init_from_env, reported_by_rank0
+    from poetgen.errors import PoetgenError
 
     given = {k: v for k, v in locals().items() if k in _TRAIN_FLAGS and v is not None}
-    if isinstance(given.get("max_time"), str):
-        given["max_time"] = parse_duration(given["max_time"])
-    console = _stderr_console(quiet)
-    with console.status("Preparing data…") if console.is_terminal and not quiet else _nullcontext():
+
+    def setup_this_run():
         from poetgen.runs import setup_run
 
-        setup = setup_run(
+        if isinstance(given.get("max_time"), str):
+            given["max_time"] = parse_duration(given["max_time"])
+        return setup_run(
             data, preset=preset, config_file=config_file, overrides=given, resume=resume, init_from=init_from,
             runs_dir=runs_dir, name=name,
         )
-    from poetgen.train import catch_signals, make_plan
-    from poetgen.train import train as run_training
 
-    vocab = (setup.resume or setup.init_from).vocab if (setup.resume or setup.init_from) else setup.dataset.vocab
-    plan = make_plan(setup.config, setup.dataset, len(vocab))
-    if dry_run:
-        _print_plan(plan, setup, json_out)
-        return
-    renderer = _TrainRenderer(console, plan)
-    with renderer, catch_signals() as stop:
-        result = run_training(
-            setup.config, setup.dataset, setup.run_dir, resume=setup.resume, init_from=setup.init_from,
-            map_unknown=map_unknown, callbacks=renderer, stop=stop,
-        )
+    ctx = init_from_env()  # torchrun's process group; a plain single process otherwise
+    console = _stderr_console(quiet or not ctx.is_main)  # only rank 0 shows progress
+    try:
+        with console.status("Preparing data…") if console.is_terminal and not console.quiet else _nullcontext():
+            # Under torchrun every rank sets up (local rank 0 first: it may prepare a raw corpus into the cache);
+            # a mistake is reported once, by rank 0.
+            setup = ctx.agree_in_turn(setup_this_run)
+        from poetgen.train import catch_signals, make_plan
+        from poetgen.train import train as run_training
+
+        source = setup.resume or setup.init_from
+        vocab = source.vocab if source else setup.dataset.vocab
+        world = nproc if dry_run and nproc and not ctx.distributed else ctx.world_size
+        plan = ctx.agree(lambda: make_plan(setup.config, setup.dataset, len(vocab), world_size=world,
+                                           local_rank=ctx.local_rank if ctx.distributed else None))
+        if dry_run:
+            if ctx.is_main:
+                _print_plan(plan, setup, json_out)
+            return
+        renderer = _TrainRenderer(console, plan)
+        # Under torchrun a worker must not abort halfway on a repeated signal (see catch_signals): keep catching
+        # until the end, so torchrun's follow-up SIGTERM cannot cut rank 0's last words short.
+        with renderer, catch_signals(abort_on_repeat=not ctx.distributed) as stop:
+            result = run_training(
+                setup.config, setup.dataset, setup.run_dir, resume=setup.resume, init_from=setup.init_from,
+                map_unknown=map_unknown, callbacks=renderer, stop=stop,
+            )
+            _report_training(result, ctx, json_out, quiet)
+    except PoetgenError as e:
+        if ctx.rank > 0:  # rank 0 speaks for all; a rank's own trouble is shown with its rank
+            if reported_by_rank0(e):
+                raise typer.Exit(1) from None
+            raise fail(f"[rank {ctx.rank}] {e}") from None
+        raise
+    finally:
+        ctx.close()
+
+
+def _report_training(result, ctx, json_out: bool, quiet: bool) -> None:
+    code = 0
+    if result.status == "interrupted":
+        code = 143 if result.signal == "SIGTERM" else 130
+    if not ctx.is_main:
+        raise typer.Exit(code)
     if json_out:
         print_json(result.to_dict())
     if result.status == "interrupted":
+        if not ctx.distributed:
+            again = f"poetgen train --resume {result.run_dir}"
+        elif os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):  # one machine
+            again = f"poetgen train --nproc {ctx.world_size} --resume {result.run_dir}"
+        else:
+            again = f"the same torchrun command ({ctx.world_size} processes) with --resume {result.run_dir}"
         typer.echo(
             f"Interrupted by {result.signal or 'a stop request'} at step {result.step}; saved {result.last_checkpoint}.\n"
-            f"Resume with: poetgen train --resume {result.run_dir}",
+            f"Resume with: {again}",
             err=True,
         )
-        raise typer.Exit(143 if result.signal == "SIGTERM" else 130)
+        raise typer.Exit(code)
     if not quiet:
         val = (f", best val {result.best_val_loss:.4f} nats ({result.best_val_loss / 0.6931471805599453:.3f} bits/char)"
                if result.best_val_loss is not None else "")
@@ -411,6 +469,12 @@ def _fmt_time(seconds: Optional[float]) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _streams_text(plan) -> str:
+    if plan.world_size > 1:
+        return f"{plan.world_size} processes × {plan.streams // plan.world_size} streams"
+    return f"{plan.streams} streams"
+
+
 def _print_plan(plan, setup, json_out: bool) -> None:
     rows = {
         "run directory": str(setup.run_dir),
@@ -419,7 +483,7 @@ def _print_plan(plan, setup, json_out: bool) -> None:
         "parameters": f"{plan.parameters:,}",
         "vocabulary": f"{plan.vocab_size:,} symbols",
         "tokens per epoch": f"{plan.tokens_per_epoch:,} (train split {plan.train_tokens:,}, val {plan.val_tokens:,})",
-        "batches per epoch": f"{plan.batches_per_epoch:,} ({plan.streams} streams × {setup.config.seq_len} chars)",
+        "batches per epoch": f"{plan.batches_per_epoch:,} ({_streams_text(plan)} × {setup.config.seq_len} chars)",
         "total steps": f"{plan.total_steps:,}" if plan.total_steps is not None else "until --max-time",
         "estimated memory": _fmt_bytes(plan.estimated_memory_bytes),
         "device": f"{plan.device} ({plan.precision})",
@@ -471,8 +535,9 @@ class _TrainRenderer:
         self.log_every = info["config"]["log_every"]
         verb = "Resuming" if info["type"] == "resume" else "Training"
         p = info["plan"]
+        procs = f", {p['world_size']} processes" if p.get("world_size", 1) > 1 else ""
         self._print(f"{verb} {info['run_dir']} at step {info['step']}: {p['parameters']:,} parameters, "
-                    f"{p['batches_per_epoch']:,} batches/epoch, device {p['device']} ({p['precision']})")
+                    f"{p['batches_per_epoch']:,} batches/epoch, device {p['device']} ({p['precision']}){procs}")
 
     def on_step(self, info: dict) -> None:
         val = f"val {info['val_loss']:.3f} ({info['val_bpc']:.3f} bpc)" if info["val_loss"] is not None else "val -"
