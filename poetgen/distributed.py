@@ -120,7 +120,7 @@ class Group(Local):
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)  # CPU -> gloo; float64 keeps sums order-insensitive
+        t = torch.tensor(values, dtype=torch.float64)  # CPU -> gloo; float64 adds no rounding to float32 values
         self.collective(lambda: dist.all_reduce(t, op=op))
         return t.tolist()
 
@@ -160,9 +160,7 @@ class Group(Local):
             result = fn()
         except PoetgenError as e:
             error = e
-        failed = [
-            r for r, v in enumerate(self._gather_flags(error is not None)) if v
-        ]
+        failed = [r for r, bad in enumerate(self._gather_flags(error is not None)) if bad]
         if not failed:
             return result  # type: ignore[return-value]
         if error is not None:

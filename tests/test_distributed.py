@@ -5,7 +5,6 @@ when a test fails."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -295,6 +294,8 @@ def test_resume_with_two_processes_continues_exactly(two_process_run):
     resumed = {x["step"]: x["loss"] for x in records(split_dir, "train")}
     assert sorted(resumed) == list(range(1, 11))
     assert [x["type"] for x in records(split_dir) if x["type"] in ("start", "resume")] == ["start", "resume"]
+    print("resumed vs unbroken, max loss difference over steps 6-10:",
+          max(abs(resumed[s] - unbroken[s]) for s in range(6, 11)))
     for step in range(6, 11):
         assert abs(resumed[step] - unbroken[step]) <= 1e-6, (step, resumed[step], unbroken[step])
     evals = {x["step"]: x["val_loss"] for x in records(split_dir, "eval")}
@@ -328,6 +329,25 @@ def test_sigterm_to_one_worker_stops_every_rank_at_the_same_step(two_process_run
     assert ckpt.train_state["step"] == steps[-1] >= 1 and ckpt.train_state["world_size"] == 2
     assert not (run_dir / ".lock").exists()
     assert "exitcode  : 143" in err or "exitcode: 143" in err.replace("  ", " "), err[-2000:]
+
+
+def test_ctrl_c_to_the_nproc_launcher_reaches_every_worker_once(two_process_run):
+    """`poetgen train --nproc 2` passes its SIGINT to torchrun, which passes it to the workers: saved, exit 130."""
+    cwd, _, data, _ = two_process_run
+    args = [sys.executable, "-m", "poetgen", "train", str(data), "--nproc", "2", *flags(eval_every=10**6),
+            "--batch-size", str(B), "--max-steps", "1000000", "--save-every", "1000000", "--name", "ctrl-c"]
+    run_dir = cwd / "checkpoints" / "ctrl-c"
+    with launched(args, cwd) as proc:
+        wait_for_training(run_dir / "metrics.jsonl", proc)
+        workers = [worker_pid(proc.pid, r) for r in (0, 1)]
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=LAUNCH_TIMEOUT)
+        took = time.monotonic() - t0
+    print(f"SIGINT to the launcher: exited {proc.returncode} after {took:.1f} s")
+    assert proc.returncode == 130 and took < 20 and not any(alive(p) for p in workers)
+    assert "Interrupted by SIGINT" in err and "Resume with: poetgen train --nproc 2 --resume" in err, err[-2000:]
+    assert load_checkpoint(run_dir / "last.ckpt").train_state["step"] == records(run_dir, "train")[-1]["step"]
 
 
 def test_sigkill_of_one_worker_does_not_leave_the_other_hanging(two_process_run):
