@@ -224,14 +224,17 @@ def _read_verified(path: Path) -> tuple[bytes, dict]:
         raise CheckpointError(f"{path} is a safetensors file but not a poetgen checkpoint")
     try:
         version = int(meta.get("format_version", ""))
-    except ValueError:
+    except (TypeError, ValueError):
         raise CheckpointError(f"{path} has an invalid checkpoint format version") from None
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} uses checkpoint format {version}, newer than this poetgen reads ({FORMAT_VERSION}); "
             "upgrade poetgen"
         )
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(f"{path} is damaged: a tensor entry of its header has no valid data_offsets") from None
     if 8 + n + end != len(blob):
         raise CheckpointError(
             f"{path} is truncated or damaged: expected {8 + n + end} bytes, found {len(blob)}"
@@ -250,6 +253,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         data = json.loads(meta["data"])
     except Exception as e:  # safetensors raises its own error type; the file is damaged either way
         raise CheckpointError(f"{path} is damaged: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is damaged: its metadata is not a JSON object")
     try:
         model_config = ModelConfig.from_dict(data["model_config"])
         vocab = Vocab.from_dict(data["vocab"])
@@ -257,7 +262,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is missing {e}") from None
     except PoetgenError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    # Everything below reads values a stranger may have written: a malformed one is a damaged file, never a crash.
+    try:
+        return _parse(path, tensors, data, meta, model_config, vocab, map_location)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
+        raise CheckpointError(f"{path} is damaged: {type(e).__name__}: {e}") from None
 
+
+def _parse(path, tensors, data, meta, model_config, vocab, map_location) -> Checkpoint:
     def moved(t: torch.Tensor) -> torch.Tensor:
         return t.to(map_location)
 
@@ -293,6 +305,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     if model_config.vocab_size != len(vocab):
         raise CheckpointError(f"{path} is inconsistent: model vocab_size {model_config.vocab_size} != {len(vocab)}")
+    _check_weights(path, model_config, model_state)
+    for name in ("train_config", "train_state", "dataset_meta"):
+        if not isinstance(data.get(name) or {}, dict):
+            raise CheckpointError(f"{path} is damaged: {name} is not a JSON object")
+    if rng_state is not None:
+        if rng_state["torch"].dtype != torch.uint8 or rng_state["torch"].shape != torch.get_rng_state().shape:
+            raise CheckpointError(f"{path} is damaged: its saved torch RNG state is not one")
+        if rng_state["python"] is not None:
+            random.Random().setstate(rng_state["python"])  # raises on a malformed state, touches no global RNG
     return Checkpoint(
         path=path,
         model_config=model_config,
@@ -308,6 +329,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         rng_state=rng_state,
         tensors=extra,
     )
+
+
+def _check_weights(path: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+    """The weights must be exactly those of the model the config describes, checked before any model is built:
+    a foreign config could otherwise ask for a model too large to allocate, or so many layers that building one
+    never ends. The sizes are first bounded by tensors actually in the file, then compared in full."""
+    emb, last = state.get("embedding.weight"), state.get(f"rnn.weight_hh_l{config.layers - 1}")
+    if (
+        emb is None or last is None or f"rnn.weight_hh_l{config.layers}" in state
+        or tuple(emb.shape) != (config.vocab_size, config.embed) or last.dim() != 2 or last.shape[1] != config.hidden
+    ):
+        raise CheckpointError(f"{path}: weights do not match the model config ({config.cell} {config.layers}x"
+                              f"{config.hidden}, embed {config.embed}, {config.vocab_size} symbols)")
+    with torch.device("meta"):  # shapes only, nothing allocated
+        expected = {k: tuple(v.shape) for k, v in CharRNN(config).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        bad = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        raise CheckpointError(f"{path}: weights do not match the model config: "
+                              + ", ".join(f"{k} {found.get(k, 'missing')} (expected {expected.get(k, 'none')})"
+                                          for k in bad[:4]))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CharRNN, Checkpoint]:
