@@ -161,8 +161,11 @@ def _umask() -> int:
 
 
 def _atomic_write(path: Path, blob: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
@@ -170,11 +173,14 @@ def _atomic_write(path: Path, blob: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(e, OSError):  # a full disk, an I/O error: the user's problem to fix, not a crash
+            kept = f"; the previous {path.name} is intact" if path.exists() else ""
+            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
         raise
     # Make the rename itself durable (not possible on every platform, e.g. Windows).
     try:

@@ -63,6 +63,9 @@ def handles_errors(func: Callable) -> Callable:
                 sys.stdout = None  # type: ignore[assignment]
             finally:
                 raise typer.Exit(0) from None
+        except OSError as e:
+            # A full disk, a read-only or missing directory, an I/O error: the environment's, told plainly.
+            raise fail(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")) from None
 
     return wrapper
 
