@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from poetgen.checkpoint import LAST, Checkpoint, find_checkpoint, load_checkpoint
+from poetgen.checkpoint import BEST, LAST, Checkpoint, find_checkpoint, load_checkpoint
 from poetgen.config import FIXED_ON_RESUME, MODEL_FIELDS, TrainConfig, normalise_keys, resolve_config, with_overrides
 from poetgen.dataset import Dataset, load_dataset
 from poetgen.errors import CheckpointError, ConfigError, TrainingError
@@ -67,6 +67,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         break
     else:
         raise TrainingError(f"could not lock run directory {run_dir}")
+    for tmp in run_dir.glob(".*.ckpt.*.tmp"):  # half-written by a trainer that died (kill -9, power loss)
+        tmp.unlink(missing_ok=True)
     try:
         yield
     finally:
@@ -108,9 +110,11 @@ def locate_run(run: str | Path, runs_dir: Path) -> tuple[Path, Path]:
     if p.is_file():
         return p.parent, p
     if p.is_dir():
-        if (p / LAST).is_file():
-            return p, p / LAST
-        raise CheckpointError(f"{p} has no {LAST} to resume from")
+        for name in (LAST, BEST):  # best.ckpt alone: stopped between the first evaluation's two saves
+            if (p / name).is_file():
+                return p, p / name
+        raise CheckpointError(f"{p} has no checkpoint to resume from: it stopped before its first save. "
+                              "Start it again with the same command, without --resume")
     raise CheckpointError(f"run not found: {run} (looked in the current directory and in {runs_dir})")
 
 

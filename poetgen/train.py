@@ -316,11 +316,13 @@ def train(
                 torch.set_num_threads(config.threads)
             if ctx.is_main:  # only rank 0 owns the run directory
                 stack.enter_context(run_lock(run_dir))
-                if resume is None and any((run_dir / n).exists() for n in (LAST, BEST, METRICS)):
+                if resume is None and any((run_dir / n).exists() for n in (LAST, BEST)):
                     raise TrainingError(
                         f"run directory {run_dir} already holds a run; continue it with --resume {run_dir}, or "
                         "choose another --name"
                     )
+                if resume is None:  # a run that stopped before its first save: nothing to keep, its log restarts
+                    (run_dir / METRICS).unlink(missing_ok=True)
             loop = _Loop(config, dataset, run_dir, vocab, id_map, plan, device, amp, cb, stop, ctx)
             loop.build(resume, init_from)
             return loop

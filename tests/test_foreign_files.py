@@ -270,3 +270,14 @@ def test_a_config_asking_for_an_enormous_model_is_refused_before_building_it(env
         bad.write_bytes(_with_data(env["blob"], lambda d: {**d, "model_config": {**d["model_config"], **change}}))
         r = runner.invoke(app, ["sample", "-c", str(bad), "-q"])
         assert r.exit_code == 1 and r.stderr.startswith("Error: "), (change, r.output, r.exception)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("layers, tie", [(1, False), (3, False), (2, True)])
+def test_expected_shapes_are_those_of_the_real_model(cell, layers, tie):
+    """The checkpoint check lists the shapes without building a model; they must be the model's own."""
+    from poetgen.checkpoint import expected_shapes
+    from poetgen.model import CharRNN, ModelConfig
+
+    config = ModelConfig(11, cell=cell, layers=layers, hidden=6, embed=6 if tie else 4, tie_weights=tie)
+    assert expected_shapes(config) == {k: tuple(v.shape) for k, v in CharRNN(config).state_dict().items()}
