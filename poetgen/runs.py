@@ -21,6 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+try:
+    import fcntl
+except ImportError:  # Windows: the pid check alone
+    fcntl = None  # type: ignore[assignment]
+
 from poetgen.checkpoint import BEST, LAST, Checkpoint, find_checkpoint, load_checkpoint
 from poetgen.config import FIXED_ON_RESUME, MODEL_FIELDS, TrainConfig, normalise_keys, resolve_config, with_overrides
 from poetgen.dataset import Dataset, load_dataset
@@ -40,39 +45,72 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _owner(fd: int) -> tuple[int, str]:
+    """(pid, host) written in an open lock file; (-1, "") when it is empty or unreadable."""
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0))
+        return int(owner["pid"]), str(owner.get("host", ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1, ""
+
+
+def _in_use(run_dir: Path, pid: int, host: str) -> TrainingError:
+    where = f"process {pid}" + (f" on {host}" if host != socket.gethostname() else "") if pid > 0 else \
+        "another process"
+    return TrainingError(f"run directory {run_dir} is in use by {where}; wait for it, stop it, or choose another --name")
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Refuse a second trainer in the same run directory; a lock left by a dead process is taken over."""
+    """Refuse a second trainer in the same run directory; a lock left by a dead process is taken over.
+
+    The lock file is held with flock(2) for the whole run, so reading the owner and taking over a stale lock are
+    one atomic step: two trainers started at once never both proceed (checking a pid and then writing the file
+    let them, about one start in six with a stale lock), and the kernel drops the flock of a killed process. The
+    file's {"pid", "host"} names the owner; a live owner on this host that holds no flock, or any owner on
+    another host, is respected as well. The owner removes the file before it lets go of the flock, so whoever
+    then gets a flock on the removed file starts over on the path's new file.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
+    me, host_me = os.getpid(), socket.gethostname()
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text())
-                pid, host = int(owner["pid"]), str(owner.get("host", ""))
-            except (OSError, ValueError, KeyError, TypeError):
-                pid, host = -1, ""  # unreadable: the writer died while writing it
-            if pid > 0 and (host != me["host"] or _pid_alive(pid)):
-                where = f"process {pid}" + (f" on {host}" if host != me["host"] else "")
-                raise TrainingError(
-                    f"run directory {run_dir} is in use by {where}; wait for it, stop it, or choose another --name"
-                ) from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pid, host = _owner(fd)
+                    for _ in range(50):  # the owner writes its pid just after it takes the flock
+                        if pid > 0 and (host != host_me or _pid_alive(pid)):
+                            break
+                        time.sleep(0.01)
+                        pid, host = _owner(fd)
+                    raise _in_use(run_dir, pid, host) from None
+                try:
+                    current = os.fstat(fd).st_ino == os.stat(lock).st_ino
+                except FileNotFoundError:
+                    current = False
+                if not current:  # its owner removed it between our open and our flock
+                    os.close(fd)
+                    continue
+            pid, host = _owner(fd)
+            if pid > 0 and (host != host_me or (pid != me and _pid_alive(pid))):
+                raise _in_use(run_dir, pid, host)
+            os.ftruncate(fd, 0)  # empty, or a dead process's: take it over
+            os.pwrite(fd, json.dumps({"pid": me, "host": host_me}).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         break
-    else:
-        raise TrainingError(f"could not lock run directory {run_dir}")
     for tmp in run_dir.glob(".*.ckpt.*.tmp"):  # half-written by a trainer that died (kill -9, power loss)
         tmp.unlink(missing_ok=True)
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def rewind_metrics(path: Path, step: int) -> None:
