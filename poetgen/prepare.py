@@ -394,7 +394,13 @@ def prepare(
         raise DatasetError(f"{output} already exists; use --force to replace it")
     if output.exists() and not output.is_dir():
         raise DatasetError(f"{output} exists and is not a directory")
+    if output.is_dir() and not is_dataset_dir(output) and any(output.iterdir()):
+        raise DatasetError(f"{output} is not a poetgen dataset; --force replaces a dataset (or an empty directory), "
+                           "never other files: choose another --output")
     sources = [resolve_named(s) for s in sources] if sources else [str(bundled_corpus_path())]
+    inside = [s for s in sources if s != "-" and output.exists() and Path(s).resolve().is_relative_to(output.resolve())]
+    if inside:
+        raise DatasetError(f"{inside[0]} is inside {output}, which --force would replace; keep sources elsewhere")
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     spool = Spool()
