@@ -63,6 +63,10 @@ def handles_errors(func: Callable) -> Callable:
                 sys.stdout = None  # type: ignore[assignment]
             finally:
                 raise typer.Exit(0) from None
+        except UnicodeError as e:
+            # Text that cannot be text: a lone surrogate from a JSON escape or a command-line argument in no
+            # encoding. The readers name the file where they can; this is the backstop.
+            raise fail(f"text that is not valid Unicode: {e}") from None
         except OSError as e:
             # A full disk, a read-only or missing directory, an I/O error: the environment's, told plainly.
             raise fail(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")) from None
@@ -668,27 +672,24 @@ def sample(
     import torch
 
     from poetgen.checkpoint import find_checkpoint, load_model
+    from poetgen.devices import resolve_device
     from poetgen.sample import SampleOptions, generate
 
     note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     path = find_checkpoint(checkpoint if checkpoint is not None else "checkpoints")
     note(f"Checkpoint: {path}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     if threads is not None and threads < 1:
         raise typer.BadParameter(f"--threads must be at least 1, got {threads}")
     if threads is not None or len(primes) * num_samples < 8:
         torch.set_num_threads(threads or 1)
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as e:
-        raise SampleError(f"unknown device {device!r}: {e}") from None
-    model, ckpt = load_model(path, torch_device)
+    torch_device = resolve_device(device)
     options = SampleOptions(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, length=length,
         num_samples=num_samples, seed=seed, form=form, acrostic=acrostic, line_length=line_length, rhyme=rhyme,
         style=style, output_script=output_script,
     )
+    options.validate()  # before the slow load: a bad value is reported at once
+    model, ckpt = load_model(path, torch_device)
 
     out = None
     if stream:  # the only case where the file must be open before generation
@@ -845,16 +846,12 @@ def eval_(
         import torch
 
         from poetgen.checkpoint import find_checkpoint, load_model
+        from poetgen.devices import resolve_device
         from poetgen.evaluate import evaluate_model
 
         if threads is not None:
             torch.set_num_threads(threads)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            torch_device = torch.device(device)
-        except RuntimeError as e:
-            raise typer.BadParameter(f"unknown device {device!r}: {e}") from None
+        torch_device = resolve_device(device)
         for c in checkpoints:
             model, ckpt = load_model(find_checkpoint(c), torch_device)
             loaded.append((model, ckpt))

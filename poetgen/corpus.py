@@ -361,6 +361,20 @@ def _text_pieces(source: SourceFile, doc_sep: str, transform: Callable[[str], st
 
 
 def _record_piece(record: object, where: str, options: ReadOptions, source: SourceFile) -> Piece | None:
+    """One JSON value -> one document, checked to be valid Unicode (JSON can escape a lone surrogate)."""
+    piece = _record_piece_unchecked(record, where, options, source)
+    if piece is not None:
+        try:
+            piece.text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = piece.text[e.start]
+            raise CorpusError(
+                f"{where}: the text holds an unpaired surrogate (\\u{ord(bad):04x}), which is not a character"
+            ) from None
+    return piece
+
+
+def _record_piece_unchecked(record: object, where: str, options: ReadOptions, source: SourceFile) -> Piece | None:
     """One JSON value -> one document. chinese-poetry records are recognised by their `paragraphs` list."""
     if isinstance(record, str):
         return Piece(record, end=True)

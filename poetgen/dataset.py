@@ -45,6 +45,11 @@ class Dataset:
         return str(self.meta.get("name") or self.path.name)
 
 
+def _max_id(arr: np.ndarray, chunk: int = 1 << 24) -> int:
+    """Largest id, read in chunks so a memory-mapped split is not pulled into memory at once."""
+    return max((int(arr[i:i + chunk].max()) for i in range(0, len(arr), chunk)), default=-1)
+
+
 def is_dataset_dir(path: str | Path) -> bool:
     p = Path(path)
     return p.is_dir() and (p / "meta.json").is_file()
@@ -81,5 +86,10 @@ def load_dataset(path: str | Path) -> Dataset:
             raise DatasetError(f"cannot read {p / (split + '.npy')}: {e}") from None
         if arr.ndim != 1 or arr.dtype not in (np.uint16, np.uint32):
             raise DatasetError(f"{p / (split + '.npy')} is not a flat array of token ids")
+        if _max_id(arr) >= len(vocab):
+            raise DatasetError(
+                f"{p / (split + '.npy')} holds ids up to {_max_id(arr)} but the vocabulary has {len(vocab)} symbols: "
+                "the dataset is damaged; prepare it again"
+            )
         arrays[split] = arr
     return Dataset(path=p, vocab=vocab, meta=meta, train=arrays["train"], val=arrays["val"])

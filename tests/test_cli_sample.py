@@ -177,3 +177,20 @@ def test_usage_errors(ckpt, tmp_path):
     assert run("-c", ckpt, "--threads", 0).exit_code == 2
     r = run("-c", ckpt, "--rhyme")
     assert r.exit_code == 1 and "--rhyme needs --form or --acrostic" in r.stderr
+
+
+def test_unavailable_device_is_a_clean_error(ckpt):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    r = run("-c", str(ckpt), "--device", "cuda", "--seed", "1")
+    assert r.exit_code == 1 and "\nError: device cuda" in r.stderr and "CUDA is not available" in r.stderr
+    r = run("-c", str(ckpt), "--device", "banana")
+    assert r.exit_code == 1 and "unknown device" in r.stderr
+
+
+def test_prime_that_is_not_text_is_a_clean_error(ckpt):
+    # A command-line argument in no encoding arrives with lone surrogates (surrogateescape).
+    r = run("-c", str(ckpt), "--prime", "床\udced", "--seed", "1")
+    assert r.exit_code == 1 and "\nError: text that is not valid Unicode" in r.stderr and "Traceback" not in r.output

@@ -386,3 +386,21 @@ def test_tiny_shakespeare_counts_match_the_file(tmp_path):
     ds = load_dataset(tmp_path / "ts")
     assert len(ds.val) == round(0.1 * (len(text) + 1))
     assert ds.vocab.decode(ds.val[:-1]) == text[len(ds.train):]
+
+
+def test_lone_surrogate_in_json_is_a_clean_error(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "床前明月光\\ud83d疑是地上霜"}\n', encoding="utf-8")
+    r = cli("prepare", str(tmp_path / "s.jsonl"), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 1 and "unpaired surrogate" in r.stderr and "line 1" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_dataset_ids_are_refused(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("abcabc", encoding="utf-8")
+    prepare([str(src)], tmp_path / "ds", PrepareOptions(val_fraction=0.0))
+    ids = np.load(tmp_path / "ds" / "train.npy")
+    ids[2] = 60000
+    np.save(tmp_path / "ds" / "train.npy", ids)
+    with pytest.raises(DatasetError, match="damaged"):
+        load_dataset(tmp_path / "ds")
