@@ -661,8 +661,6 @@ def sample(
 
         poetgen sample --form 七绝 --acrostic 春夏秋冬 --rhyme -n 5 --seed 1
     """
-    from poetgen.errors import SampleError
-
     if stream and (json_out or num_samples != 1 or primes_file is not None):
         raise typer.BadParameter("--stream prints one sample as text: use it without --json, -n or --primes-file")
     primes = _read_primes(prime, primes_file)
@@ -695,18 +693,16 @@ def sample(
     if stream:  # the only case where the file must be open before generation
         out = output.open("w", encoding="utf-8") if output is not None else None
     try:
-        on_text = None
-        if stream:
-            shown = [""]
+        shown = [""]
 
-            def on_text(piece: str) -> None:
-                piece = re.sub(r"([。？！])", "\\1\n", piece)
-                (out.write if out is not None else sys.stdout.write)(piece)
-                if out is None:
-                    sys.stdout.flush()
-                shown[0] = piece or shown[0]
+        def show(piece: str) -> None:
+            piece = re.sub(r"([。？！])", "\\1\n", piece)
+            (out.write if out is not None else sys.stdout.write)(piece)
+            if out is None:
+                sys.stdout.flush()
+            shown[0] = piece or shown[0]
 
-        result = generate(model, ckpt.vocab, primes, options, on_text=on_text)
+        result = generate(model, ckpt.vocab, primes, options, on_text=show if stream else None)
         for n in result.notes:
             note(f"Note: {n}")
         if stream:
