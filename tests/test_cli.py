@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -59,3 +60,13 @@ def test_ci_runs_the_readme_test_command():
     blocks = readme.split("```bash\n")
     test_cmd = next(b.split("\n", 1)[0] for b in blocks[1:] if "pytest" in b.split("\n", 1)[0])
     assert test_cmd in ci.splitlines()
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
+    code = "import os; import poetgen.cli; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "ACTIVE"
