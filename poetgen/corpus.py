@@ -421,6 +421,10 @@ def _json_pieces(source: SourceFile, options: ReadOptions) -> Iterator[Piece]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise CorpusError(f"{source.name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:  # e.g. [[[[...]]]] thousands deep: no corpus looks like that
+        raise CorpusError(f"{source.name}: JSON nested too deeply to be a corpus") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise CorpusError(f"{source.name}: unreadable JSON: {e}") from None
     source.kind = source.kind or "json"
     if isinstance(data, dict):
         data = [data]
@@ -445,6 +449,10 @@ def _jsonl_pieces(source: SourceFile, options: ReadOptions) -> Iterator[Piece]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"{source.name}: invalid JSON on line {lineno}: {e.msg}") from None
+            except RecursionError:
+                raise CorpusError(f"{source.name}: JSON on line {lineno} is nested too deeply to be a corpus") from None
+            except ValueError as e:
+                raise CorpusError(f"{source.name}: unreadable JSON on line {lineno}: {e}") from None
             piece = _record_piece(record, f"{source.name}: line {lineno}", options, source)
             if piece is not None:
                 source.documents += 1

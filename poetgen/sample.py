@@ -36,6 +36,7 @@ from poetgen.poetry import ConstraintState, FormConstraint, is_han
 from poetgen.vocab import EOT_ID, Vocab, format_symbols
 
 DEFAULT_LENGTH = 500
+MAX_CELLS = 2**28  # symbols in one call (12 bytes each in the output buffers: 3.2 GB)
 SCRIPTS = ("simplified", "traditional")
 NEG_INF = float("-inf")
 
@@ -292,6 +293,10 @@ def generate(
         max_new = need
     else:
         max_new = o.length or DEFAULT_LENGTH
+    rows = len(primes) * o.num_samples
+    if rows * max_new > MAX_CELLS:  # the (rows, max_new) output buffers are allocated up front
+        raise SampleError(f"{rows:,} sample(s) of up to {max_new:,} symbols are too many to hold at once (at most "
+                          f"{MAX_CELLS:,} symbols in all); lower --length or --num-samples")
 
     was_training = model.training
     model.eval()  # dropout would draw from the global RNG: no longer the seed alone decides the output
