@@ -105,6 +105,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v < 0 or (isinstance(v, float) and not math.isfinite(v)):
                 raise ConfigError(f"{name} must be 0 or more, got {v}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed accepts
+            raise ConfigError(f"seed must be from -2**63 to 2**64 - 1, got {self.seed}")
         if self.cell not in ("rnn", "lstm", "gru"):
             raise ConfigError(f"cell must be rnn, lstm or gru, got {self.cell!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -70,6 +70,8 @@ class SampleOptions:
             raise SampleError(f"length must be at least 1, got {self.length}")
         if self.num_samples < 1:
             raise SampleError(f"number of samples must be at least 1, got {self.num_samples}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator accepts
+            raise SampleError(f"seed must be from -2**63 to 2**64 - 1, got {self.seed}")
         if self.output_script not in (None, *SCRIPTS):
             raise SampleError(f"output script must be one of {', '.join(SCRIPTS)}, got {self.output_script!r}")
         if self.line_length is not None and self.line_length not in (5, 7):

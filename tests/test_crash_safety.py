@@ -174,7 +174,7 @@ def test_kill_9_at_random_moments_never_loses_the_run(forks, cwd):
     rng = random.Random(SEED)
     run = cwd / "checkpoints" / "crash"
     fresh = ["train", "ds", *TINY, "--max-steps", "1000000", "--save-every", "1", "--eval-every", "3",
-             "--keep", "2", "--log-every", "1", "--name", "crash", "--quiet"]
+             "--patience", "0", "--keep", "2", "--log-every", "1", "--name", "crash", "--quiet"]
     resume = ["train", "--resume", "crash", "--quiet"]
     in_writes, steps, leftovers_seen, killed = 0, [], set(), []
     for trial in range(TRIALS):
