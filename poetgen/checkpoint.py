@@ -315,6 +315,9 @@ def _parse(path, tensors, data, meta, model_config, vocab, map_location) -> Chec
     for name in ("train_config", "train_state", "dataset_meta"):
         if not isinstance(data.get(name) or {}, dict):
             raise CheckpointError(f"{path} is damaged: {name} is not a JSON object")
+    for key in ("path", "fingerprint", "name"):
+        if not isinstance((data.get("dataset_meta") or {}).get(key, ""), str):
+            raise CheckpointError(f"{path} is damaged: dataset_meta {key} is not a string")
     if rng_state is not None:
         if rng_state["torch"].dtype != torch.uint8 or rng_state["torch"].shape != torch.get_rng_state().shape:
             raise CheckpointError(f"{path} is damaged: its saved torch RNG state is not one")

@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -264,6 +264,14 @@ class _State:
     smooth_loss: float | None = None
     best_step: int | None = None
 
+    def check(self) -> None:
+        """TypeError for a value of the wrong kind (from a damaged or foreign checkpoint): now, not mid-run."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            number = isinstance(v, int) or ("float" in f.type and isinstance(v, float))
+            if not ((number and not isinstance(v, bool)) or (v is None and "None" in f.type)):
+                raise TypeError(f"train_state {f.name} = {v!r}")
+
 
 def train(
     config: TrainConfig,
@@ -394,12 +402,16 @@ class _Loop:
         if resume is not None:
             if resume.optimizer_state is None:
                 raise TrainingError(f"{resume.path} has no optimizer state, so it cannot be resumed exactly")
-            self.opt.load_state_dict(resume.optimizer_state)
+            try:
+                self.opt.load_state_dict(resume.optimizer_state)
+                known = {k: v for k, v in resume.train_state.items() if k in _State.__dataclass_fields__}
+                self.state = _State(**known)
+                self.state.check()
+            except (ValueError, KeyError, TypeError) as e:
+                raise TrainingError(f"{resume.path} is damaged: its training state cannot be resumed ({e})") from None
             # load_state_dict brings back the saved hyperparameters; the (possibly overridden) config wins.
             for g, wd in zip(self.opt.param_groups, (c.weight_decay, 0.0)):
                 g["betas"], g["weight_decay"] = (c.beta1, c.beta2), wd
-            known = {k: v for k, v in resume.train_state.items() if k in _State.__dataclass_fields__}
-            self.state = _State(**known)
             hidden = [resume.tensors[f"hidden.{i}"] for i in range(2) if f"hidden.{i}" in resume.tensors]
             if hidden:
                 # Saved in stream order for all ranks, (L, N·B, H): this rank's streams are rows r·B … r·B+B-1.

@@ -281,3 +281,22 @@ def test_expected_shapes_are_those_of_the_real_model(cell, layers, tie):
 
     config = ModelConfig(11, cell=cell, layers=layers, hidden=6, embed=6 if tie else 4, tie_weights=tie)
     assert expected_shapes(config) == {k: tuple(v.shape) for k, v in CharRNN(config).state_dict().items()}
+
+
+@pytest.mark.parametrize("change", [
+    {"train_state": {"step": "2"}}, {"train_state": {"elapsed": None}}, {"train_state": {"best_val_loss": "low"}},
+    {"train_state": {"tokens_seen": []}}, {"train_state": {"evals": True}},
+    {"optimizer": {"param_groups": []}}, {"optimizer": {"param_groups": [{"params": [99]}]}},
+    {"dataset_meta": {"fingerprint": 5}}, {"dataset_meta": {"path": ["ds"]}},
+])
+def test_a_damaged_training_state_is_refused_by_resume(env, change):
+    """Values only `train --resume` reads: refused before the first step, not a TypeError mid-run."""
+    def changed(d):
+        for key, values in change.items():
+            d = {**d, key: {**d[key], **values}}
+        return d
+
+    ckpt = _place(env["root"], "damaged-state", _with_data(env["blob"], changed))
+    r = runner.invoke(app, ["train", "--resume", str(ckpt.parent), str(env["ds"]), "--max-steps", "4", "--quiet"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "damaged" in r.stderr, (r.output, r.exception)
+    assert load_checkpoint(env["good"]).train_state["step"] == 2  # (the source run is untouched)
