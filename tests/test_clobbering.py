@@ -225,10 +225,10 @@ print(json.dumps({"both": both, "none": none}))
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("stale", [False, True])
 def test_run_lock_holds_when_two_processes_race_for_it(tmp_path, stale):
-    """Two processes take the lock at the same instant, 200 times. Checking the owner's pid and then writing the
+    """Two processes take the lock at the same instant, 150 times. Checking the owner's pid and then writing the
     lock file let both in (measured: 1 round in 6 with a stale lock, 1 in 25 without); the lock must admit exactly
     one every time."""
-    out = subprocess.run([sys.executable, "-c", CONTEND, str(tmp_path), "200", "stale" if stale else "fresh"],
+    out = subprocess.run([sys.executable, "-c", CONTEND, str(tmp_path), "150", "stale" if stale else "fresh"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"both": 0, "none": 0}
