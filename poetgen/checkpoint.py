@@ -350,7 +350,16 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"rnn.weight_ih_l{i}"] = (G * H, E if i == 0 else H)
         shapes[f"rnn.weight_hh_l{i}"] = (G * H, H)
         shapes[f"rnn.bias_ih_l{i}"] = shapes[f"rnn.bias_hh_l{i}"] = (G * H,)
-    shapes["head.weight"], shapes["head.bias"] = (V, H), (V,)
+    if config.head == "adaptive":  # see poetgen.model.AdaptiveHead
+        bounds = (*config.cutoffs, V)
+        shapes["head.root.weight"] = (config.cutoffs[0] + len(config.cutoffs), H)
+        shapes["head.root.bias"] = (config.cutoffs[0] + len(config.cutoffs),)
+        for i in range(len(config.cutoffs)):
+            d, n = max(1, int(H // config.div_value ** (i + 1))), bounds[i + 1] - bounds[i]
+            shapes[f"head.tails.{i}.proj.weight"] = (d, H)
+            shapes[f"head.tails.{i}.out.weight"], shapes[f"head.tails.{i}.out.bias"] = (n, d), (n,)
+    else:
+        shapes["head.weight"], shapes["head.bias"] = (V, H), (V,)
     return shapes
 
 

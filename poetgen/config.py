@@ -39,13 +39,20 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # corpus such as the bundled one has only a few batches per epoch).
 DEFAULT_EPOCHS = 10
 DEFAULT_MIN_STEPS = 500
-MODEL_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "tie_weights")
+MODEL_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "tie_weights", "head", "cutoffs", "div_value")
 # Changing these on --resume would change what a step means (data position, shapes): refused.
-FIXED_ON_RESUME = ("cell", "layers", "hidden", "embed", "tie_weights", "batch_size", "seq_len")
+FIXED_ON_RESUME = ("cell", "layers", "hidden", "embed", "tie_weights", "head", "cutoffs", "div_value", "batch_size",
+                   "seq_len")
+HEADS = ("full", "adaptive", "auto")  # output layer; poetgen.model resolves auto and empty cutoffs for a vocabulary
 
 
 def check_type(name: str, value: object, type_name: object) -> None:
-    """Refuse a value of the wrong type. ``type_name`` is a dataclass annotation string: int, float, str or bool."""
+    """Refuse a value of the wrong type. ``type_name`` is a dataclass annotation string: int, float, str, bool or
+    tuple[int, ...] (a list or tuple of ints: the adaptive head's cutoffs)."""
+    if str(type_name) == "tuple[int, ...]":
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise ConfigError(f"{name} must be a list of integers, got {type(value).__name__} {value!r}")
+        return
     expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(type_name)]
     # bool is an int subclass: True must not pass as a layer count, nor 1 as a flag.
     if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
@@ -61,6 +68,9 @@ class TrainConfig:
     embed: int = 128
     dropout: float = 0.1
     tie_weights: bool = False
+    head: str = "full"  # full softmax | adaptive softmax (large vocabularies) | auto (adaptive from 4,096 symbols)
+    cutoffs: tuple[int, ...] = ()  # adaptive head: shortlist size, then each further cluster's start; () = automatic
+    div_value: float = 4.0  # adaptive head: tail cluster i projects hidden -> hidden // div_value ** (i + 1)
     # data and optimisation
     batch_size: int = 64  # parallel contiguous streams
     seq_len: int = 128  # characters per truncated-BPTT window
@@ -95,6 +105,8 @@ class TrainConfig:
             check_type(f.name, getattr(self, f.name), f.type)
         self.max_time = float(self.max_time)
         self.dropout = float(self.dropout)
+        self.div_value = float(self.div_value)
+        self.cutoffs = tuple(self.cutoffs)  # a TOML or JSON list
         positive = ("layers", "hidden", "embed", "batch_size", "seq_len", "eval_every", "sample_length", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -122,6 +134,22 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.tie_weights and self.embed != self.hidden:
             raise ConfigError(f"tie_weights needs embed == hidden (got embed={self.embed}, hidden={self.hidden})")
+        self._check_head()
+
+    def _check_head(self) -> None:
+        """What can be checked without the vocabulary; the model config checks the cutoffs against its size."""
+        if self.head not in HEADS:
+            raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        c = self.cutoffs
+        if c and (c[0] < 1 or any(b <= a for a, b in zip(c, c[1:]))):
+            raise ConfigError(f"cutoffs must be rising positive integers (the shortlist size, then the start of each "
+                              f"further cluster), got {','.join(map(str, c))}")
+        if c and self.head == "full":
+            raise ConfigError("cutoffs apply to the adaptive head only: add --head adaptive, or drop --cutoffs")
+        if not (self.div_value >= 1.0 and math.isfinite(self.div_value)):
+            raise ConfigError(f"div_value must be a number of at least 1, got {self.div_value}")
+        if self.tie_weights and self.head == "adaptive":
+            raise ConfigError("tie_weights needs the full head: the adaptive head has no (V, H) output matrix to share")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +186,8 @@ def normalise_keys(d: dict, where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: unknown setting {key!r}{hint}. Known: {', '.join(FIELD_NAMES)}")
         if name == "max_time" and isinstance(value, str):
             value = parse_duration(value)
+        if name == "cutoffs" and isinstance(value, str):
+            value = parse_cutoffs(value)
         out[name] = value
     return out
 
@@ -171,6 +201,14 @@ def parse_duration(text: str) -> float:
     if not parts or "".join(n + u for n, u in parts) != s:
         raise ConfigError(f"not a duration: {text!r} (use seconds, or e.g. 90s, 10m, 1h30m)")
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def parse_cutoffs(text: str) -> tuple[int, ...]:
+    """'2000,4000' (or '2000 4000') -> (2000, 4000); '' -> () (automatic)."""
+    items = [x for x in re.split(r"[,\s]+", text.strip()) if x]
+    if not all(re.fullmatch(r"\d+", x) for x in items):
+        raise ConfigError(f"cutoffs must be comma-separated whole numbers such as 2000,4000, got {text!r}")
+    return tuple(int(x) for x in items)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

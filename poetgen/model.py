@@ -1,15 +1,38 @@
-"""The character-level recurrent language model: embedding -> stacked RNN / LSTM / GRU -> linear output layer.
+"""The character-level recurrent language model: embedding -> stacked RNN / LSTM / GRU -> output layer.
 
 Shapes: B = batch (parallel streams), T = time steps, V = vocabulary size, E = embedding size, H = hidden size,
 L = layers. Hidden state is ``(h, c)`` for the LSTM and a single tensor for RNN / GRU, each ``(L, B, H)``.
+
+Output layer (``head``):
+
+* ``full``: one linear layer H -> V and a softmax over all V symbols (``head.weight`` (V, H), ``head.bias`` (V,)).
+* ``adaptive``: the adaptive softmax of Grave et al. 2017 ("Efficient softmax approximation for GPUs"), for
+  large vocabularies whose ids are sorted by frequency (poetgen's are). With cutoffs c_1 < ... < c_K (C = c_1),
+  the C most frequent symbols form the shortlist and the rest K tail clusters [c_i, c_{i+1}) (c_{K+1} = V):
+
+      root  = head.root.weight @ x + head.root.bias                 (C + K,)  shortlist logits, then one per cluster
+      log p(y) = log_softmax(root)[y]                                y < C
+      log p(y) = log_softmax(root)[C + i]                            y in cluster i (0-based), n_i = c_{i+1} - c_i
+                 + log_softmax(head.tails.i.out.weight @ (head.tails.i.proj.weight @ x) + head.tails.i.out.bias)[y - c_i]
+
+  with ``head.tails.i.proj.weight`` (d_i, H), d_i = max(1, H // div_value ** (i + 1)), and ``head.tails.i.out``
+  weight (n_i, d_i), bias (n_i,). Training touches a tail cluster only for the targets in it (most targets fall
+  in the shortlist), so a step costs about H·(C + K) instead of H·V per token.
+
+``forward(idx, hidden)`` returns per-symbol scores (B, T, V) whose log-softmax is the model's log-probabilities
+(the full head: logits; the adaptive head: the log-probabilities themselves), so sampling and evaluation treat
+both heads alike. ``forward(idx, hidden, targets)`` returns the mean cross-entropy instead, without building the
+(B, T, V) scores for the adaptive head (the training step; it goes through forward so DDP sees it).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from poetgen.config import check_type
@@ -18,6 +41,25 @@ from poetgen.errors import ConfigError
 CELLS = ("rnn", "lstm", "gru")
 
 Hidden = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+HEADS = ("full", "adaptive")
+# head = "auto" picks the adaptive softmax from this vocabulary size on (see auto_cutoffs and benchmarks/adaptive.py).
+AUTO_HEAD_MIN_VOCAB = 4096
+
+
+def auto_cutoffs(vocab_size: int) -> tuple[int, ...]:
+    """Cutoffs for the adaptive head when none are given: a shortlist of the ~2,000 most frequent symbols, then a
+    middle cluster up to ~4x the shortlist and a tail cluster of the rare rest (when each holds something).
+
+    On the Tang corpus (V = 8,798) the 2,000 most frequent symbols cover 94.6% of the characters and the 5,000
+    most frequent 99.7%, so a training step touches a tail cluster for about one character in eighteen.
+    """
+    shortlist = min(2000, max(1, vocab_size // 4))
+    cutoffs = [shortlist]
+    if 4 * shortlist < vocab_size - shortlist // 2:  # a last cluster big enough to be worth its own projection
+        cutoffs.append(4 * shortlist)
+    return tuple(c for c in cutoffs if c < vocab_size)
 
 
 @dataclass
@@ -29,10 +71,14 @@ class ModelConfig:
     embed: int = 128
     dropout: float = 0.0  # on the embedding output, between layers, and before the output layer
     tie_weights: bool = False  # output layer shares the embedding matrix; needs embed == hidden
+    head: str = "full"  # full | adaptive (softmax; see the module docstring) | auto (adaptive from AUTO_HEAD_MIN_VOCAB)
+    cutoffs: tuple[int, ...] = ()  # adaptive head: shortlist size, then the start of each further tail cluster
+    div_value: float = 4.0  # adaptive head: tail cluster i projects H -> H // div_value ** (i + 1)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             check_type(f"model {f.name}", getattr(self, f.name), f.type)
+        self.cutoffs = tuple(self.cutoffs)  # a JSON list from a checkpoint
         if self.vocab_size < 2:
             raise ConfigError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if self.cell not in CELLS:
@@ -47,9 +93,37 @@ class ModelConfig:
                 f"tie_weights needs embed == hidden (got embed={self.embed}, hidden={self.hidden}): "
                 "the output layer reuses the embedding matrix"
             )
+        self._check_head()
+
+    def _check_head(self) -> None:
+        """Resolve head = auto and empty cutoffs to concrete values (what a checkpoint records), then check."""
+        if self.head not in (*HEADS, "auto"):
+            raise ConfigError(f"head must be full, adaptive or auto, got {self.head!r}")
+        if self.head == "auto":
+            self.head = "adaptive" if self.cutoffs or self.vocab_size >= AUTO_HEAD_MIN_VOCAB else "full"
+        if self.head == "full":
+            if self.cutoffs:
+                raise ConfigError("cutoffs apply to the adaptive head only: add --head adaptive, or drop --cutoffs")
+            return
+        if not (1.0 <= self.div_value and math.isfinite(self.div_value)):
+            raise ConfigError(f"div_value must be a number of at least 1, got {self.div_value}")
+        if self.tie_weights:
+            raise ConfigError("tie_weights needs the full head: the adaptive head has no (V, H) output matrix to share")
+        if self.vocab_size < 3:
+            raise ConfigError(f"the adaptive head needs at least 3 symbols, got {self.vocab_size}")
+        if not self.cutoffs:
+            self.cutoffs = auto_cutoffs(self.vocab_size)
+        c, V = self.cutoffs, self.vocab_size
+        if any(b <= a for a, b in zip(c, c[1:])) or c[0] < 1 or c[-1] >= V:
+            raise ConfigError(
+                f"cutoffs must rise strictly from 1 to at most vocab_size - 1 = {V - 1} (the shortlist size, then "
+                f"the start of each further cluster), got {', '.join(map(str, c))}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["cutoffs"] = list(self.cutoffs)  # as JSON stores it
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> ModelConfig:
@@ -62,6 +136,48 @@ class ModelConfig:
         if "vocab_size" not in d:
             raise ConfigError("model config is missing vocab_size")
         return cls(**d)
+
+
+class AdaptiveHead(nn.Module):
+    """The adaptive softmax (see the module docstring for the parameters and the math). Input x: (N, H)."""
+
+    def __init__(self, hidden: int, vocab_size: int, cutoffs: tuple[int, ...], div_value: float):
+        super().__init__()
+        self.bounds = (*cutoffs, vocab_size)  # cluster i covers ids [bounds[i], bounds[i + 1])
+        self.shortlist = cutoffs[0]
+        self.root = nn.Linear(hidden, self.shortlist + len(cutoffs))  # shortlist logits, then one per tail cluster
+        self.tails = nn.ModuleList()
+        for i in range(len(cutoffs)):
+            d = max(1, int(hidden // div_value ** (i + 1)))
+            tail = nn.Module()
+            tail.proj = nn.Linear(hidden, d, bias=False)
+            tail.out = nn.Linear(d, self.bounds[i + 1] - self.bounds[i])
+            self.tails.append(tail)
+        self.register_buffer("cutoff_ids", torch.tensor(cutoffs), persistent=False)  # for bucketize
+
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H) -> (N, V) log-probabilities of every symbol."""
+        C = self.shortlist
+        root = F.log_softmax(self.root(x).float(), dim=-1)  # (N, C + K)
+        parts = [root[:, :C]]
+        for i, tail in enumerate(self.tails):
+            cluster = F.log_softmax(tail.out(tail.proj(x)).float(), dim=-1)  # (N, n_i)
+            parts.append(cluster + root[:, C + i : C + i + 1])
+        return torch.cat(parts, dim=-1)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-probability of targets y (N,) given x (N, H): each tail cluster is computed only for
+        the rows whose target lies in it. Every tail runs even with no such row (an empty matmul), so that every
+        parameter is in the graph at every step, as DistributedDataParallel requires."""
+        C = self.shortlist
+        which = torch.bucketize(y, self.cutoff_ids, right=True)  # (N,) 0 = shortlist, i + 1 = tail cluster i
+        root_target = torch.where(which == 0, y, C + which - 1)  # (N,) the row's entry among the C + K root logits
+        total = F.cross_entropy(self.root(x).float(), root_target, reduction="sum")
+        for i, tail in enumerate(self.tails):
+            rows = (which == i + 1).nonzero().squeeze(1)  # (n,)
+            scores = tail.out(tail.proj(x.index_select(0, rows))).float()  # (n, n_i)
+            total = total + F.cross_entropy(scores, y.index_select(0, rows) - self.bounds[i], reduction="sum")
+        return total / y.numel()
 
 
 class CharRNN(nn.Module):
@@ -78,17 +194,23 @@ class CharRNN(nn.Module):
             c.embed, c.hidden, num_layers=c.layers, dropout=c.dropout if c.layers > 1 else 0.0,
             batch_first=True, **extra,
         )
-        self.head = nn.Linear(c.hidden, c.vocab_size)
-        if c.tie_weights:
-            self.head.weight = self.embedding.weight  # (V, E) == (V, H)
+        self.head: nn.Module
+        if c.head == "adaptive":
+            self.head = AdaptiveHead(c.hidden, c.vocab_size, c.cutoffs, c.div_value)
+        else:
+            self.head = nn.Linear(c.hidden, c.vocab_size)
+            if c.tie_weights:
+                self.head.weight = self.embedding.weight  # (V, E) == (V, H)
         self._init_weights()
 
     def _init_weights(self) -> None:
         # Small uniform embedding (as in pytorch/examples): N(0, 1) rows are far too large once tied to the output.
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        if not self.config.tie_weights:
-            nn.init.uniform_(self.head.weight, -0.1, 0.1)
-        nn.init.zeros_(self.head.bias)
+        for name, p in self.head.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif not self.config.tie_weights:
+                nn.init.uniform_(p, -0.1, 0.1)
         if self.config.cell == "lstm":
             # Forget-gate bias 1 (gate order i, f, g, o): remember by default, which speeds early learning.
             H = self.config.hidden
@@ -97,11 +219,23 @@ class CharRNN(nn.Module):
                     with torch.no_grad():
                         p[H : 2 * H].fill_(1.0)
 
-    def forward(self, idx: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
-        """idx: (B, T) token ids -> logits (B, T, V) and the hidden state after the last step."""
+    def forward(
+        self, idx: torch.Tensor, hidden: Hidden | None = None, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Hidden]:
+        """idx: (B, T) token ids -> scores (B, T, V) (logits, or the adaptive head's log-probabilities) and the
+        hidden state after the last step. With targets (B, T): the mean cross-entropy (a scalar) instead of scores.
+        """
         x = self.drop(self.embedding(idx))  # (B, T, E)
         out, hidden = self.rnn(x, hidden)  # (B, T, H)
-        logits = self.head(self.drop(out))  # (B, T, V)
+        out = self.drop(out)
+        if isinstance(self.head, AdaptiveHead):
+            flat = out.reshape(-1, out.size(-1))  # (B·T, H)
+            if targets is not None:
+                return self.head.loss(flat, targets.reshape(-1)), hidden
+            return self.head.log_probs(flat).view(*out.shape[:-1], -1), hidden
+        logits = self.head(out)  # (B, T, V)
+        if targets is not None:
+            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)), hidden
         return logits, hidden
 
     def init_hidden(self, batch_size: int, device: torch.device | str | None = None) -> Hidden:

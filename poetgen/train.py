@@ -573,8 +573,9 @@ class _Loop:
             for g in self.opt.param_groups:
                 g["lr"] = lr
             with autocast(self.device, self.amp):
-                logits, hidden = self.model(batch[:, :-1], self.hidden)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+                # The mean cross-entropy comes out of forward (through DDP), which spares the adaptive head the
+                # (B, T, V) scores.
+                loss, hidden = self.model(batch[:, :-1], self.hidden, batch[:, 1:])
             loss_value = loss.item()
             votes = None
             if ctx.distributed:

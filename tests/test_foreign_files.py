@@ -283,6 +283,16 @@ def test_expected_shapes_are_those_of_the_real_model(cell, layers, tie):
     assert expected_shapes(config) == {k: tuple(v.shape) for k, v in CharRNN(config).state_dict().items()}
 
 
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("cutoffs, div", [((), 4.0), ((3,), 2.0), ((2, 5, 9), 1.5), ((1, 10), 100.0)])
+def test_expected_shapes_of_the_adaptive_head_are_those_of_the_real_model(cell, cutoffs, div):
+    from poetgen.checkpoint import expected_shapes
+    from poetgen.model import CharRNN, ModelConfig
+
+    config = ModelConfig(11, cell=cell, layers=2, hidden=6, embed=4, head="adaptive", cutoffs=cutoffs, div_value=div)
+    assert expected_shapes(config) == {k: tuple(v.shape) for k, v in CharRNN(config).state_dict().items()}
+
+
 @pytest.mark.parametrize("change", [
     {"train_state": {"step": "2"}}, {"train_state": {"elapsed": None}}, {"train_state": {"best_val_loss": "low"}},
     {"train_state": {"tokens_seen": []}}, {"train_state": {"evals": True}},
