@@ -666,7 +666,7 @@ def sample(
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, mps, or auto (cuda when available)."),
     threads: Optional[int] = typer.Option(
         None, "--threads",
-        help="CPU threads. Default: 1 for fewer than 8 samples (one step is too small to share), else torch's.",
+        help="CPU threads for the matrix products. Default: 1 (a sampling step is too small to share well).",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Say nothing on stderr but errors."),
 ) -> None:
@@ -685,10 +685,9 @@ def sample(
     if output_script is not None and output_script not in ("simplified", "traditional"):
         raise typer.BadParameter(f"--output-script must be simplified or traditional, not {output_script!r}")
 
-    import torch
-
-    from poetgen.checkpoint import find_checkpoint, load_model
-    from poetgen.devices import resolve_device
+    # On the CPU, sampling runs on numpy (poetgen.infer) and never imports torch, which alone takes seconds.
+    from poetgen.checkpoint_file import find_checkpoint
+    from poetgen.infer import load_runtime, torch_gpu_build
     from poetgen.sample import SampleOptions, generate
 
     note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
@@ -696,16 +695,29 @@ def sample(
     note(f"Checkpoint: {path}")
     if threads is not None and threads < 1:
         raise typer.BadParameter(f"--threads must be at least 1, got {threads}")
-    if threads is not None or len(primes) * num_samples < 8:
-        torch.set_num_threads(threads or 1)
-    torch_device = resolve_device(device)
     options = SampleOptions(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, length=length,
         num_samples=num_samples, seed=seed, form=form, acrostic=acrostic, line_length=line_length, rhyme=rhyme,
         style=style, output_script=output_script,
     )
-    options.validate()  # before the slow load: a bad value is reported at once
-    model, ckpt = load_model(path, torch_device)
+    options.validate()  # before the load: a bad value is reported at once
+    on_cpu = device == "cpu" or (device == "auto" and not torch_gpu_build())
+    if not on_cpu:  # a GPU (or an unknown device name, refused here): the torch model steps on it
+        import torch
+
+        from poetgen.checkpoint import load_model
+        from poetgen.devices import resolve_device
+
+        torch_device = resolve_device(device)
+        on_cpu = torch_device.type == "cpu"
+        if not on_cpu:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            model, ckpt = load_model(path, torch_device)
+            vocab = ckpt.vocab
+    if on_cpu:
+        model = load_runtime(path)
+        vocab = model.vocab
 
     out = None
     if stream:  # the only case where the file must be open before generation
@@ -720,7 +732,7 @@ def sample(
                 sys.stdout.flush()
             shown[0] = piece or shown[0]
 
-        result = generate(model, ckpt.vocab, primes, options, on_text=show if stream else None)
+        result = generate(model, vocab, primes, options, on_text=show if stream else None, threads=threads or 1)
         for n in result.notes:
             note(f"Note: {n}")
         if stream:

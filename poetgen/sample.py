@@ -8,30 +8,35 @@ How one call runs (``generate``):
 2. Each distinct prefix ``<eot> [style <eot>] prime`` is fed once (the leading <eot> is how every document in
    training began: it follows the previous one's end). The style text is a hidden prefix: it conditions the
    model, is never printed, and ends in <eot> so the poem starts afresh in its mood. Rows with the same prime
-   share that work; their hidden states are then copied out to the batch.
-3. Every step turns the last logits (B, V) into one symbol per row: repetition penalty, then the form mask
+   share that work; their states are then copied out to the batch.
+3. Every step turns the last scores (B, V) into one symbol per row: repetition penalty, then the form mask
    (forbidden symbols get -inf, so even an untrained model keeps the structure), then temperature (0 = greedy),
-   top-k, top-p, and a draw from a seeded torch.Generator. The chosen symbols are fed back with the carried hidden
-   state; the prefix is never re-run. A row that draws <eot> is finished and dropped from the batch
-   (``select_hidden``), so the others run on a smaller batch.
+   top-k, top-p, and a draw from a seeded numpy Generator. The chosen symbols are fed back with the carried
+   state; the prefix is never re-run. A row that draws <eot> is finished and dropped from the batch, so the others
+   run on a smaller batch.
+
+The model behind the steps (an *engine*) is either poetgen.infer's numpy Runtime (the CPU: a CharRNN on the CPU
+is converted to one) or a torch module on its device (CUDA, MPS, or any module with ``forward(idx, hidden)``),
+whose scores are copied to numpy each step. Decoding is the same numpy code for both.
 
 ``mean_logprob`` is the mean natural-log probability the *model* gave each generated symbol (its raw softmax:
-before temperature, penalty, masks and truncation), the final <eot> included. The same seed, settings and
-batch give the same output; a sample depends on the other rows of its batch, since they share the generator.
+before temperature, penalty, masks and truncation), the final <eot> included. The same seed, settings, batch and
+engine give the same output; a sample depends on the other rows of its batch, since they share the generator.
 """
 
 from __future__ import annotations
 
 import random
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
-from torch import nn
+from typing import Any, Protocol
+
+import numpy as np
 
 from poetgen.errors import SampleError
-from poetgen.model import select_hidden
 from poetgen.poetry import ConstraintState, FormConstraint, is_han
 from poetgen.vocab import EOT_ID, Vocab, format_symbols
 
@@ -70,7 +75,7 @@ class SampleOptions:
             raise SampleError(f"length must be at least 1, got {self.length}")
         if self.num_samples < 1:
             raise SampleError(f"number of samples must be at least 1, got {self.num_samples}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator accepts
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator accepted
             raise SampleError(f"seed must be from -2**63 to 2**64 - 1, got {self.seed}")
         if self.output_script not in (None, *SCRIPTS):
             raise SampleError(f"output script must be one of {', '.join(SCRIPTS)}, got {self.output_script!r}")
@@ -160,23 +165,119 @@ def to_model_script(vocab: Vocab, text: str, what: str, script: str | None, note
     return text
 
 
+# --- engines ----------------------------------------------------------------------------------------------------
+
+
+class Engine(Protocol):
+    """What decoding needs from a model (poetgen.infer.Runtime has exactly this)."""
+
+    def prefix(self, prefixes: list[list[int]]) -> np.ndarray:
+        """Start one row per prefix: -> scores (U, V) after each whole prefix."""
+
+    def select(self, index: np.ndarray) -> None:
+        """Keep the rows ``index`` (K,) of the state, in that order (rows may repeat)."""
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens (B,) -> scores (B, V) (float32; the caller may change them in place)."""
+
+
+class TorchEngine:
+    """A torch module with ``forward(idx (B, T), hidden) -> (scores (B, T, V), hidden)`` on its own device, behind the
+    Engine interface. Call inside ``torch.inference_mode()`` with the module in eval mode."""
+
+    def __init__(self, model: Any):
+        import torch
+
+        self.torch, self.model = torch, model
+        self.device = next(model.parameters()).device
+        self.hidden: Any = None
+
+    def _scores(self, logits: Any) -> np.ndarray:
+        return logits.float().cpu().numpy()
+
+    def prefix(self, prefixes: list[list[int]]) -> np.ndarray:
+        """Each distinct prefix length is one batched call."""
+        torch = self.torch
+        by_length: dict[int, list[int]] = {}
+        for u, ids in enumerate(prefixes):
+            by_length.setdefault(len(ids), []).append(u)
+        order: list[int] = []
+        logits_parts, hidden_parts = [], []
+        for _, members in sorted(by_length.items()):
+            idx = torch.tensor([prefixes[u] for u in members], dtype=torch.long, device=self.device)  # (G, T)
+            logits, hidden = self.model(idx)  # (G, T, V)
+            logits_parts.append(logits[:, -1])
+            hidden_parts.append(hidden)
+            order.extend(members)
+        if isinstance(hidden_parts[0], tuple):
+            self.hidden = tuple(torch.cat([h[i] for h in hidden_parts], dim=1) for i in range(len(hidden_parts[0])))
+        else:
+            self.hidden = torch.cat(hidden_parts, dim=1)
+        inverse = np.empty(len(order), dtype=np.intp)
+        inverse[np.array(order)] = np.arange(len(order))
+        self.select(inverse)
+        return self._scores(torch.cat(logits_parts))[inverse]
+
+    def select(self, index: np.ndarray) -> None:
+        from poetgen.model import select_hidden
+
+        self.hidden = select_hidden(self.hidden, self.torch.as_tensor(np.asarray(index, dtype=np.int64),
+                                                                      device=self.device))
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        idx = self.torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)[:, None]  # (B, 1)
+        logits, self.hidden = self.model(idx, self.hidden)  # (B, 1, V)
+        return self._scores(logits[:, -1])
+
+
+def _engine_for(model: Any) -> tuple[Any, Callable[[], Any]]:
+    """-> (engine, a context manager factory to run decoding in). A CharRNN on the CPU becomes a numpy Runtime."""
+    from contextlib import nullcontext
+
+    if hasattr(model, "step") and hasattr(model, "prefix") and hasattr(model, "select"):
+        return model, nullcontext
+    import torch
+
+    from poetgen.model import CharRNN
+
+    raw = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    if isinstance(raw, CharRNN) and next(raw.parameters()).device.type == "cpu":
+        from poetgen.infer import Runtime
+
+        return Runtime.from_state(raw.config, raw.state_dict()), nullcontext
+
+    class _EvalMode:
+        """Dropout would draw from the global RNG: no longer the seed alone would decide the output."""
+
+        def __enter__(self):
+            self.was_training, self.mode = model.training, torch.inference_mode()
+            model.eval()
+            self.mode.__enter__()
+
+        def __exit__(self, *exc):
+            self.mode.__exit__(*exc)
+            model.train(self.was_training)
+
+    return TorchEngine(model), _EvalMode
+
+
 # --- decoding ---------------------------------------------------------------------------------------------------
 
 
 class _Constraint:
-    """FormConstraint's masks as tensors, stepped for a whole batch at once."""
+    """FormConstraint's masks stepped for a whole batch at once (numpy arrays, rows = active samples)."""
 
-    def __init__(self, c: FormConstraint, states: list[ConstraintState], device: torch.device):
-        self.table = torch.from_numpy(c.table).to(device)  # (P + 2, V) bool
-        self.rhyme_pos = torch.from_numpy(c.rhyme_pos).to(device)  # (P + 2,) bool
-        self.char_groups = torch.from_numpy(c.char_groups).to(device)  # (V,) int64 bit sets
+    def __init__(self, c: FormConstraint, states: list[ConstraintState]):
+        self.table = c.table  # (P + 2, V) bool
+        self.rhyme_pos = c.rhyme_pos  # (P + 2,) bool
+        self.char_groups = c.char_groups  # (V,) int64 bit sets
         self.rhyme = c.rhyme
         self.last = c.length + 1
-        self.pos = torch.tensor([s.pos for s in states], dtype=torch.long, device=device)  # (B,)
-        self.groups = torch.tensor([s.groups for s in states], dtype=torch.long, device=device)  # (B,)
-        self.at_rhyme: torch.Tensor | None = None
+        self.pos = np.array([s.pos for s in states], dtype=np.intp)  # (B,)
+        self.groups = np.array([s.groups for s in states], dtype=np.int64)  # (B,)
+        self.at_rhyme: np.ndarray | None = None
 
-    def allowed(self) -> torch.Tensor:
+    def allowed(self) -> np.ndarray:
         allowed = self.table[self.pos]  # (B, V)
         self.at_rhyme = None
         if self.rhyme:
@@ -184,88 +285,83 @@ class _Constraint:
             if at.any():
                 rhyming = allowed & ((self.char_groups[None, :] & self.groups[:, None]) != 0)  # (B, V)
                 at = at & rhyming.any(1)  # an empty rhyme mask falls back to the plain one
-                allowed = torch.where(at[:, None], rhyming, allowed)
+                allowed = np.where(at[:, None], rhyming, allowed)
                 self.at_rhyme = at
         return allowed
 
-    def advance(self, token: torch.Tensor) -> None:
+    def advance(self, token: np.ndarray) -> None:
         if self.at_rhyme is not None:
-            self.groups = torch.where(self.at_rhyme, self.groups & self.char_groups[token], self.groups)
-        self.pos = (self.pos + 1).clamp_(max=self.last)
+            self.groups = np.where(self.at_rhyme, self.groups & self.char_groups[token], self.groups)
+        self.pos = np.minimum(self.pos + 1, self.last)
 
-    def keep(self, index: torch.Tensor) -> None:
+    def keep(self, index: np.ndarray) -> None:
         self.pos, self.groups = self.pos[index], self.groups[index]
 
 
-def _cat_hidden(parts: list) -> object:
-    if isinstance(parts[0], tuple):
-        return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(len(parts[0])))
-    return torch.cat(parts, dim=1)
-
-
-def _feed_prefixes(model: nn.Module, prefixes: list[list[int]], device: torch.device):
-    """Run each distinct prefix once, batched by length. -> last logits (U, V), hidden (L, U, H) in input order."""
-    by_length: dict[int, list[int]] = {}
-    for u, ids in enumerate(prefixes):
-        by_length.setdefault(len(ids), []).append(u)
-    order: list[int] = []
-    logits_parts, hidden_parts = [], []
-    for _, members in sorted(by_length.items()):
-        idx = torch.tensor([prefixes[u] for u in members], dtype=torch.long, device=device)  # (G, T)
-        logits, hidden = model(idx)  # (G, T, V)
-        logits_parts.append(logits[:, -1])
-        hidden_parts.append(hidden)
-        order.extend(members)
-    inverse = torch.empty(len(order), dtype=torch.long, device=device)
-    inverse[torch.tensor(order, device=device)] = torch.arange(len(order), device=device)
-    logits = torch.cat(logits_parts).index_select(0, inverse)
-    return logits, select_hidden(_cat_hidden(hidden_parts), inverse)
-
-
-def _penalizable(vocab: Vocab, device: torch.device) -> torch.Tensor:
+def _penalizable(vocab: Vocab) -> np.ndarray:
     """(V,) bool: symbols the repetition penalty applies to — characters, not <eot>, punctuation or spaces."""
-    import unicodedata
-
-    keep = [i >= 2 and unicodedata.category(s)[0] not in "PZC" for i, s in enumerate(vocab.symbols)]
-    return torch.tensor(keep, dtype=torch.bool, device=device)
+    return np.array([i >= 2 and unicodedata.category(s)[0] not in "PZC" for i, s in enumerate(vocab.symbols)])
 
 
-def _choose(scores: torch.Tensor, o: SampleOptions, top_k: int, gen: torch.Generator) -> torch.Tensor:
+def _generator(seed: int) -> np.random.Generator:
+    """A numpy Generator for any seed SampleOptions accepts (-2**63 .. 2**64 - 1); negative seeds get streams of
+    their own."""
+    return np.random.default_rng(np.random.SeedSequence(abs(seed), spawn_key=(1,) if seed < 0 else ()))
+
+
+def _draw(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """weights (B, V) >= 0, each row with a positive one -> (B,) ids drawn in proportion (inverse CDF: one uniform
+    number per row; drawing one exponential per symbol instead was most of the step time at 64 x 6,000)."""
+    cdf = np.cumsum(weights, axis=1)  # (B, V) float32 (a symbol below ~1e-7 of the total loses its share)
+    total = cdf[:, -1]
+    # u in (0, total]: the first index whose cdf reaches u has a positive weight, so a masked symbol never comes.
+    u = ((1.0 - rng.random(len(cdf))) * total).astype(cdf.dtype)
+    if len(cdf) == 1:
+        token = np.array([np.searchsorted(cdf[0], u[0])])
+    else:
+        token = (cdf < u[:, None]).sum(axis=1)
+    return np.minimum(token, cdf.shape[1] - 1)
+
+
+def _choose(scores: np.ndarray, o: SampleOptions, top_k: int, rng: np.random.Generator) -> np.ndarray:
     """scores (B, V) with -inf for forbidden symbols -> (B,) chosen ids."""
     if o.temperature == 0:
-        return scores.argmax(-1)
-    scores = scores / o.temperature
-    if top_k < scores.size(-1):
-        kth = scores.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        scores = scores.masked_fill(scores < kth, NEG_INF)
+        return scores.argmax(axis=1)
+    if o.temperature != 1:
+        scores = scores / np.float32(o.temperature)
+    V = scores.shape[1]
+    if top_k < V:
+        kth = np.partition(scores, V - top_k, axis=1)[:, V - top_k, None]  # (B, 1) the k-th largest
+        scores = np.where(scores < kth, np.float32(NEG_INF), scores)
     if o.top_p is not None and o.top_p < 1:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(-1)
+        order = np.argsort(-scores, axis=1, kind="stable")  # (B, V) most likely first
+        ranked = np.take_along_axis(scores, order, axis=1)
+        probs = np.exp(ranked - ranked[:, :1])
+        probs /= probs.sum(axis=1, keepdims=True)
         # Drop a symbol when the ones before it already reach top_p; the most likely one always stays.
-        drop = (probs.cumsum(-1) - probs) >= o.top_p
-        sorted_scores = sorted_scores.masked_fill(drop, NEG_INF)
-        scores = torch.full_like(scores, NEG_INF).scatter_(-1, order, sorted_scores)
-    # Inverse-CDF draw: one uniform number per row. torch.multinomial draws one exponential per symbol instead,
-    # which made it 70% of the step time for 64 rows x 6,000 symbols. (In float32 a symbol below ~1e-7 of the
-    # running total loses its share: a bias far below anything a sample could show.)
-    weights = (scores - scores.amax(-1, keepdim=True)).exp_()  # (B, V), 0 where forbidden
-    cdf = weights.cumsum_(-1)  # (B, V)
-    u = (1.0 - torch.rand(cdf.size(0), 1, generator=gen, device=cdf.device)) * cdf[:, -1:]
-    # u in (0, total]: the first index whose cdf reaches u has a positive weight, so a masked symbol never comes.
-    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.size(1) - 1)
+        ranked[(np.cumsum(probs, axis=1) - probs) >= o.top_p] = NEG_INF
+        scores = np.empty_like(ranked)
+        np.put_along_axis(scores, order, ranked, axis=1)
+    weights = scores - scores.max(axis=1, keepdims=True)
+    np.exp(weights, out=weights)  # (B, V), 0 where forbidden
+    return _draw(weights, rng)
 
 
 def generate(
-    model: nn.Module,
+    model: Any,
     vocab: Vocab,
     primes: Sequence[str] = ("",),
     options: SampleOptions | None = None,
     on_text: Callable[[str], None] | None = None,
+    threads: int | None = 1,
 ) -> SampleResult:
     """``options.num_samples`` samples for each prime, all in one batch (prime-major order).
 
-    ``on_text`` receives the first sample as it is written: its prime, then each new character (converted to the
-    output script one character at a time). A model in training mode is switched to eval mode for the call.
+    ``model``: a poetgen.infer.Runtime, a CharRNN (on the CPU it is run by a Runtime made from its weights), or any
+    torch module with ``forward(idx, hidden) -> (scores, hidden)`` (run on its device in eval mode, then put back
+    in the mode it was in). ``on_text`` receives the first sample as it is written: its prime, then each new
+    character (converted to the output script one character at a time). ``threads``: numpy's BLAS threads for the
+    call (None: as they are); one is fastest for a step this small unless the cores are otherwise idle.
     """
     o = options or SampleOptions()
     o.validate()
@@ -300,68 +396,72 @@ def generate(
         raise SampleError(f"{rows:,} sample(s) of up to {max_new:,} symbols are too many to hold at once (at most "
                           f"{MAX_CELLS:,} symbols in all); lower --length or --num-samples")
 
-    was_training = model.training
-    model.eval()  # dropout would draw from the global RNG: no longer the seed alone decides the output
-    try:
-        with torch.inference_mode():
-            return _decode(model, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text)
-    finally:
-        model.train(was_training)
+    engine, context = _engine_for(model)
+    if hasattr(engine, "use_table") and rows * max_new >= len(vocab):
+        engine.use_table()  # a gather instead of layer 0's input matmul; its build pays off from ~V row-steps
+    from poetgen.infer import blas_threads
+
+    with context(), blas_threads(threads):
+        return _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text)
 
 
-def _decode(model, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text):
-    """The batched loop of ``generate`` (inside inference mode)."""
-    device = next(model.parameters()).device
+def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text):
+    """The batched loop of ``generate``."""
     V = len(vocab)
     seed = o.seed if o.seed is not None else random.SystemRandom().randrange(2**31)
     top_k = min(o.top_k or V, V)
     n = o.num_samples
     B = len(primes) * n
     t0 = time.perf_counter()
-    gen = torch.Generator(device=device).manual_seed(seed)
+    rng = _generator(seed)
     style_ids = vocab.encode(style) + [EOT_ID] if style else []
     distinct = list(dict.fromkeys(primes_model))
-    prefixes = [[EOT_ID] + style_ids + vocab.encode(p) for p in distinct]
-    logits, hidden = _feed_prefixes(model, prefixes, device)
-    row_prefix = torch.tensor(
-        [distinct.index(p) for p in primes_model for _ in range(n)], dtype=torch.long, device=device
-    )  # (B,) which distinct prefix each row continues
-    logits = logits.index_select(0, row_prefix)  # (B, V)
-    hidden = select_hidden(hidden, row_prefix)
+    scores = engine.prefix([[EOT_ID] + style_ids + vocab.encode(p) for p in distinct])  # (U, V)
+    row_prefix = np.array([distinct.index(p) for p in primes_model for _ in range(n)])  # (B,) prefix of each row
+    engine.select(row_prefix)
+    scores = scores[row_prefix]  # (B, V)
 
     batch_constraint = None
     if constraint is not None:
-        batch_constraint = _Constraint(constraint, [s for s in starts for _ in range(n)], device)
+        batch_constraint = _Constraint(constraint, [s for s in starts for _ in range(n)])
     penalize = o.repetition_penalty != 1.0
     if penalize:
-        seen = torch.zeros(B, V, dtype=torch.bool, device=device)  # (B, V) symbols used so far
+        penalty = np.float32(o.repetition_penalty)
+        penalizable = _penalizable(vocab)  # (V,)
+        seen = np.zeros((B, V), dtype=bool)  # (B, V) symbols used so far
         for r, p in enumerate(primes_model):
             if p:
-                seen[r * n : (r + 1) * n, torch.tensor(vocab.encode(p), device=device)] = True
-        penalizable = _penalizable(vocab, device)  # (V,)
+                seen[r * n : (r + 1) * n, vocab.encode(p)] = True
         seen &= penalizable[None, :]
+    # Temperature 1 with nothing to mask or truncate draws from the model's own softmax: one exp serves both.
+    plain = o.temperature == 1 and not penalize and constraint is None and top_k == V and not (
+        o.top_p is not None and o.top_p < 1)
 
-    out = torch.full((B, max_new), -1, dtype=torch.long, device=device)  # (B, max_new); -1 after the end
-    logps = torch.zeros(B, max_new, device=device)  # (B, max_new) model log-probabilities
-    rows = torch.arange(B, device=device)  # (b,) original row of each active row
+    out = np.full((B, max_new), -1, dtype=np.int64)  # (B, max_new); -1 after the end
+    logps = np.zeros((B, max_new))  # (B, max_new) model log-probabilities
+    rows = np.arange(B)  # (b,) original row of each active row
     streaming = on_text is not None
     if streaming:
         on_text(_convert(primes_model[0], o.output_script))
 
     steps = 0
     for t in range(max_new):
-        logits = scores = logits.float()  # (b, V)
-        log_norm = torch.logsumexp(logits, dim=-1)  # (b,) for the model's log-probability of the choice
-        if penalize:
-            penalized = torch.where(scores > 0, scores / o.repetition_penalty, scores * o.repetition_penalty)
-            scores = torch.where(seen, penalized, scores)
-        if batch_constraint is not None:
-            scores = scores.masked_fill(~batch_constraint.allowed(), NEG_INF)
-        token = _choose(scores, o, top_k, gen)  # (b,)
+        shifted = scores - scores.max(axis=1, keepdims=True)  # (b, V)
+        weights = np.exp(shifted)
+        log_norm = np.log(weights.sum(axis=1))  # (b,) for the model's log-probability of the choice
+        if plain:
+            token = _draw(weights, rng)
+        else:
+            if penalize:
+                penalized = np.where(scores > 0, scores / penalty, scores * penalty)
+                scores = np.where(seen, penalized, scores)
+            if batch_constraint is not None:
+                scores = np.where(batch_constraint.allowed(), scores, np.float32(NEG_INF))
+            token = _choose(scores, o, top_k, rng)  # (b,)
         out[rows, t] = token
-        logps[rows, t] = logits.gather(1, token[:, None]).squeeze(1) - log_norm
+        logps[rows, t] = shifted[np.arange(len(token)), token] - log_norm
         if streaming:
-            first = int(token[0]) if int(rows[0]) == 0 else EOT_ID
+            first = int(token[0]) if rows[0] == 0 else EOT_ID
             if first == EOT_ID:
                 streaming = False
             else:
@@ -369,22 +469,21 @@ def _decode(model, vocab, primes, primes_model, style, constraint, starts, o, ma
         if batch_constraint is not None:
             batch_constraint.advance(token)
         if penalize:
-            seen[torch.arange(len(token), device=device), token] |= penalizable[token]
+            seen[np.arange(len(token)), token] |= penalizable[token]
         done = token == EOT_ID
         if done.any():
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
+            keep = np.flatnonzero(~done)
+            if len(keep) == 0:
                 break
             rows, token = rows[keep], token[keep]
-            hidden = select_hidden(hidden, keep)
+            engine.select(keep)
             if batch_constraint is not None:
                 batch_constraint.keep(keep)
             if penalize:
                 seen = seen[keep]
         if t == max_new - 1:
             break
-        logits, hidden = model(token[:, None], hidden)  # (b, 1, V)
-        logits = logits[:, -1]
+        scores = engine.step(token)  # (b, V)
         steps += 1
 
     seconds = time.perf_counter() - t0

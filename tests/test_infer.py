@@ -1,0 +1,284 @@
+"""The numpy runtime (poetgen.infer) against the torch CharRNN, its checkpoint reader against poetgen.checkpoint's,
+and `poetgen sample` on the CPU without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+
+from poetgen import model_config
+from poetgen.checkpoint import load_checkpoint, save_checkpoint
+from poetgen.errors import CheckpointError, ConfigError
+from poetgen.infer import Runtime, blas_threads, load_runtime
+from poetgen.model import CharRNN, ModelConfig
+from poetgen.poetry import check_poem
+from poetgen.vocab import Vocab
+
+ADAPTIVE = "head" in {f.name for f in fields(ModelConfig)}
+TEXT = "床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _model(cell="lstm", layers=2, tie=False, V=29, H=12, E=7, **head) -> CharRNN:
+    """A CharRNN with weights far from their init (so that every gate and bias matters)."""
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(V, cell=cell, layers=layers, hidden=H, embed=H if tie else E, tie_weights=tie,
+                                **head)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.4)
+    return model
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _against_torch(model: CharRNN, table: bool) -> float:
+    """Largest |log-prob difference| over a 6-symbol prefix and 5 carried steps, 3 rows."""
+    rt = Runtime.from_state(model.config, model.state_dict())
+    rt.use_table(table)
+    ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids)[0].log_softmax(-1).numpy()  # (3, 11, V)
+    worst = np.abs(_log_softmax(rt.prefix(ids[:, :6].tolist())) - ref[:, 5]).max()
+    for t in range(6, 11):
+        worst = max(worst, np.abs(_log_softmax(rt.step(ids[:, t].numpy())) - ref[:, t]).max())
+    return float(worst)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("layers, tie", [(1, False), (3, False), (2, True)])
+@pytest.mark.parametrize("table", [False, True])
+def test_scores_equal_torch(cell, layers, tie, table):
+    assert _against_torch(_model(cell, layers, tie), table) < 1e-4
+
+
+@pytest.mark.skipif(not ADAPTIVE, reason="this ModelConfig has no adaptive head")
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_adaptive_head_equals_torch(cell):
+    model = _model(cell, 2, V=40, head="adaptive", cutoffs=(10, 25))
+    assert _against_torch(model, table=False) < 1e-4
+
+
+def test_hidden_state_equals_torch():
+    model = _model("lstm", 2)
+    ids = torch.tensor([[0, 3, 4, 5, 9]])
+    rt = Runtime.from_state(model.config, model.state_dict())
+    rt.prefix(ids.tolist())
+    with torch.no_grad():
+        h, c = model(ids)[1]
+    got_h, got_c = rt.hidden()
+    assert np.abs(got_h - h.numpy()).max() < 1e-5 and np.abs(got_c - c.numpy()).max() < 1e-5
+
+
+def test_prefixes_of_several_lengths_come_back_in_order():
+    model = _model("gru", 2)
+    prefixes = [[0, 5, 6, 7], [0], [0, 8, 9], [0, 5, 6, 7], [0, 2]]
+    rt = Runtime.from_state(model.config, model.state_dict())
+    together = rt.prefix(prefixes).copy()
+    after = rt.step(np.array([3, 3, 4, 4, 5])).copy()
+    for i, p in enumerate(prefixes):
+        alone = Runtime.from_state(model.config, model.state_dict())
+        assert np.abs(alone.prefix([p])[0] - together[i]).max() < 1e-5
+        assert np.abs(alone.step(np.array([[3, 3, 4, 4, 5][i]]))[0] - after[i]).max() < 1e-5
+
+
+def test_select_keeps_repeats_and_drops_rows():
+    model = _model("lstm", 2)
+    rt = Runtime.from_state(model.config, model.state_dict())
+    rt.prefix([[0, 4], [0, 6, 7]])
+    rt.select(np.array([1, 0, 1]))  # rows: prefix 1, prefix 0, prefix 1
+    assert rt.batch == 3
+    s = rt.step(np.array([2, 2, 5])).copy()
+    assert np.abs(s[0] - s[2]).max() > 1e-3  # same state, different inputs
+    rt.select(np.array([2]))  # only the third row goes on
+    last = rt.step(np.array([9]))[0].copy()
+    with torch.no_grad():
+        expected = model(torch.tensor([[0, 6, 7, 5, 9]]))[0][0, -1].numpy()
+    assert np.abs(last - expected).max() < 1e-4
+
+
+def test_table_can_be_switched_on_mid_stream():
+    model = _model("lstm", 1)
+    rt = Runtime.from_state(model.config, model.state_dict())
+    rt.prefix([[0, 1, 2]])
+    rt.use_table(True)
+    s = rt.step(np.array([3]))[0].copy()
+    with torch.no_grad():
+        expected = model(torch.tensor([[0, 1, 2, 3]]))[0][0, -1].numpy()
+    assert np.abs(s - expected).max() < 1e-4
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def _vocab() -> Vocab:
+    return Vocab.from_counts(Counter(TEXT))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A checkpoint as training writes it: optimizer state, RNG states, tied weights."""
+    torch.manual_seed(0)
+    vocab = _vocab()
+    model = CharRNN(ModelConfig(len(vocab), cell="lstm", layers=2, hidden=16, embed=16, tie_weights=True))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, len(vocab), (2, 5)))[0].sum().backward()
+    opt.step()
+    path = tmp_path_factory.mktemp("ck") / "run" / "best.ckpt"
+    save_checkpoint(path, model, vocab, optimizer=opt, train_state={"step": 1},
+                    dataset_meta={"name": "x", "path": "p", "fingerprint": "f"})
+    return path, model.eval(), vocab
+
+
+def test_load_runtime_equals_the_model(saved):
+    path, model, vocab = saved
+    rt = load_runtime(path.parent)  # a run directory is resolved like load_checkpoint does
+    assert rt.path == path and rt.vocab == vocab and rt.config.to_dict() == model.config.to_dict()
+    ids = [[0, *vocab.encode("床前明月")]]
+    with torch.no_grad():
+        ref = model(torch.tensor(ids))[0][0, -1].numpy()
+    assert np.abs(rt.prefix(ids)[0] - ref).max() < 1e-4
+
+
+def _outcome(fn, path):
+    try:
+        fn(path)
+    except CheckpointError as e:
+        return str(e)
+    return "ok"
+
+
+def test_every_foreign_file_gets_the_same_refusal(saved, tmp_path):
+    """Both readers refuse each bad file with the same message, and nothing from it runs."""
+    from test_foreign_files import foreign_files
+
+    blob = saved[0].read_bytes()
+    marker = tmp_path / "marker"
+    files = foreign_files(blob, marker)
+    for name, data in files.items():
+        p = tmp_path / f"{name}.ckpt"
+        p.write_bytes(data)
+        numpy_says = _outcome(load_runtime, p)
+        assert numpy_says != "ok", name
+        assert numpy_says == _outcome(load_checkpoint, p), name
+    assert not marker.exists()
+    assert _outcome(load_runtime, tmp_path / "absent.ckpt").startswith("checkpoint not found")
+
+
+def _with_data(blob: bytes, change) -> bytes:
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    data = change(json.loads(header["__metadata__"]["data"]))
+    header["__metadata__"]["data"] = json.dumps(data, ensure_ascii=False)
+    raw = json.dumps(header, ensure_ascii=False).encode()
+    return len(raw).to_bytes(8, "little") + raw + blob[8 + n :]
+
+
+@pytest.mark.parametrize("change", [
+    {"dropout": 1.5}, {"dropout": "x"}, {"layers": 0}, {"layers": 2**40}, {"hidden": 17}, {"cell": "pickle"},
+    {"tie_weights": 1}, {"vocab_size": 3}, {"extra_key": 1}, {"embed": True},
+])
+def test_damaged_model_config_gets_the_same_refusal(saved, tmp_path, change):
+    blob = saved[0].read_bytes()
+    p = tmp_path / "bad.ckpt"
+    p.write_bytes(_with_data(blob, lambda d: {**d, "model_config": {**d["model_config"], **change}}))
+    numpy_says = _outcome(load_runtime, p)
+    assert numpy_says != "ok" and numpy_says == _outcome(load_checkpoint, p)
+
+
+@pytest.mark.parametrize("change", [
+    {"aliases": {"head.weight": "nothing"}}, {"dataset_meta": {"path": 3}}, {"train_state": [1]},
+    {"rng_python": [1, 2]}, {"vocab": {"symbols": ["a"]}},
+])
+def test_damaged_metadata_gets_the_same_refusal(saved, tmp_path, change):
+    blob = saved[0].read_bytes()
+    p = tmp_path / "bad.ckpt"
+    p.write_bytes(_with_data(blob, lambda d: {**d, **change}))
+    numpy_says = _outcome(load_runtime, p)
+    assert numpy_says != "ok" and numpy_says == _outcome(load_checkpoint, p)
+
+
+CONFIGS = [
+    {"vocab_size": 10}, {"vocab_size": 10, "cell": "gru", "layers": 3, "hidden": 8, "embed": 8, "tie_weights": True},
+    {"vocab_size": 1}, {"vocab_size": 10, "cell": "transformer"}, {"vocab_size": 10, "dropout": 1.0},
+    {"vocab_size": 10, "tie_weights": True}, {"vocab_size": 10, "layers": True}, {"vocab_size": "10"},
+    {"cell": "lstm"}, {"vocab_size": 10, "bogus": 1}, [1, 2],
+    {"vocab_size": 9000, "head": "auto"}, {"vocab_size": 100, "head": "adaptive", "cutoffs": [10, 50]},
+    {"vocab_size": 100, "head": "adaptive", "cutoffs": [50, 10]}, {"vocab_size": 100, "cutoffs": [5]},
+    {"vocab_size": 100, "head": "adaptive", "div_value": 0.5}, {"vocab_size": 100, "head": "softmax"},
+]
+
+
+@pytest.mark.parametrize("d", CONFIGS, ids=[json.dumps(c, ensure_ascii=False) for c in CONFIGS])
+def test_torch_free_model_config_is_the_models(d):
+    """poetgen.model_config.ModelConfig accepts, resolves and refuses exactly as poetgen.model.ModelConfig."""
+    def outcome(cls):
+        try:
+            return cls.from_dict(d).to_dict()
+        except ConfigError as e:
+            return f"ConfigError: {e}"
+
+    assert outcome(model_config.ModelConfig) == outcome(ModelConfig)
+    assert [f.name for f in fields(model_config.ModelConfig)] == [f.name for f in fields(ModelConfig)]
+
+
+def test_blas_threads_are_restored():
+    from poetgen.infer import _openblas
+
+    found = _openblas()
+    if found is None:
+        pytest.skip("numpy's BLAS here is not OpenBLAS")
+    before = found[1]()
+    with blas_threads(1):
+        assert found[1]() == 1
+    assert found[1]() == before
+
+
+# --- the command, as a process ------------------------------------------------------------------------------------
+
+
+def test_sample_process_on_cpu_never_imports_torch(saved, tmp_path):
+    """`poetgen sample` on the CPU: poems out, and torch never in sys.modules (it alone takes seconds to import)."""
+    path = saved[0]
+    script = (
+        "import sys\n"
+        "from poetgen.cli import app\n"
+        "try:\n"
+        f"    app(['sample', '-c', {str(path)!r}, '--form', '五绝', '-n', '4', '--seed', '1', '--device', sys.argv[1]])\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "print('TORCH', any(m == 'torch' or m.startswith('torch.') for m in sys.modules), 'EXIT', code,"
+        " file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    from poetgen.infer import torch_gpu_build
+
+    for device in ("cpu",) if torch_gpu_build() else ("cpu", "auto"):
+        r = subprocess.run([sys.executable, "-c", script, device], capture_output=True, text=True, env=env,
+                           timeout=120, encoding="utf-8")
+        assert "TORCH False EXIT 0" in r.stderr, r.stderr
+        poems = r.stdout.rstrip("\n").split("\n\n")
+        assert len(poems) == 4
+        for poem in poems:
+            assert check_poem(poem.replace("\n", ""), 4, 5) == [], poem
+    again = subprocess.run([sys.executable, "-c", script, "cpu"], capture_output=True, text=True, env=env,
+                           timeout=120, encoding="utf-8")
+    assert again.stdout == r.stdout  # same seed, same poems
+    assert re.search(r"Checkpoint: .*best\.ckpt", again.stderr)
