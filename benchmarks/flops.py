@@ -63,7 +63,6 @@ def peak(quick: bool) -> dict:
         r2 = flop / best_time(lambda: torch.matmul(a, b), repeats) / 1e9
         onednn, matmul = max(onednn, r1), max(matmul, r2)
         per_shape.append({"shape": [M, K, N], "onednn_gflops": r1, "matmul_gflops": r2})
-        del a, w, b, am, wm
     M, K, N = shapes[1]
     a, w = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16()
     bf16 = 2.0 * M * K * N / best_time(lambda: F.linear(a, w), max(2, repeats - 2)) / 1e9
