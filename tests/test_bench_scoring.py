@@ -1,0 +1,179 @@
+"""The benchmark baselines score exactly what they claim to (benchmarks/baselines, benchmarks/run.py).
+
+Timing is not tested here (benchmarks/run.py measures it); these check the accounting that makes the side-by-side
+figures comparable: every validation symbol scored once, with the context promised, padding excluded.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path[:0] = [str(BENCH), str(BENCH / "baselines")]
+
+from common import lstm_train_flops_per_char, score_recurrent, split_documents  # noqa: E402
+from nanogpt import score_windows  # noqa: E402
+from pytorch_book import score as book_score  # noqa: E402
+
+import run  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _lstm(V: int, seed: int = 0):
+    torch.manual_seed(seed)
+    emb, lstm, head = torch.nn.Embedding(V, 8), torch.nn.LSTM(8, 16, batch_first=True), torch.nn.Linear(16, V)
+
+    def step(x, hidden=None):
+        out, hidden = lstm(emb(x), hidden)
+        return head(out), hidden
+
+    return step
+
+
+def _unbroken(step, ids: np.ndarray, start: int) -> float:
+    with torch.no_grad():
+        logits, _ = step(torch.from_numpy(ids[None, :-1]))
+        nll = F.cross_entropy(logits[0], torch.from_numpy(ids[1:]), reduction="none")
+    return nll[start - 1:].mean().item()  # targets ids[start:]
+
+
+def test_score_recurrent_one_stream_is_one_unbroken_pass():
+    V, ids = 11, np.random.default_rng(0).integers(0, 11, 1500)
+    step = _lstm(V)
+    ref = _unbroken(step, ids, 700)
+    for window in (1, 37, 500, 5000):
+        nats, n = score_recurrent(step, ids, 700, 1500, streams=1, warmup=10_000, window=window)
+        assert n == 800
+        assert nats == pytest.approx(ref, abs=1e-6)
+
+
+def test_score_recurrent_streams_score_every_target_once():
+    V, ids = 11, np.random.default_rng(1).integers(0, 11, 1200)
+    step = _lstm(V)
+    ref = _unbroken(step, ids, 500)
+    nats, n = score_recurrent(step, ids, 500, 1200, streams=7, warmup=400, window=50)
+    assert n == 700
+    # a stream primed on 400 symbols is in the state an unbroken pass reaches (the random LSTM forgets fast)
+    assert nats == pytest.approx(ref, abs=1e-4)
+    cold, _ = score_recurrent(step, ids, 500, 1200, streams=7, warmup=0, window=50)
+    assert cold != pytest.approx(ref, abs=1e-9)  # without priming the seven stream starts differ
+
+
+class _WindowModel(torch.nn.Module):
+    """Causal, position-dependent (a running mean): a window's start changes its outputs, as in a GPT."""
+
+    def __init__(self, V: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.head = torch.nn.Embedding(V, V), torch.nn.Linear(V, V)
+
+    def forward(self, x):
+        h = self.e(x).cumsum(1) / torch.arange(1, x.size(1) + 1)[None, :, None]
+        return self.head(h)
+
+
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_score_windows_is_the_documented_sliding_window(stride):
+    V, block = 7, 8
+    model, ids = _WindowModel(V), np.random.default_rng(2).integers(0, V, 120)
+    start, end = 20, 117
+    total = 0.0
+    with torch.no_grad():  # by hand: target t is scored in the window whose last `stride` targets hold it
+        for t in range(start, end):
+            f = start + (t - start) // stride * stride
+            a = min(f + stride, end) - 1 - block
+            assert block - stride + 1 <= t - a <= block  # the context the docstring promises
+            logits = model(torch.from_numpy(ids[a:a + block])[None])[0]
+            total += F.cross_entropy(logits[t - a - 1][None], torch.tensor([ids[t]])).item()
+        nats, n = score_windows(model, torch, F, ids, start, end, block, stride, batch=5)
+    assert n == end - start
+    assert nats == pytest.approx(total / n, abs=1e-6)
+
+
+def test_book_score_counts_real_symbols_only():
+    V = 9  # poetgen ids; START = 9, PAD = 10
+    poems = [np.array([3, 4, 5]), np.array([2] * 130), np.array([7])]
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(V + 2, V + 2)  # no recurrence: the padding in front cannot change anything
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return emb(x)
+
+    with torch.no_grad():
+        logp = F.log_softmax(emb.weight, dim=-1)
+        expect = []
+        for p in poems:
+            seq = [V, *p.tolist(), 0]
+            expect += [-logp[a, b].item() for a, b in zip(seq[:-1], seq[1:])]
+        for pre_pad in (True, False):
+            got = book_score(M(), torch, F, poems, V, V + 1, pre_pad=pre_pad, batch=2)
+            assert got == pytest.approx(np.mean(expect), abs=1e-6)
+    assert len(expect) == sum(len(p) + 1 for p in poems)  # characters + <EOP>; a poem over 124 scored whole
+
+
+def test_split_documents_and_flop_count():
+    docs = split_documents(np.array([5, 6, 0, 7, 0]))
+    assert [d.tolist() for d in docs] == [[5, 6], [7]]
+    # LSTM 512 x 2 over embedding 512, vocabulary 65: gates 2*4*512*(512+512) per layer, head 2*512*65; x3
+    assert lstm_train_flops_per_char(65, 512, 512, 2) == 3 * (2 * 2 * 4 * 512 * 1024 + 2 * 512 * 65)
+
+
+def test_results_sections_replace_only_their_own_group_and_mode(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\nolder text stays\n", encoding="utf-8")
+    m = {"cpu": "test cpu"}
+
+    def group(name: str, value: float, when: str) -> run.GroupResult:
+        g = run.GroupResult(name, started=when, load_before=(0.0, 0.0, 0.0))
+        g.rows.append(run.Row(name, "a measure", "<= 1", value, 2.0, "anchor", "pass", value / 2))
+        g.commands = [f"poetgen train {name}"]
+        return g
+
+    run.update_results(path, [group("tang", 0.5, "first"), group("flops", 0.25, "first")], m, 0, "full")
+    run.update_results(path, [group("tang", 0.75, "second")], m, 0, "full")
+    run.update_results(path, [group("tang", 0.125, "quick one")], m, 0, "quick")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmark results\n\nolder text stays\n")
+    full = text[text.index("<!-- run.py full: begin -->"):text.index("<!-- run.py full: end -->")]
+    quick = text[text.index("<!-- run.py quick: begin -->"):text.index("<!-- run.py quick: end -->")]
+    assert "| 0.750 |" in full and "| 0.500 |" not in full  # tang replaced
+    assert "| 0.250 |" in full  # flops kept
+    assert "| 0.125 |" in quick and "| 0.125 |" not in full  # quick never touches the full figures
+    assert full.count("<!-- group tang: begin -->") == 1 and "_not run yet_" in full  # the other groups wait
+
+
+def test_bench_sample_text_is_parsed(tmp_path, monkeypatch):
+    printed = """LSTM 2 x 256, embed 128, vocabulary 6,000; torch 2.13.0, default threads 2
+run                      samples threads    chars/s
+free text, length 400          1       1      6,123
+free text, length 100         64       2    150,000
+
+end to end (median of 1)          seconds
+python -c 'import torch'             2.51
+poetgen --help                       0.21
+poetgen sample --form 五绝            1.75
+  ... --rhyme -n 64                  2.10
+"""
+
+    class FakeRunner:
+        def run(self, argv, what):
+            return printed, 0.0, 0.0
+
+    script = tmp_path / "bench_sample.py"
+    script.write_text("print('no json here')\n")
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    rows = run.bench_sample_rows(FakeRunner(), [])
+    assert rows["speed"] == [
+        {"run": "free text, length 400", "samples": 1, "threads": 1, "chars_per_sec": 6123.0},
+        {"run": "free text, length 100", "samples": 64, "threads": 2, "chars_per_sec": 150000.0},
+    ]
+    assert [w["run"] for w in rows["wall"]] == ["python -c 'import torch'", "poetgen --help",
+                                                "poetgen sample --form 五绝", "poetgen sample --form 五绝 --rhyme -n 64"]
