@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -372,3 +373,33 @@ def test_draws_follow_the_distribution():
         assert abs(counts[ch] / 20000 - p) < 0.015
     hot = generate(Fixed(), vocab, [""], SampleOptions(num_samples=20000, length=1, temperature=1e6, seed=0))
     assert abs(Counter(s.text for s in hot.samples)["c"] / 20000 - 1 / 3) < 0.015  # flat, <eot>/<unk> still out
+
+
+@pytest.mark.parametrize("V", [5, 300, 1000, 6000])
+def test_two_level_draw_follows_the_weights_and_never_picks_a_zero(V):
+    """_draw over 20,000 rows: each symbol's share within 1.5 points of its weight; zero weights never, even a
+    lone positive weight far below the others (1e-30) in a block of its own, and block edges."""
+    from poetgen.sample import BLOCK, _draw, _generator
+
+    weights = np.zeros((20000, V), dtype=np.float32)
+    picks = {1: 0.5, V - 1: 0.3, min(BLOCK, V - 2): 0.2}  # the last symbol, a block's first
+    for i, w in picks.items():
+        weights[:, i] = w
+    got = _draw(weights, _generator(0))
+    counts = Counter(got.tolist())
+    assert set(counts) <= set(picks)
+    for i, w in picks.items():
+        assert abs(counts[i] / 20000 - w) < 0.015
+    lone = np.zeros((500, V), dtype=np.float32)
+    lone[:, V // 2] = 1e-30
+    assert (_draw(lone, _generator(1)) == V // 2).all()
+    lone[:, 0] = 1.0  # now the tiny one is ~never drawn, and nothing else is
+    assert set(_draw(lone, _generator(2)).tolist()) <= {0, V // 2}
+
+
+def test_negative_seeds_have_their_own_samples(untrained):
+    model, vocab = untrained
+    o = lambda seed: SampleOptions(num_samples=3, seed=seed, length=30, temperature=1.0)  # noqa: E731
+    a, b = generate(model, vocab, [""], o(-7)), generate(model, vocab, [""], o(7))
+    assert texts(a) != texts(b) and texts(a) == texts(generate(model, vocab, [""], o(-7)))
+    assert texts(generate(model, vocab, [""], o(2**64 - 1))) != texts(generate(model, vocab, [""], o(-1)))
