@@ -46,6 +46,11 @@ POETGEN = {
     "shakespeare-10m": "train {dataset} --max-time {budget}",
     "tang-prepare": "prepare {tang} --script simplified",
     "tang-10m": "train {dataset} --max-time {budget}",  # add the Tang recipe's flags here
+    # poetgen's training loop at the throughput benchmark's size (LSTM 512 x 2, embed 512, batch 64, seq 100 in
+    # full mode); characters per second are read from metrics.jsonl (one line per step), the first two dropped.
+    "flops-step": "train {dataset} --cell lstm --layers {layers} --hidden {hidden} --embed {embed} --dropout 0 "
+                  "--no-tie-weights --batch-size {batch} --seq-len {seq} --max-steps {steps} --eval-every 100000 "
+                  "--log-every 1 --sample-every 0 --patience 0",
 }
 # Budgets: (full, quick). poetgen's as --max-time values; the baselines' in seconds (nanoGPT: iterations).
 BUDGETS = {
@@ -321,10 +326,8 @@ def group_flops(r: Runner, g: GroupResult) -> None:
     plain = r.json(r.script(BASELINES / "lstm_loop.py", "--vocab", V, "--embed", E, "--hidden", H, "--layers", L,
                             "--batch", B, "--seq", T, "--steps", 3 if r.quick else 8), "plain nn.LSTM loop")
     runs = r.work / "runs"
-    r.json(r.poetgen("train", ds, "--cell", "lstm", "--layers", L, "--hidden", H, "--embed", E, "--dropout", 0,
-                     "--no-tie-weights", "--batch-size", B, "--seq-len", T, "--max-steps", size["steps"],
-                     "--eval-every", 100000, "--log-every", 1, "--sample-every", 0, "--patience", 0,
-                     "--runs-dir", runs, "--name", "flops", "--json", "-q"), "poetgen step")
+    r.json([*poetgen_argv(r, "flops-step", dataset=ds, **size), "--runs-dir", runs, "--name", "flops", "--json",
+            "-q"], "poetgen step")
     records = [json.loads(x) for x in (runs / "flops" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     cps = [x["chars_per_sec"] for x in records if x.get("type") == "train"][2:]  # the first steps warm up
     sys.path.insert(0, str(BASELINES))
@@ -532,7 +535,8 @@ def markdown_group(g: GroupResult, m: dict, threads: int, mode: str) -> str:
 
 
 def update_results(path: Path, groups: list[GroupResult], m: dict, threads: int, mode: str) -> None:
-    """Replace this mode's block of each group that ran inside its section; other groups' blocks stay."""
+    """Replace this mode's block of each group that ran inside its section; other groups' blocks stay, and so does
+    a block whose group failed or was skipped this time."""
     begin, end = f"<!-- run.py {mode}: begin -->", f"<!-- run.py {mode}: end -->"
     title = ("## Issue 7: poetgen against plain-PyTorch baselines, side by side (`python benchmarks/run.py --full`)"
              if mode == "full" else
@@ -549,6 +553,8 @@ def update_results(path: Path, groups: list[GroupResult], m: dict, threads: int,
     for g in groups:
         b, e = f"<!-- group {g.name}: begin -->", f"<!-- group {g.name}: end -->"
         new = f"{b}\n{markdown_group(g, m, threads, mode)}{e}"
+        if g.error and b in section and "_not run yet_" not in section[section.index(b):section.index(e)]:
+            continue  # a failed or skipped rerun never wipes the figures of an earlier run
         if b in section:
             section = section[: section.index(b)] + new + section[section.index(e) + len(e):]
         else:

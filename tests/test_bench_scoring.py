@@ -177,3 +177,16 @@ poetgen sample --form 五绝            1.75
     ]
     assert [w["run"] for w in rows["wall"]] == ["python -c 'import torch'", "poetgen --help",
                                                 "poetgen sample --form 五绝", "poetgen sample --form 五绝 --rhyme -n 64"]
+
+
+def test_a_failed_rerun_keeps_the_earlier_figures(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    good = run.GroupResult("tang", started="first", load_before=(0.0, 0.0, 0.0))
+    good.rows.append(run.Row("tang", "a measure", "<= 1", 0.5, 2.0, "anchor", "pass", 0.25))
+    run.update_results(path, [good], {}, 0, "full")
+    failed = run.GroupResult("tang", started="second", load_before=(0.0, 0.0, 0.0), error="RuntimeError: boom")
+    skipped = run.GroupResult("flops", started="second", load_before=(0.0, 0.0, 0.0), error="shared data absent")
+    run.update_results(path, [failed, skipped], {}, 0, "full")
+    text = path.read_text(encoding="utf-8")
+    assert "| 0.500 |" in text and "boom" not in text
+    assert "Not measured: shared data absent" in text  # a group never run before says why it is empty

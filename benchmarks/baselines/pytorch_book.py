@@ -20,7 +20,8 @@ Scoring, exact over the validation poems: nats (and bits) per REAL symbol, i.e. 
 first character is predicted from <START>. Poems longer than 124 characters are scored whole (an LSTM runs any
 length). Two ways, both reported: "as trained" (each poem pre-padded to 125 as in training) and "zero state"
 (<START> fed to the all-zero state, as the book's generator does); `val_nats` is the better of the two.
-Throughput: real characters trained per second (non-padding target positions / training seconds).
+Throughput: real characters trained per second (target positions holding a character or <EOP>, i.e. neither
+padding nor the <START> that follows it, per second of training).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         steps += 1
-        real += int((y != PAD).sum())
+        real += int(((y != PAD) & (y != START)).sum())  # characters and <EOP>: what poetgen's streams hold
         losses.append(loss.item())
         if steps % 50 == 0:
             log(f"pytorch-book step {steps} loss {np.mean(losses[-50:]):.4f} {time.perf_counter() - t0:.0f} s")
