@@ -16,6 +16,7 @@ Nothing is ever unpickled, so reading cannot run code. The file layout is descri
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,12 +75,36 @@ def read_verified(path: Path) -> tuple[bytes, dict]:
     """Read the file and check it is a complete poetgen safetensors checkpoint, before any tensor is decoded."""
     try:
         blob = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file") from None
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        raise _unreadable(path, e) from None
+    return blob, _verify(path, blob, len(blob))
+
+
+def read_header(path: Path) -> dict:
+    """read_verified's checks, reading only the header (the tensors are then read by name, see read_model)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if n <= _MAX_HEADER:
+                head += f.read(max(n, 1))  # and the byte after the length when the header is empty
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    return _verify(path, head, size)
+
+
+def _unreadable(path: Path, e: OSError) -> CheckpointError:
+    if isinstance(e, FileNotFoundError):
+        return CheckpointError(f"checkpoint not found: {path}")
+    if isinstance(e, IsADirectoryError):
+        return CheckpointError(f"{path} is a directory, not a checkpoint file")
+    return CheckpointError(f"cannot read checkpoint {path}: {e}")
+
+
+def _verify(path: Path, blob: bytes, size: int) -> dict:
+    """The checks on the file's first bytes (``blob``: at least its 8-byte length and header, where the file has
+    them) and its ``size``: -> the header's metadata."""
     # A safetensors file is an 8-byte little-endian header length, then a JSON header starting with "{".
     n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else 0
     if blob[8:9] != b"{" or n > _MAX_HEADER:
@@ -90,7 +115,7 @@ def read_verified(path: Path) -> tuple[bytes, dict]:
                 "can run arbitrary code"
             )
         raise CheckpointError(f"{path} is not a poetgen checkpoint")
-    if 8 + n > len(blob):
+    if 8 + n > size:
         raise CheckpointError(f"{path} is truncated (incomplete header): the file was cut short")
     try:
         header = json.loads(blob[8 : 8 + n])
@@ -112,11 +137,11 @@ def read_verified(path: Path) -> tuple[bytes, dict]:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (KeyError, TypeError, ValueError, IndexError):
         raise CheckpointError(f"{path} is damaged: a tensor entry of its header has no valid data_offsets") from None
-    if 8 + n + end != len(blob):
+    if 8 + n + end != size:
         raise CheckpointError(
-            f"{path} is truncated or damaged: expected {8 + n + end} bytes, found {len(blob)}"
+            f"{path} is truncated or damaged: expected {8 + n + end} bytes, found {size}"
         )
-    return blob, meta
+    return meta
 
 
 def decode_tensors(path: Path, blob: bytes, load: Callable[[bytes], dict]) -> dict:
@@ -273,15 +298,29 @@ class ModelFile:
 
 def read_model(path: str | Path) -> ModelFile:
     """The model of a checkpoint (or of a run directory's best one) as numpy arrays, checked exactly as
-    poetgen.checkpoint.load_checkpoint checks it."""
-    from safetensors.numpy import load
+    poetgen.checkpoint.load_checkpoint checks it. Only the model's tensors are read (not the optimizer's)."""
+    from safetensors import safe_open
 
     from poetgen.model_config import ModelConfig
 
     path = find_checkpoint(path)
-    blob, meta = read_verified(path)
-    tensors = decode_tensors(path, blob, load)
+    meta = read_header(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:  # checks every header entry against the file
+            tensors = {k: f.get_tensor(k) if k.startswith("model/") else _Spec(tuple(f.get_slice(k).get_shape()),
+                                                                                f.get_slice(k).get_dtype())
+                       for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type; the file is damaged either way
+        raise CheckpointError(f"{path} is damaged: {e}") from None
     parsed = parse_checkpoint(path, tensors, meta, ModelConfig)
-    if parsed.rng_state is not None and parsed.rng_state["torch"].dtype.name != "uint8":
+    if parsed.rng_state is not None and parsed.rng_state["torch"].dtype != "U8":
         raise CheckpointError(f"{path} is damaged: its saved torch RNG state is not one")
     return ModelFile(path, parsed.model_config, parsed.vocab, parsed.model_state)
+
+
+@dataclass
+class _Spec:
+    """A tensor read_model does not load: its shape and safetensors dtype name ("U8", "F32", ...)."""
+
+    shape: tuple[int, ...]
+    dtype: str
