@@ -282,3 +282,15 @@ def test_sample_process_on_cpu_never_imports_torch(saved, tmp_path):
                            timeout=120, encoding="utf-8")
     assert again.stdout == r.stdout  # same seed, same poems
     assert re.search(r"Checkpoint: .*best\.ckpt", again.stderr)
+
+
+def test_sample_threads_through_the_cli(saved):
+    from typer.testing import CliRunner
+
+    from poetgen.cli import app
+
+    runner = CliRunner()
+    args = ["sample", "-c", str(saved[0]), "--form", "五绝", "-n", "3", "--seed", "4", "-q"]
+    one, two = runner.invoke(app, [*args, "--threads", "1"]), runner.invoke(app, [*args, "--threads", "2"])
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    assert len(one.stdout.rstrip("\n").split("\n\n")) == 3
