@@ -1,18 +1,28 @@
-"""Sampling speed (run by hand, not in the tests).
+"""Sampling speed and start-up (issue 7, target 4), next to a plain per-step nn.LSTM loop measured in the same run.
 
-    python benchmarks/bench_sample.py            # LSTM 256 x 2, vocabulary 6,000
-    python benchmarks/bench_sample.py --quick    # fewer repeats
+    python benchmarks/bench_sample.py            # the figures (a few minutes)
+    python benchmarks/bench_sample.py --quick    # shorter runs, fewer repeats
+    python benchmarks/bench_sample.py --json     # the rows as JSON on stdout
 
-Measures, for an untrained LSTM of 2 layers x 256 (embedding 128) over a 6,000-symbol vocabulary (about the
-size of a simplified Tang corpus), generated characters per second for 1 and for 64 parallel samples — free text
-(<eot> masked out so every row runs the full length) and 五绝 with --rhyme — at 1 thread and at torch's default
-thread count, next to the bare forward step (the ceiling: what decoding costs on top is the difference). Then the wall time of whole `poetgen sample` processes, start-up included, next to the bare
-`import torch` and `poetgen --help` for scale.
+Model: an untrained LSTM of 2 layers x 256 (embedding 128), at a vocabulary of 65 symbols (Tiny Shakespeare's
+size) and 6,000 (about a simplified Tang corpus'), full softmax; at 6,000 also with the adaptive head.
+
+* poetgen, free text: ``generate`` on the numpy engine (what `poetgen sample` runs on the CPU), temperature 1,
+  <eot> masked so every row runs the full length; characters per second for 1 and for 64 parallel samples,
+  decoding included, prefix included. Also 五绝 --rhyme (a poem and its <eot> per row) at vocabulary 6,000.
+* anchor: the loop a user writes first, in torch — Embedding -> nn.LSTM -> Linear, softmax of logits / 1.0,
+  torch.multinomial, one forward call per character with the state carried (``plain_loop``).
+* whole processes: `poetgen sample` calls (start-up, checkpoint load, sampling, output) on a saved 6,000-symbol
+  checkpoint, `poetgen --help`, and `python -c "import torch"` for scale; the median of a few runs.
+
+Both sides run on one thread (numpy's OpenBLAS and torch's): on the shared 2-core machine this was measured on,
+a second thread that spins while it waits made both several times slower. benchmarks/run.py imports ``measure``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -20,59 +30,80 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from poetgen.checkpoint import save_checkpoint
+from poetgen.infer import Runtime, blas_threads
 from poetgen.model import CharRNN, ModelConfig
 from poetgen.sample import SampleOptions, generate
 from poetgen.vocab import Vocab
 
-V = 6000
+VOCABS = (65, 6000)
+ANCHOR = "plain per-step nn.LSTM loop (torch, same run)"
 
 
-def make_model() -> tuple[CharRNN, Vocab]:
+def make_vocab(V: int) -> Vocab:
+    chars = [chr(0x4E00 + i) for i in range(V - 4)] + ["，", "。"]  # Han characters, so poems in form work
+    return Vocab(["<eot>", "<unk>", *chars])
+
+
+def make_model(V: int, head: str = "full") -> CharRNN:
     torch.manual_seed(0)
-    chars = [chr(0x4E00 + i) for i in range(V - 4)] + ["，", "。"]
-    vocab = Vocab(["<eot>", "<unk>", *chars])
-    model = CharRNN(ModelConfig(len(vocab), cell="lstm", layers=2, hidden=256, embed=128)).eval()
-    return model, vocab
+    return CharRNN(ModelConfig(V, cell="lstm", layers=2, hidden=256, embed=128, head=head)).eval()
 
 
-class NoEnd(nn.Module):
-    """The model with <eot> forbidden, so every row generates exactly `length` characters."""
+class NoEnd:
+    """An engine with <eot> forbidden, so every row generates exactly `length` characters."""
 
-    def __init__(self, model: CharRNN):
-        super().__init__()
-        self.model = model
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
 
-    def forward(self, idx, hidden=None):
-        logits, hidden = self.model(idx, hidden)
-        logits[..., 0] = float("-inf")
-        return logits, hidden
+    def use_table(self) -> None:
+        self.runtime.use_table()
+
+    def prefix(self, prefixes):
+        scores = self.runtime.prefix(prefixes)
+        scores[:, 0] = -np.inf
+        return scores
+
+    def select(self, index) -> None:
+        self.runtime.select(index)
+
+    def step(self, tokens):
+        scores = self.runtime.step(tokens)
+        scores[:, 0] = -np.inf
+        return scores
 
 
-def chars_per_second(model, vocab, batch: int, options: SampleOptions, repeats: int) -> float:
+def poetgen_rate(engine, vocab: Vocab, batch: int, options: SampleOptions, repeats: int) -> float:
+    """Best characters per second over ``repeats`` calls of generate (after a warm-up call)."""
     best = 0.0
-    generate(model, vocab, [""], SampleOptions(num_samples=batch, length=5, seed=0))  # warm-up
+    generate(engine, vocab, [""], SampleOptions(num_samples=batch, length=5, seed=0))
     for r in range(repeats):
         options.seed, options.num_samples = r, batch
-        res = generate(model, vocab, [""], options)
-        chars = sum(s.tokens for s in res.samples)
-        best = max(best, chars / res.seconds)
+        res = generate(engine, vocab, [""], options)
+        best = max(best, sum(s.tokens for s in res.samples) / res.seconds)
     return best
 
 
-def forward_only(model, batch: int, steps: int, repeats: int) -> float:
-    """The ceiling: the model's own step, fed a constant, with no decoding at all."""
+def plain_loop(V: int, batch: int, length: int, repeats: int) -> float:
+    """The anchor: characters per second of a per-step nn.LSTM sampling loop, best of ``repeats``."""
+    torch.manual_seed(0)
+    emb, lstm, head = nn.Embedding(V, 128), nn.LSTM(128, 256, 2, batch_first=True), nn.Linear(256, V)
+    gen = torch.Generator().manual_seed(0)
     best = 0.0
     with torch.inference_mode():
-        x, hidden = torch.ones(batch, 1, dtype=torch.long), None
-        for _ in range(repeats):
+        for r in range(repeats + 1):  # the first run warms up
+            x, hidden = torch.zeros(batch, 1, dtype=torch.long), None
             t = time.perf_counter()
-            for _ in range(steps):
-                _, hidden = model(x, hidden)
-            best = max(best, batch * steps / (time.perf_counter() - t))
+            for _ in range(length):
+                out, hidden = lstm(emb(x), hidden)
+                probs = torch.softmax(head(out[:, -1]) / 1.0, dim=-1)  # (batch, V)
+                x = torch.multinomial(probs, 1, generator=gen)  # (batch, 1)
+            if r:
+                best = max(best, batch * length / (time.perf_counter() - t))
     return best
 
 
@@ -85,46 +116,88 @@ def wall(cmd: list[str], repeats: int, cwd: Path) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    repeats = 1 if args.quick else 3
-    model, vocab = make_model()
-    free = NoEnd(model)
-    default_threads = torch.get_num_threads()
+def measure(quick: bool = False) -> list[dict]:
+    """Every figure as a row: {name, value, unit, anchor (or None), anchor_name} and, for speeds, vocab, streams,
+    threads; for whole processes, command (what follows `python -m`)."""
+    repeats = 1 if quick else 3
+    lengths = {1: 150 if quick else 400, 64: 40 if quick else 100}
+    torch.set_num_threads(1)
+    rows: list[dict] = []
 
-    rows = []
-    for threads in sorted({1, default_threads}):
-        torch.set_num_threads(threads)
-        for batch in (1, 64):
-            length = 400 if batch == 1 else 100
-            cps = chars_per_second(free, vocab, batch, SampleOptions(length=length, temperature=1.0), repeats)
-            rows.append((f"free text, length {length}", batch, threads, cps))
-            cps = chars_per_second(model, vocab, batch, SampleOptions(form="五绝", rhyme=True), repeats)
-            rows.append(("五绝 --rhyme", batch, threads, cps))
-            rows.append(("model forward only", batch, threads, forward_only(model, batch, length, repeats)))
-    torch.set_num_threads(default_threads)
+    def row(name, value, unit, anchor=None, anchor_name="", **extra) -> None:
+        rows.append({"name": name, "value": value, "unit": unit, "anchor": anchor, "anchor_name": anchor_name,
+                     **extra})
 
-    print(f"LSTM 2 x 256, embed 128, vocabulary {V:,}; torch {torch.__version__}, default threads {default_threads}")
-    print(f"{'run':<24} {'samples':>7} {'threads':>7} {'chars/s':>10}")
-    for name, batch, threads, cps in rows:
-        print(f"{name:<24} {batch:>7} {threads:>7} {cps:>10,.0f}")
+    with blas_threads(1):
+        for V in VOCABS:
+            vocab = make_vocab(V)
+            model = make_model(V)
+            runtime = Runtime.from_state(model.config, model.state_dict())
+            for batch, length in lengths.items():
+                cps = poetgen_rate(NoEnd(runtime), vocab, batch, SampleOptions(length=length, temperature=1.0),
+                                   repeats)
+                row(f"free text, vocab {V:,}, {batch} stream{'s' * (batch > 1)}", cps, "chars/s",
+                    plain_loop(V, batch, length, repeats), ANCHOR, vocab=V, streams=batch, threads=1)
+            if V >= 1000:
+                for batch in lengths:
+                    cps = poetgen_rate(runtime, vocab, batch, SampleOptions(form="五绝", rhyme=True), repeats)
+                    row(f"五绝 --rhyme, vocab {V:,}, {batch} stream{'s' * (batch > 1)}", cps, "chars/s",
+                        vocab=V, streams=batch, threads=1)
+                adaptive = make_model(V, head="adaptive")
+                rt = Runtime.from_state(adaptive.config, adaptive.state_dict())
+                for batch, length in lengths.items():
+                    cps = poetgen_rate(NoEnd(rt), vocab, batch, SampleOptions(length=length, temperature=1.0),
+                                       repeats)
+                    row(f"free text, vocab {V:,} adaptive head {adaptive.config.cutoffs}, {batch} stream"
+                        f"{'s' * (batch > 1)}", cps, "chars/s", vocab=V, streams=batch, threads=1)
 
     with tempfile.TemporaryDirectory() as d:
         cwd = Path(d)
-        save_checkpoint(cwd / "checkpoints" / "run" / "best.ckpt", model, vocab, rng=False)
+        V = 6000
+        save_checkpoint(cwd / "checkpoints" / "run" / "best.ckpt", make_model(V), make_vocab(V), rng=False)
         exe = [sys.executable, "-m", "poetgen"]
-        runs = [
+        calls = [
             ("python -c 'import torch'", [sys.executable, "-c", "import torch"]),
             ("poetgen --help", [*exe, "--help"]),
+            ("poetgen sample --form 五绝 -n 4", [*exe, "sample", "--form", "五绝", "-n", "4", "--seed", "0"]),
             ("poetgen sample -l 100", [*exe, "sample", "-l", "100", "--seed", "0"]),
-            ("poetgen sample --form 五绝", [*exe, "sample", "--form", "五绝", "--seed", "0"]),
-            ("  ... --rhyme -n 64", [*exe, "sample", "--form", "五绝", "--rhyme", "-n", "64", "--seed", "0"]),
+            ("poetgen sample --form 五绝 --rhyme -n 64", [*exe, "sample", "--form", "五绝", "--rhyme", "-n", "64",
+                                                       "--seed", "0"]),
         ]
-        print(f"\n{'end to end (median of ' + str(repeats) + ')':<32} {'seconds':>8}")
-        for name, cmd in runs:
-            print(f"{name:<32} {wall(cmd, repeats, cwd):>8.2f}")
+        times = {name: wall(cmd, 2 if quick else 5, cwd) for name, cmd in calls}
+    torch_import = times["python -c 'import torch'"]
+    for name, seconds in times.items():
+        if "import torch" in name:
+            row(f"`{name}` (for scale)", seconds, "s", command=name)
+        else:
+            row(f"whole `{name}` call (vocab {V:,})" if "sample" in name else f"`{name}`", seconds, "s",
+                torch_import, "python -c 'import torch'", command=name)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter runs, one repeat")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args()
+    rows = measure(args.quick)
+    if args.json:
+        print(json.dumps({
+            "rows": rows,
+            # the shape benchmarks/run.py's hook reads
+            "speed": [{"run": r["name"], "samples": r["streams"], "threads": r["threads"], "chars_per_sec": r["value"]}
+                      for r in rows if r["unit"] == "chars/s"],
+            "wall": [{"run": r["command"], "seconds": r["value"]} for r in rows if r["unit"] == "s"],
+        }, ensure_ascii=False, indent=2))
+        return
+    print(f"LSTM 2 x 256, embed 128, untrained; numpy {np.__version__}, torch {torch.__version__}; 1 thread each")
+    print(f"{'run':<58} {'poetgen':>12} {'anchor':>12} {'ratio':>7}")
+    for r in rows:
+        fmt = "{:>12,.0f}" if r["unit"] == "chars/s" else "{:>12.2f}"
+        anchor = fmt.format(r["anchor"]) if r["anchor"] else f"{'':>12}"
+        ratio = f"{r['value'] / r['anchor']:>6.2f}x" if r["anchor"] else ""
+        print(f"{r['name'] + ' (' + r['unit'] + ')':<58} {fmt.format(r['value'])} {anchor} {ratio}")
+    print("anchor: chars/s rows -", ANCHOR + "; seconds rows - python -c 'import torch'")
 
 
 if __name__ == "__main__":
