@@ -10,7 +10,8 @@ The step for batch B (shapes: H hidden, G gate width: H for rnn, 4H for lstm and
               (or, without the table, g = [embedding[tokens] | h_0 | 1] @ W_0)
     layer l:  g = [h_{l-1} | h_l | 1] @ W_l                 one fused matmul per layer, biases as the last row
     cell:     h_l (and c_l) from g, written in place into the layer's input buffer X_l = [x_l | h_l | 1]
-    head:     scores = [h_last | 1] @ W_out                 (B, V); see ``_head``
+    head:     scores = [h_last | 1] @ W_out                 (B, V), the full head; the adaptive head's log-
+                                                            probabilities otherwise (see ``_make_head``)
 
 ``scores`` are what ``CharRNN.forward`` returns for one step: their log-softmax is the model's log-probabilities
 (the full head: logits). Gates are reordered and pre-scaled at load time so that one ``tanh`` call covers every
@@ -72,7 +73,6 @@ class Runtime:
         H = self.H
         self.G = H if c.cell == "rnn" else 4 * H
         self.embedding = np.ascontiguousarray(state["embedding.weight"], dtype=F32)  # (V, E)
-        self._w_in: list[np.ndarray] = []  # per layer (n_in, G): the input rows, kept for prefix feeding
         self._w: list[np.ndarray] = []  # per layer (n_in + H + 1, G) fused
         for i in range(self.L):
             w_ih, w_hh = state[f"rnn.weight_ih_l{i}"], state[f"rnn.weight_hh_l{i}"]  # (G0, n_in), (G0, H)
@@ -339,12 +339,11 @@ def _adaptive_head(config: Any, state: dict[str, np.ndarray]):
         out[:, :C] = r[:, :C]
         h = x[:, :-1]
         for i, (proj, w) in enumerate(tails):
-            p = h @ proj  # (B, d)
-            s = p @ w[:-1]
+            s = out[:, bounds[i] : bounds[i + 1]]  # (B, n_i), written in place
+            np.matmul(h @ proj, w[:-1], out=s)  # (B, d) @ (d, n_i)
             s += w[-1]
             _log_softmax(s)
             s += r[:, C + i : C + i + 1]
-            out[:, bounds[i] : bounds[i + 1]] = s
         return out
 
     return adaptive
