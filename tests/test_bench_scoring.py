@@ -150,10 +150,11 @@ def test_results_sections_replace_only_their_own_group_and_mode(tmp_path):
     assert full.count("<!-- group tang: begin -->") == 1 and "_not run yet_" in full  # the other groups wait
 
 
-def test_bench_sample_text_is_parsed(tmp_path, monkeypatch):
+def test_bench_sample_old_text_becomes_rows(tmp_path, monkeypatch):
     printed = """LSTM 2 x 256, embed 128, vocabulary 6,000; torch 2.13.0, default threads 2
 run                      samples threads    chars/s
 free text, length 400          1       1      6,123
+free text, length 400          1       2      5,000
 free text, length 100         64       2    150,000
 
 end to end (median of 1)          seconds
@@ -167,16 +168,45 @@ poetgen sample --form 五绝            1.75
         def run(self, argv, what):
             return printed, 0.0, 0.0
 
-    script = tmp_path / "bench_sample.py"
-    script.write_text("print('no json here')\n")
+    (tmp_path / "bench_sample.py").write_text("print('no json here')\n")
     monkeypatch.setattr(run, "HERE", tmp_path)
     rows = run.bench_sample_rows(FakeRunner(), [])
-    assert rows["speed"] == [
-        {"run": "free text, length 400", "samples": 1, "threads": 1, "chars_per_sec": 6123.0},
-        {"run": "free text, length 100", "samples": 64, "threads": 2, "chars_per_sec": 150000.0},
+    speed = [(x["name"], x["streams"], x["value"]) for x in rows if x["unit"] == "chars/s"]
+    assert speed == [("free text, length 400, 1 stream", 1, 6123.0), ("free text, length 100, 64 streams", 64, 150000.0)]
+    walls = [(x["name"], x["value"], x["anchor"]) for x in rows if x["unit"] == "s"]
+    assert walls == [("poetgen --help", 0.21, 2.51), ("poetgen sample --form 五绝", 1.75, 2.51),
+                     ("poetgen sample --form 五绝 --rhyme -n 64", 2.10, 2.51)]
+
+
+def test_sample_rows_pick_the_issue_targets(tmp_path, monkeypatch):
+    rows = [
+        {"name": "free text, vocab 6,000, 1 stream", "value": 6000.0, "unit": "chars/s", "anchor": 1500.0,
+         "anchor_name": "plain loop", "streams": 1, "vocab": 6000},
+        {"name": "free text, vocab 6,000, 64 streams", "value": 90000.0, "unit": "chars/s", "anchor": 60000.0,
+         "anchor_name": "plain loop", "streams": 64, "vocab": 6000},
+        {"name": "free text, vocab 6,000 adaptive head (2000,), 1 stream", "value": 9.0, "unit": "chars/s",
+         "anchor": None, "anchor_name": "", "streams": 1, "vocab": 6000},
+        {"name": "whole `poetgen sample -l 100` call (vocab 6,000)", "value": 2.5, "unit": "s", "anchor": 2.0,
+         "anchor_name": "python -c 'import torch'"},
+        {"name": "whole `poetgen sample --form 五绝 -n 4` call (vocab 6,000)", "value": 1.5, "unit": "s",
+         "anchor": 2.0, "anchor_name": "python -c 'import torch'"},
+        {"name": "`poetgen --help`", "value": 0.4, "unit": "s", "anchor": 2.0, "anchor_name": "import torch"},
     ]
-    assert [w["run"] for w in rows["wall"]] == ["python -c 'import torch'", "poetgen --help",
-                                                "poetgen sample --form 五绝", "poetgen sample --form 五绝 --rhyme -n 64"]
+
+    class FakeRunner:
+        quick = True
+
+        def json(self, argv, what):
+            return {"rows": [dict(x) for x in rows]}
+
+    (tmp_path / "bench_sample.py").write_text("# takes --json\n")
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    g = run.GroupResult("sample")
+    run.group_sample(FakeRunner(), g)
+    got = [(x.target, x.poetgen, x.anchor, x.status) for x in g.rows]
+    assert got == [(">= 5,000", 6000.0, 1500.0, "pass"), (">= 100,000", 90000.0, 60000.0, "FAIL"),
+                   ("< 2", 1.5, 2.0, "pass"), ("< 0.3", 0.4, 2.0, "FAIL")]
+    assert g.rows[2].measure == "whole `poetgen sample --form 五绝 -n 4` call (vocab 6,000): seconds"
 
 
 def test_a_failed_rerun_keeps_the_earlier_figures(tmp_path):
