@@ -21,8 +21,10 @@ anchor's figure measured in the same run, their ratio, and pass/FAIL against the
   nn.LSTM 512x2 training loop (baselines/lstm_loop.py) and poetgen's own loop at the same size (`poetgen train
   --max-steps`, characters per second from its metrics.jsonl), as model FLOPs per second over the oneDNN peak; bf16
   autocast against fp32 for poetgen's step (flops.py bf16).
-* sample: benchmarks/bench_sample.py (sampling speed, whole `poetgen sample` calls, start-up) next to a plain
-  per-step nn.LSTM sampling loop (baselines/sample_loop.py).
+* sample: the rows of benchmarks/bench_sample.py --json (poetgen's sampling speed for an LSTM 256x2 at 1 and 64
+  streams next to a plain per-step nn.LSTM sampling loop it times in the same process; whole `poetgen sample`
+  and `poetgen --help` calls next to `python -c "import torch"`). Should it give no anchor, baselines/sample_loop.py
+  supplies one.
 * prepare: `poetgen prepare` on a generated corpus (benchmarks/bench_prepare.py's generator; 1 GB in full mode,
   cached in benchmarks/out/): MB/s and the process's peak resident memory; anchor: reading and decoding the file.
 
