@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ class Clock(TrainCallbacks):
         self.skip, self.t0, self.t1, self.steps = skip, None, None, 0
 
     def on_step(self, info):
+        if info["step"] % 50 == 0:
+            print(f"  step {info['step']} loss {info['loss']:.3f}", file=sys.stderr, flush=True)
         if info["step"] == self.skip:
             self.t0 = time.perf_counter()
         elif info["step"] > self.skip:

@@ -317,7 +317,7 @@ def train(
     ),
     cutoffs: Optional[str] = typer.Option(
         None, "--cutoffs", metavar="N,N,...", help="Adaptive head: the shortlist size, then the first id of each "
-        "further cluster (ids are sorted by frequency), e.g. 2000,4000. Default: from the vocabulary size.",
+        "further cluster (ids are sorted by frequency), e.g. 1000,4000. Default: from the vocabulary size.",
     ),
     div_value: Optional[float] = typer.Option(
         None, "--div-value", help="Adaptive head: cluster i projects the hidden state to hidden / div^(i+1) (4)."

@@ -86,7 +86,7 @@ def test_parameters_shapes_and_names():
 
 def test_config_resolves_auto_and_round_trips():
     big = ModelConfig(vocab_size=8798, head="auto")
-    assert big.head == "adaptive" and big.cutoffs == auto_cutoffs(8798) == (2000,)
+    assert big.head == "adaptive" and big.cutoffs == auto_cutoffs(8798) == (1000, 4000)
     assert ModelConfig(vocab_size=AUTO_HEAD_MIN_VOCAB - 1, head="auto").head == "full"
     assert ModelConfig(vocab_size=50, head="auto", cutoffs=[10]).head == "adaptive"  # cutoffs given: adaptive
     assert ModelConfig(vocab_size=40, head="adaptive").cutoffs == (10,)
