@@ -272,6 +272,33 @@ def test_a_config_asking_for_an_enormous_model_is_refused_before_building_it(env
         assert r.exit_code == 1 and r.stderr.startswith("Error: "), (change, r.output, r.exception)
 
 
+def test_a_tiny_file_claiming_a_billion_layers_is_refused_without_listing_them(tmp_path, monkeypatch):
+    """Its one recurrent tensor is named for the last of 10**9 layers: the shapes of 4 * 10**9 tensors must not be
+    listed (that would take hours and gigabytes) before the file is refused."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    from poetgen import checkpoint_file
+    from poetgen.infer import load_runtime
+    from poetgen.vocab import Vocab
+
+    vocab, layers = Vocab(["<eot>", "<unk>", "a", "b"]), 10**9
+    data = {"model_config": {"vocab_size": 4, "cell": "rnn", "layers": layers, "hidden": 2, "embed": 2},
+            "vocab": vocab.to_dict()}
+    bad = tmp_path / "layers.ckpt"
+    bad.write_bytes(save({"model/embedding.weight": np.zeros((4, 2), np.float32),
+                          f"model/rnn.weight_hh_l{layers - 1}": np.zeros((2, 2), np.float32)},
+                         metadata={"format": "poetgen-checkpoint", "format_version": "1", "data": json.dumps(data)}))
+
+    def never(config):
+        raise AssertionError(f"expected_shapes listed {config.layers} layers")
+
+    monkeypatch.setattr(checkpoint_file, "expected_shapes", never)
+    for load in (load_checkpoint, load_runtime):
+        with pytest.raises(CheckpointError, match="weights do not match the model config"):
+            load(bad)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("layers, tie", [(1, False), (3, False), (2, True)])
 def test_expected_shapes_are_those_of_the_real_model(cell, layers, tie):
