@@ -27,116 +27,16 @@ both heads alike. ``forward(idx, hidden, targets)`` returns the mean cross-entro
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poetgen.config import check_type
-from poetgen.errors import ConfigError
-
-CELLS = ("rnn", "lstm", "gru")
+# The configuration lives in a torch-free module (`poetgen sample` reads it without torch); re-exported here.
+from poetgen.model_config import AUTO_HEAD_MIN_VOCAB, CELLS, HEADS, ModelConfig, auto_cutoffs  # noqa: F401
 
 Hidden = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
-
-
-HEADS = ("full", "adaptive")
-# head = "auto" picks the adaptive softmax from this vocabulary size on (see auto_cutoffs, benchmarks/bench_adaptive.py).
-AUTO_HEAD_MIN_VOCAB = 4096
-
-
-def auto_cutoffs(vocab_size: int) -> tuple[int, ...]:
-    """Cutoffs for the adaptive head when none are given: a shortlist of the ~1,000 most frequent symbols, then a
-    middle cluster up to 4x the shortlist and a last cluster of the rare rest (when that holds enough symbols).
-
-    On the Tang corpus (V = 8,798: (1000, 4000)) the 1,000 most frequent symbols cover 84.7% of the characters and
-    the 4,000 most frequent 99.2%. Measured there (benchmarks/bench_adaptive.py, LSTM 256x2), this trained 3-4x
-    faster than the full softmax and faster than a 2,000 shortlist, at an equal or lower validation loss.
-    """
-    shortlist = min(1000, max(1, vocab_size // 4))
-    cutoffs = [shortlist]
-    if 4 * shortlist < vocab_size - shortlist // 2:  # a last cluster big enough to be worth its own projection
-        cutoffs.append(4 * shortlist)
-    return tuple(cutoffs)
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    cell: str = "lstm"  # rnn (tanh) | lstm | gru
-    layers: int = 2
-    hidden: int = 256
-    embed: int = 128
-    dropout: float = 0.0  # on the embedding output, between layers, and before the output layer
-    tie_weights: bool = False  # output layer shares the embedding matrix; needs embed == hidden
-    head: str = "full"  # full | adaptive (softmax; see the module docstring) | auto (adaptive from AUTO_HEAD_MIN_VOCAB)
-    cutoffs: tuple[int, ...] = ()  # adaptive head: shortlist size, then the start of each further tail cluster
-    div_value: float = 4.0  # adaptive head: tail cluster i projects H -> H // div_value ** (i + 1)
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            check_type(f"model {f.name}", getattr(self, f.name), f.type)
-        self.cutoffs = tuple(self.cutoffs)  # a JSON list from a checkpoint
-        if self.vocab_size < 2:
-            raise ConfigError(f"vocab_size must be at least 2, got {self.vocab_size}")
-        if self.cell not in CELLS:
-            raise ConfigError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        for name in ("layers", "hidden", "embed"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.tie_weights and self.embed != self.hidden:
-            raise ConfigError(
-                f"tie_weights needs embed == hidden (got embed={self.embed}, hidden={self.hidden}): "
-                "the output layer reuses the embedding matrix"
-            )
-        self._check_head()
-
-    def _check_head(self) -> None:
-        """Resolve head = auto and empty cutoffs to concrete values (what a checkpoint records), then check."""
-        if self.head not in (*HEADS, "auto"):
-            raise ConfigError(f"head must be full, adaptive or auto, got {self.head!r}")
-        if self.head == "auto":
-            self.head = "adaptive" if self.cutoffs or self.vocab_size >= AUTO_HEAD_MIN_VOCAB else "full"
-        if self.head == "full":
-            if self.cutoffs:
-                raise ConfigError("cutoffs apply to the adaptive head only: add --head adaptive, or drop --cutoffs")
-            return
-        if not (1.0 <= self.div_value and math.isfinite(self.div_value)):
-            raise ConfigError(f"div_value must be a number of at least 1, got {self.div_value}")
-        if self.tie_weights:
-            raise ConfigError("tie_weights needs the full head: the adaptive head has no (V, H) output matrix to share")
-        if self.vocab_size < 3:
-            raise ConfigError(f"the adaptive head needs at least 3 symbols, got {self.vocab_size}")
-        if not self.cutoffs:
-            self.cutoffs = auto_cutoffs(self.vocab_size)
-        c, V = self.cutoffs, self.vocab_size
-        if any(b <= a for a, b in zip(c, c[1:])) or c[0] < 1 or c[-1] >= V:
-            raise ConfigError(
-                f"cutoffs must rise strictly from 1 to at most vocab_size - 1 = {V - 1} (the shortlist size, then "
-                f"the start of each further cluster), got {', '.join(map(str, c))}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["cutoffs"] = list(self.cutoffs)  # as JSON stores it
-        return d
-
-    @classmethod
-    def from_dict(cls, d: object) -> ModelConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"model config must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config key(s): {', '.join(map(str, unknown))}")
-        if "vocab_size" not in d:
-            raise ConfigError("model config is missing vocab_size")
-        return cls(**d)
 
 
 class AdaptiveHead(nn.Module):

@@ -1,8 +1,7 @@
 """The model's configuration, without torch: `poetgen sample` reads checkpoints on the CPU without importing it.
 
-The same definitions as poetgen.model's ModelConfig, CELLS, HEADS and auto_cutoffs (see that module's docstring
-for what the fields mean); tests/test_infer.py checks that both accept and refuse the same configs identically.
-The intent is that poetgen.model imports them from here rather than keeping its own copy.
+poetgen.model imports ModelConfig, CELLS, HEADS and auto_cutoffs from here: one definition for the torch model and
+the numpy runtime (poetgen.infer). What the fields mean: poetgen.model's docstring.
 """
 
 from __future__ import annotations
