@@ -222,7 +222,8 @@ def setup_run(
             data = recorded
         return RunSetup(config, _open_data(data, on_progress), run_dir, resume=ckpt)
 
-    config = resolve_config(preset, config_file, overrides)
+    dataset = _open_data(data, on_progress)
+    config = resolve_config(preset, config_file, overrides, train_tokens=len(dataset.train))
     ckpt = None
     if init_from is not None:
         ckpt = load_checkpoint(find_checkpoint(init_from))
@@ -230,6 +231,5 @@ def setup_run(
         _refuse_changes(overrides, TrainConfig(**{**config.to_dict(), **arch}), tuple(arch),
                         f"--init-from {ckpt.path} fixes the architecture; these flags disagree with it")
         config = TrainConfig(**{**config.to_dict(), **arch})
-    dataset = _open_data(data, on_progress)
     run_dir = runs_dir / (_checked_name(name) if name is not None else default_run_name(dataset, config))
     return RunSetup(config, dataset, run_dir, init_from=ckpt)

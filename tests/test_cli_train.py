@@ -226,3 +226,26 @@ def test_quiet_says_nothing(cwd, tiny_dataset):
     r = invoke(tiny_dataset, *TINY, "--max-steps", "3", "--eval-every", "2", "--quiet", "--name", "q")
     assert r.exit_code == 0 and r.stderr == "" and r.stdout == ""
     assert (cwd / "checkpoints" / "q" / "last.ckpt").exists()
+
+
+def test_auto_preset_weighs_the_budget_and_the_corpus():
+    from poetgen.config import PRESETS, QUICK_BELOW, QUICK_MIN_TOKENS, auto_preset, resolve_config
+
+    big, short = QUICK_MIN_TOKENS, QUICK_BELOW - 1
+    assert auto_preset(short, big) == "quick" and auto_preset(short, None) == "quick"
+    assert auto_preset(QUICK_BELOW, big) == "small"  # ten minutes and more: the wider model
+    assert auto_preset(0.0, big) == "small"  # no time budget (steps or epochs bound the run)
+    assert auto_preset(short, big - 1) == "small"  # a small corpus: quick (no dropout) would overfit it
+    c = resolve_config(overrides={"max_time": "85"}, train_tokens=big)
+    assert (c.hidden, c.batch_size, c.lr) == (PRESETS["quick"]["hidden"], 50, PRESETS["quick"]["lr"])
+    c = resolve_config(overrides={"max_time": "85", "hidden": 200}, train_tokens=big)
+    assert (c.hidden, c.batch_size) == (200, 50)  # flags still beat the preset auto chose
+    assert resolve_config(overrides={"max_time": 85.0}, train_tokens=10).hidden == 384  # small
+    assert resolve_config("tiny", overrides={"max_time": 85.0}, train_tokens=big).hidden == 128  # named preset wins
+
+
+def test_auto_preset_through_the_cli(cwd, tiny_dataset):
+    """The tiny dataset is far below QUICK_MIN_TOKENS: a short budget still trains the small preset on it."""
+    r = invoke(tiny_dataset, "--max-time", "60", "-b", "2", "--seq-len", "8", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["config"]["hidden"] == 384
