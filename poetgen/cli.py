@@ -631,7 +631,7 @@ def sample(
         None, "--top-p", help="Sample among the likeliest symbols whose probabilities add up to p (nucleus)."
     ),
     repetition_penalty: float = typer.Option(
-        1.0, "--repetition-penalty", help="Above 1 makes characters already used less likely (punctuation exempt)."
+        1.0, "--repetition-penalty", help="Divide the probability of characters already used by this (punctuation exempt)."
     ),
     length: Optional[int] = typer.Option(
         None, "--length", "-l", help="Most characters to generate per sample (default 500; a poem form sets its own)."

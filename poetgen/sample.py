@@ -51,7 +51,7 @@ class SampleOptions:
     temperature: float = 0.8  # 0 means greedy
     top_k: int | None = None  # keep the k most likely symbols; clamped to the vocabulary size
     top_p: float | None = None  # keep the smallest set of symbols whose probability reaches p
-    repetition_penalty: float = 1.0  # > 1 discourages characters already in the prime or the sample (CTRL-style)
+    repetition_penalty: float = 1.0  # divides the probability of characters already in the prime or the sample
     length: int | None = None  # most symbols to generate; None: DEFAULT_LENGTH, or what the poem needs
     num_samples: int = 1  # per prime
     seed: int | None = None  # None: a fresh seed, reported in the result
@@ -362,7 +362,11 @@ def _choose(scores: np.ndarray, o: SampleOptions, top_k: int, rng: np.random.Gen
     if o.temperature == 0:
         return scores.argmax(axis=1)
     if o.temperature != 1:
-        scores = scores / np.float32(o.temperature)
+        # Shift first, and never divide by less than float32's smallest normal number: a temperature such as 1e-50
+        # (0 in float32) then behaves as the near-greedy choice it asks for instead of dividing by zero.
+        t = np.float32(max(o.temperature, float(np.finfo(np.float32).tiny)))
+        with np.errstate(over="ignore"):
+            scores = (scores - scores.max(axis=1, keepdims=True)) / t
     V = scores.shape[1]
     if top_k < V:
         kth = np.partition(scores, V - top_k, axis=1)[:, V - top_k, None]  # (B, 1) the k-th largest
@@ -460,7 +464,7 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
         batch_constraint = _Constraint(constraint, [s for s in starts for _ in range(n)])
     penalize = o.repetition_penalty != 1.0
     if penalize:
-        penalty = np.float32(o.repetition_penalty)
+        log_penalty = np.float32(np.log(o.repetition_penalty))
         penalizable = _penalizable(vocab)  # (V,)
         seen = np.zeros((B, V), dtype=bool)  # (B, V) symbols used so far
         for r, p in enumerate(primes_model):
@@ -488,8 +492,9 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
             token = _draw(weights, rng)
         else:
             if penalize:
-                penalized = np.where(scores > 0, scores / penalty, scores * penalty)
-                scores = np.where(seen, penalized, scores)
+                # A used character's probability is divided by the penalty (before renormalising): the same rule
+                # whether the scores are the full head's logits or the adaptive head's log-probabilities.
+                scores = np.where(seen, scores - log_penalty, scores)
             if batch_constraint is not None:
                 scores = np.where(batch_constraint.allowed(), scores, np.float32(NEG_INF))
             token = _choose(scores, o, top_k, rng)  # (b,)

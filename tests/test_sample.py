@@ -242,12 +242,42 @@ def test_repetition_penalty():
     vocab = Vocab(["<eot>", "<unk>", "a", "b", "c"])
     plain = generate(Fixed(), vocab, [""], SampleOptions(temperature=0, length=4)).samples[0].text
     assert plain == "aaaa"
+    # A used character's probability is divided by the penalty: its logit drops by log(penalty).
     assert generate(Fixed(), vocab, [""], SampleOptions(temperature=0, length=4, repetition_penalty=2.0)).samples[
         0
-    ].text == "abaa"  # a 3 -> 1.5 loses to b 2; then a 1.5 beats b 2 -> 1 and c 1
-    assert generate(Fixed(), vocab, ["ab"], SampleOptions(temperature=0, length=1, repetition_penalty=4.0)).samples[
+    ].text == "aaaa"  # a 3 - 0.69 still beats b 2
+    assert generate(Fixed(), vocab, [""], SampleOptions(temperature=0, length=4, repetition_penalty=4.0)).samples[
         0
-    ].text == "abc"  # the prime counts as already used
+    ].text == "abaa"  # a 3 - 1.39 loses to b 2; then a 1.61 beats b 2 - 1.39 and c 1
+    assert generate(Fixed(), vocab, ["ab"], SampleOptions(temperature=0, length=1, repetition_penalty=8.0)).samples[
+        0
+    ].text == "abc"  # the prime counts as already used: a 3 - 2.08 and b 2 - 2.08 lose to c 1
+
+
+def test_repetition_penalty_is_the_same_for_logits_and_log_probabilities():
+    """The adaptive head gives log-probabilities, the full head logits: the penalty must treat them alike."""
+    class Scores(nn.Module):
+        def __init__(self, log_softmax: bool):
+            super().__init__()
+            w = torch.tensor([-9.0, -9.0, 3.0, 2.0, 1.0])
+            self.w = nn.Parameter(torch.log_softmax(w, 0) if log_softmax else w)
+
+        def forward(self, idx, hidden=None):
+            return self.w.expand(idx.size(0), idx.size(1), 5), torch.zeros(1, idx.size(0), 1)
+
+    vocab = Vocab(["<eot>", "<unk>", "a", "b", "c"])
+    o = SampleOptions(num_samples=16, length=30, seed=5, repetition_penalty=3.0, temperature=0.7)
+    texts = [[s.text for s in generate(Scores(ls), vocab, [""], o).samples] for ls in (False, True)]
+    assert texts[0] == texts[1]
+
+
+def test_tiny_temperature_is_greedy_without_warnings(untrained, recwarn):
+    o = SampleOptions(num_samples=3, length=20, seed=1)
+    greedy = texts(generate(*untrained, [""], SampleOptions(num_samples=3, length=20, seed=1, temperature=0)))
+    for t in (1e-30, 1e-45, 1e-50):
+        o.temperature = t
+        assert texts(generate(*untrained, [""], o)) == greedy
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 # --- errors ---
