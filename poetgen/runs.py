@@ -182,6 +182,18 @@ def _refuse_changes(overrides: dict[str, Any], base: TrainConfig, keys: tuple[st
         raise ConfigError(f"{why}: {shown}")
 
 
+def saved_train_config(train_config: dict, model_config: Any, where: str) -> TrainConfig:
+    """The training configuration a checkpoint recorded. Settings added to poetgen after it was written take their
+    value from the checkpoint's model where it has one (a checkpoint from before the adaptive head has no `head`:
+    its model has the full head, whatever today's default), else today's default."""
+    d = dict(train_config) if isinstance(train_config, dict) else train_config
+    if isinstance(d, dict):
+        for k in ("head", "cutoffs", "div_value"):
+            if k not in d and hasattr(model_config, k):
+                d[k] = getattr(model_config, k)
+    return TrainConfig.from_dict(d, where)
+
+
 def setup_run(
     data: str | None,
     *,
@@ -211,7 +223,7 @@ def setup_run(
         if name is not None and _checked_name(name) != run_dir.name:
             raise ConfigError("--name cannot rename a run that is resumed")
         ckpt = load_checkpoint(ckpt_path)
-        base = TrainConfig.from_dict(ckpt.train_config, f"{ckpt_path} training config")
+        base = saved_train_config(ckpt.train_config, ckpt.model_config, f"{ckpt_path} training config")
         _refuse_changes(overrides, base, FIXED_ON_RESUME,
                         "these settings cannot change on --resume (fine-tune with --init-from instead)")
         config = with_overrides(base, overrides)

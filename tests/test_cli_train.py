@@ -249,3 +249,20 @@ def test_auto_preset_through_the_cli(cwd, tiny_dataset):
     r = invoke(tiny_dataset, "--max-time", "60", "-b", "2", "--seq-len", "8", "--dry-run", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["config"]["hidden"] == 384
+
+
+def test_a_checkpoint_from_before_the_adaptive_head_resumes_with_its_full_head():
+    """Today's default head is auto (adaptive from 4,096 symbols); an older checkpoint recorded no head at all."""
+    from poetgen.config import TrainConfig
+    from poetgen.model_config import ModelConfig
+    from poetgen.runs import saved_train_config
+
+    old = TrainConfig(head="full").to_dict()
+    for k in ("head", "cutoffs", "div_value"):
+        del old[k]
+    model = ModelConfig(vocab_size=6000)  # an old checkpoint's model config loads with the full head
+    c = saved_train_config(old, model, "old.ckpt")
+    assert (c.head, c.cutoffs) == ("full", ())
+    adaptive = ModelConfig(vocab_size=6000, head="adaptive")
+    c = saved_train_config(TrainConfig().to_dict(), adaptive, "new.ckpt")  # recorded settings are kept
+    assert c.head == "auto"
