@@ -23,8 +23,7 @@ anchor's figure measured in the same run, their ratio, and pass/FAIL against the
   autocast against fp32 for poetgen's step (flops.py bf16).
 * sample: the rows of benchmarks/bench_sample.py --json (poetgen's sampling speed for an LSTM 256x2 at 1 and 64
   streams next to a plain per-step nn.LSTM sampling loop it times in the same process; whole `poetgen sample`
-  and `poetgen --help` calls next to `python -c "import torch"`). Should it give no anchor, baselines/sample_loop.py
-  supplies one.
+  and `poetgen --help` calls next to `python -c "import torch"`).
 * prepare: `poetgen prepare` on a generated corpus (benchmarks/bench_prepare.py's generator; 1 GB in full mode,
   cached in benchmarks/out/): MB/s and the process's peak resident memory; anchor: reading and decoding the file.
 
@@ -374,12 +373,6 @@ def group_sample(r: Runner, g: GroupResult) -> None:
     g.raw.update(bench_sample=rows)
     speed = [x for x in rows if x["unit"] == "chars/s" and x["name"].startswith("free text")
              and "adaptive" not in x["name"]]
-    if any(x.get("anchor") is None for x in speed):  # bench_sample measured no anchor: ours (vocabulary 6,000)
-        plain = r.json(r.script(BASELINES / "sample_loop.py", *quick), "plain sampling loop")
-        g.raw.update(plain_loop=plain)
-        for x in speed:
-            if x.get("anchor") is None and x.get("vocab", 6000) == 6000:
-                x["anchor"], x["anchor_name"] = plain.get(f"chars_per_sec_{x['streams']}"), "plain per-step nn.LSTM loop"
     targets = {1: 5000, 64: 100_000}
     for x in speed:
         t = targets.get(x["streams"])
