@@ -32,7 +32,6 @@ from typing import Iterator, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from poetgen import __version__
 from poetgen.checkpoint import BEST, LAST, Checkpoint, restore_rng, save_checkpoint
