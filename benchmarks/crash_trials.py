@@ -37,23 +37,9 @@ MODEL = ["--cell", "lstm", "--layers", "1", "--hidden", "32", "--embed", "16", "
 
 # A fresh interpreter whose checkpoint writes pause half-way (then the ordinary CLI).
 SLOW = r"""
-import os, sys, time
-import poetgen.checkpoint as ck
-pause = float(os.environ["CRASH_TRIALS_PAUSE"])
-real_fdopen = os.fdopen
-class Slow:
-    def __init__(self, f): self.f = f
-    def __enter__(self): return self
-    def __exit__(self, *exc): return self.f.__exit__(*exc)
-    def fileno(self): return self.f.fileno()
-    def flush(self): self.f.flush()
-    def write(self, b):
-        half = len(b) // 2
-        self.f.write(b[:half]); self.f.flush(); time.sleep(pause); return self.f.write(b[half:])
-class SlowOS:
-    def __getattr__(self, name): return getattr(os, name)
-    def fdopen(self, *a, **k): return Slow(real_fdopen(*a, **k))
-ck.os = SlowOS()
+import os, sys
+from slow_writes import install  # benchmarks/ is on PYTHONPATH (see start)
+install(float(os.environ["CRASH_TRIALS_PAUSE"]))
 from poetgen.cli import main
 sys.argv = ["poetgen", *sys.argv[1:]]
 main()
@@ -73,7 +59,9 @@ def temps(run: Path) -> set[str]:
 
 def start(args: list[str], cwd: Path, env: dict, slow: float, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-c", SLOW, *args] if slow else [sys.executable, "-m", "poetgen", *args]
-    return subprocess.Popen(cmd, cwd=cwd, env={**env, "CRASH_TRIALS_PAUSE": str(slow)}, stdout=subprocess.DEVNULL,
+    path = os.pathsep.join(x for x in (str(Path(__file__).resolve().parent), env.get("PYTHONPATH")) if x)
+    env = {**env, "CRASH_TRIALS_PAUSE": str(slow), "PYTHONPATH": path}
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=log.open("w"))
 
 

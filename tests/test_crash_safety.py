@@ -53,26 +53,6 @@ import poetgen.checkpoint as ck
 import poetgen.cli, poetgen.config, poetgen.dataset, poetgen.prepare, poetgen.runs, poetgen.train
 import safetensors.torch
 
-def slow_writes(pause):
-    # Checkpoint bytes are written in two halves with a pause between: a kill then lands inside the write.
-    real_fdopen = os.fdopen
-
-    class Slow:
-        def __init__(self, f): self.f = f
-        def __enter__(self): return self
-        def __exit__(self, *exc): return self.f.__exit__(*exc)
-        def fileno(self): return self.f.fileno()
-        def flush(self): self.f.flush()
-        def write(self, b):
-            half = len(b) // 2
-            self.f.write(b[:half]); self.f.flush(); time.sleep(pause); return self.f.write(b[half:])
-
-    class SlowOS:
-        def __getattr__(self, name): return getattr(os, name)
-        def fdopen(self, *a, **k): return Slow(real_fdopen(*a, **k))
-
-    ck.os = SlowOS()
-
 def reply(obj):
     sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
 
@@ -99,7 +79,8 @@ for line in sys.stdin:
             log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(log, 1); os.dup2(log, 2); os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             if req.get("slow"):
-                slow_writes(req["slow"])
+                from slow_writes import install  # benchmarks/slow_writes.py, on PYTHONPATH
+                install(req["slow"])
             poetgen.cli.app(req["argv"], prog_name="poetgen")
             code = 0
         except SystemExit as e:
@@ -115,7 +96,10 @@ for line in sys.stdin:
 
 class ForkServer:
     def __init__(self, workdir: Path):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "POETGEN_CACHE_DIR": str(workdir)}
+        benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")  # slow_writes.py
+        path = os.pathsep.join(x for x in (benchmarks, os.environ.get("PYTHONPATH")) if x)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "POETGEN_CACHE_DIR": str(workdir),
+               "PYTHONPATH": path}
         make_dataset(workdir / "ds", POEMS * 20, POEMS)
         warm = {"cwd": str(workdir), "argv": ["train", "ds", *TINY, "--max-steps", "2", "--eval-every", "1",
                                                "--keep", "1", "--name", "warm", "--quiet"]}
