@@ -19,8 +19,9 @@ anchor's figure measured in the same run, their ratio, and pass/FAIL against the
   characters trained per second (poetgen: median of its logged training windows, evaluation pauses excluded).
 * flops: the best fp32 matrix-multiply rate through oneDNN and through torch.matmul (flops.py peak), a plain
   nn.LSTM 512x2 training loop (baselines/lstm_loop.py) and poetgen's own loop at the same size (`poetgen train
-  --max-steps`, characters per second from its metrics.jsonl), as model FLOPs per second over the oneDNN peak; bf16
-  autocast against fp32 for poetgen's step (flops.py bf16).
+  --max-steps`, characters per second from its metrics.jsonl), as model FLOPs per second over the oneDNN peak. The
+  two loops take turns for three rounds (the peak is measured before and after them, the best counts), because a
+  shared machine's speed drifts from minute to minute. bf16 autocast against fp32 for poetgen's step (flops.py bf16).
 * sample: the rows of benchmarks/bench_sample.py --json (poetgen's sampling speed for an LSTM 256x2 at 1 and 64
   streams next to a plain per-step nn.LSTM sampling loop it times in the same process; whole `poetgen sample`
   and `poetgen --help` calls next to `python -c "import torch"`).
@@ -90,6 +91,7 @@ SHARED = Path(os.environ.get("POETGEN_SHARED_DATA", REPO.parent / "shared" / "da
 BASELINES = HERE / "baselines"
 GROUPS = ("shakespeare", "tang", "flops", "sample", "prepare")
 QUICK_TANG_FILES = ("poet.tang.0.json", "poet.tang.1000.json")
+FLOPS_ROUNDS = {False: 3, True: 1}  # by r.quick
 FLOPS_SIZE = {"full": dict(layers=2, hidden=512, embed=512, batch=64, seq=100, steps=12),
               "quick": dict(layers=2, hidden=128, embed=128, batch=16, seq=50, steps=6)}
 
@@ -326,33 +328,52 @@ def group_flops(r: Runner, g: GroupResult) -> None:
     size = FLOPS_SIZE["quick" if r.quick else "full"]
     quick = ["--quick"] if r.quick else []
     L, H, E, B, T = size["layers"], size["hidden"], size["embed"], size["batch"], size["seq"]
-    peak = r.json(r.script(HERE / "flops.py", "peak", *quick), "matmul peak")
     text = synthetic_text(r.work / "flops.txt")
     ds = r.work / "flops-data"
     r.json(r.poetgen("prepare", text, "--split", "tail", "--val-fraction", "0.002", "-o", ds, "--json", "-q"),
            "flops prepare")
     V = len(json.loads((ds / "vocab.json").read_text())["symbols"])
-    plain = r.json(r.script(BASELINES / "lstm_loop.py", "--vocab", V, "--embed", E, "--hidden", H, "--layers", L,
-                            "--batch", B, "--seq", T, "--steps", 3 if r.quick else 8), "plain nn.LSTM loop")
-    runs = r.work / "runs"
-    r.json([*poetgen_argv(r, "flops-step", dataset=ds, **size), "--runs-dir", runs, "--name", "flops", "--json",
-            "-q"], "poetgen step")
-    records = [json.loads(x) for x in (runs / "flops" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    cps = [x["chars_per_sec"] for x in records if x.get("type") == "train"][2:]  # the first steps warm up
+    # A shared virtual machine's speed drifts by 10-20% from minute to minute, so the peak is measured before and
+    # after (the best counts), and the plain loop and poetgen's loop take turns, FLOPS_ROUNDS rounds each; each
+    # side's figure is the median over all its timed steps.
+    peaks = [r.json(r.script(HERE / "flops.py", "peak", *quick), "matmul peak")]
+    plain_rounds, cps, runs = [], [], r.work / "runs"
+    for i in range(FLOPS_ROUNDS[r.quick]):
+        plain_rounds.append(r.json(r.script(BASELINES / "lstm_loop.py", "--vocab", V, "--embed", E, "--hidden", H,
+                                            "--layers", L, "--batch", B, "--seq", T,
+                                            "--steps", 3 if r.quick else 8), f"plain nn.LSTM loop, round {i + 1}"))
+        name = f"flops{i + 1}"
+        r.json([*poetgen_argv(r, "flops-step", dataset=ds, **size), "--runs-dir", runs, "--name", name, "--json",
+                "-q"], f"poetgen step, round {i + 1}")
+        records = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        cps += [x["chars_per_sec"] for x in records if x.get("type") == "train"][2:]  # the first steps warm up
+    peaks.append(r.json(r.script(HERE / "flops.py", "peak", *quick), "matmul peak, again"))
+    peak = max(peaks, key=lambda p: p["onednn_gflops"])
+    plain = dict(plain_rounds[0], step_seconds=statistics.median(x for p in plain_rounds for x in p["step_times"]))
+    plain.update(chars_per_sec=B * T / plain["step_seconds"], gflops=plain["flops_per_char"] * B * T
+                 / plain["step_seconds"] / 1e9, rounds=plain_rounds)
     sys.path.insert(0, str(BASELINES))
     from common import lstm_train_flops_per_char
 
     fpc = lstm_train_flops_per_char(V, E, H, L)
     pg_gflops = statistics.median(cps) * fpc / 1e9
+    pg_best = max(cps) * fpc / 1e9
+    plain_best = plain["flops_per_char"] * B * T / min(x for p in plain_rounds for x in p["step_times"]) / 1e9
     bf16 = r.json(r.script(HERE / "flops.py", "bf16", *quick, "--dataset", ds), "bf16 step")
-    g.raw.update(peak=peak, plain_lstm=plain, poetgen_chars_per_sec=cps, poetgen_gflops=pg_gflops,
-                 flops_per_char=fpc, bf16=bf16)
+    g.raw.update(peak=peak, peaks=peaks, plain_lstm=plain, poetgen_chars_per_sec=cps, poetgen_gflops=pg_gflops,
+                 poetgen_best_gflops=pg_best, plain_best_gflops=plain_best, flops_per_char=fpc, bf16=bf16)
     top = peak["onednn_gflops"]
+    what = f"LSTM {H}x{L}, batch {B}, seq {T}: model FLOP/s / oneDNN fp32 peak"
     fp, fa = pg_gflops / top, plain["gflops"] / top
-    g.rows.append(Row("flops", f"LSTM {H}x{L}, batch {B}, seq {T}: model FLOP/s / oneDNN fp32 peak", ">= 0.75",
-                      fp, fa, "plain nn.LSTM loop", status(fp >= 0.75), ratio(fp, fa), fmt="{:.1%}",
+    g.rows.append(Row("flops", f"{what}, median step", ">= 0.75", fp, fa, "plain nn.LSTM loop", status(fp >= 0.75),
+                      ratio(fp, fa), fmt="{:.1%}",
                       note=f"poetgen {pg_gflops:.0f}, plain {plain['gflops']:.0f}, oneDNN peak {top:.0f}, "
                            f"torch.matmul {peak['matmul_gflops']:.0f} GFLOP/s"))
+    # The peak is a best time (other processes only ever slow a run down); the same statistic for the steps.
+    fp, fa = pg_best / top, plain_best / top
+    g.rows.append(Row("flops", f"{what}, fastest step (the peak's statistic)", ">= 0.75", fp, fa,
+                      "plain nn.LSTM loop", status(fp >= 0.75), ratio(fp, fa), fmt="{:.1%}",
+                      note=f"poetgen {pg_best:.0f}, plain {plain_best:.0f}, oneDNN peak {top:.0f} GFLOP/s"))
     speed, best = bf16.get("speedup"), bf16.get("best_bf16_mode")
     note = f"bf16 GEMM {peak['bf16_linear_gflops']:.0f} vs fp32 {top:.0f} GFLOP/s"
     if bf16["bf16"]["error"]:

@@ -58,22 +58,23 @@ def main() -> None:
         state["hidden"] = tuple(h.detach() for h in hidden)
         return time.perf_counter() - t
 
-    def measure(bf16: bool) -> float:
+    def measure(bf16: bool) -> list[float]:
         state["hidden"] = None
         for i in range(args.warmup):
             step(i, bf16)
-        return statistics.median(step(args.warmup + i, bf16) for i in range(args.steps))
+        return [step(args.warmup + i, bf16) for i in range(args.steps)]
 
     flops_per_char = lstm_train_flops_per_char(V, args.embed, args.hidden, args.layers)
-    fp32 = measure(False)
+    times = measure(False)
+    fp32 = statistics.median(times)
     result = {
         "model": f"Embedding {V}x{args.embed} -> nn.LSTM {args.layers}x{args.hidden} -> Linear {args.hidden}x{V}",
-        "batch": B, "seq": T, "step_seconds": fp32, "chars_per_sec": B * T / fp32,
+        "batch": B, "seq": T, "step_seconds": fp32, "step_times": times, "chars_per_sec": B * T / fp32,
         "flops_per_char": flops_per_char, "gflops": flops_per_char * B * T / fp32 / 1e9,
         "threads": torch.get_num_threads(),
     }
     try:
-        bf16 = measure(True)
+        bf16 = statistics.median(measure(True))
         result.update(bf16_step_seconds=bf16, bf16_chars_per_sec=B * T / bf16, bf16_speedup=fp32 / bf16,
                       bf16_error=None)
     except RuntimeError as e:
