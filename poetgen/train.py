@@ -116,12 +116,31 @@ def total_steps(config: TrainConfig, batches: int) -> int | None:
     return min(limits) if limits else None
 
 
-def estimate_memory(config: TrainConfig, parameters: int, vocab_size: int) -> int:
+def estimate_memory(config: TrainConfig, parameters: int, model: ModelConfig, tokens: np.ndarray | None = None) -> int:
     """Rough peak bytes (of one process): fp32 weights + gradients + two AdamW moments, plus activations kept for
-    backward."""
+    backward. ``model``: the resolved model configuration (its head); ``tokens``: training ids, whose first
+    million give the share of positions each adaptive tail cluster scores (every position counted without them).
+    """
     per_layer = {"rnn": 2, "gru": 6, "lstm": 8}[config.cell] * config.hidden  # gates and states per step
-    per_token = config.embed + config.layers * per_layer + 3 * vocab_size  # logits, softmax, grad of logits
-    return 4 * (4 * parameters + config.batch_size * config.seq_len * per_token)
+    per_token = config.embed + config.layers * per_layer + 3 * _head_width(model, tokens)  # scores, softmax, grad
+    return int(4 * (4 * parameters + config.batch_size * config.seq_len * per_token))
+
+
+def _head_width(model: ModelConfig, tokens: np.ndarray | None) -> float:
+    """Output scores one training position keeps on average: V for the full head; for the adaptive head the root's
+    C + K, plus each tail cluster's projection and scores times the share of positions whose target is in it."""
+    if model.head != "adaptive":
+        return float(model.vocab_size)
+    bounds = (*model.cutoffs, model.vocab_size)
+    counts = None
+    if tokens is not None and len(tokens) > 0:
+        counts = np.bincount(np.asarray(tokens[:1_000_000], dtype=np.int64), minlength=model.vocab_size)
+    width = float(model.cutoffs[0] + len(model.cutoffs))
+    for i in range(len(model.cutoffs)):
+        lo, hi = bounds[i], bounds[i + 1]
+        share = counts[lo:hi].sum() / counts.sum() if counts is not None else 1.0
+        width += share * (hi - lo + max(1, int(model.hidden // model.div_value ** (i + 1))))
+    return width
 
 
 def make_plan(
@@ -163,7 +182,7 @@ def make_plan(
         batches_per_epoch=batches,
         tokens_per_epoch=batches * streams * config.seq_len,
         total_steps=total_steps(config, batches),
-        estimated_memory_bytes=estimate_memory(config, params, vocab_size),
+        estimated_memory_bytes=estimate_memory(config, params, model.config, dataset.train),
         device=str(device),
         precision="bf16" if autocast_dtype(device, config.precision) else "fp32",
         world_size=world_size,

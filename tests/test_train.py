@@ -21,7 +21,7 @@ from poetgen.model import CharRNN, ModelConfig
 from poetgen.runs import run_lock
 from poetgen.devices import autocast_dtype, resolve_device
 from poetgen.streams import evaluate, stream_layout
-from poetgen.train import TrainCallbacks, lr_at, make_plan, sample_text, train
+from poetgen.train import TrainCallbacks, estimate_memory, lr_at, make_plan, sample_text, train
 
 torch.set_num_threads(1)
 
@@ -93,6 +93,24 @@ def test_resume_repeats_an_unbroken_run_exactly(ds, tmp_path, stop_at):
     steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines())
              if r["type"] == "train"]
     assert steps == list(range(1, 31))
+
+
+def test_memory_estimate_counts_the_head_that_runs():
+    cfg = TrainConfig(cell="lstm", layers=1, hidden=32, embed=8, batch_size=4, seq_len=10)
+    full = ModelConfig(vocab_size=5000, cell="lstm", layers=1, hidden=32, embed=8, head="full")
+    per_token_rest = 8 + 8 * 32  # embedding, then gates and states of the one layer
+    assert estimate_memory(cfg, 1000, full) == 4 * (4 * 1000 + 40 * (per_token_rest + 3 * 5000))
+    adaptive = ModelConfig(vocab_size=5000, cell="lstm", layers=1, hidden=32, embed=8, head="adaptive",
+                           cutoffs=(100, 1000))
+    # Every target in the shortlist: only the root's 100 + 2 scores per position.
+    short = np.arange(100).repeat(10)
+    assert estimate_memory(cfg, 1000, adaptive, short) == 4 * (4 * 1000 + 40 * (per_token_rest + 3 * 102))
+    # Half the targets in the first tail (900 symbols, projection 32 // 4 = 8), none in the last.
+    half = np.concatenate([np.zeros(500, np.int64), np.full(500, 150)])
+    width = 102 + 0.5 * (900 + 8)
+    assert estimate_memory(cfg, 1000, adaptive, half) == int(4 * (4 * 1000 + 40 * (per_token_rest + 3 * width)))
+    # No tokens to count: every tail counted at every position (an upper bound).
+    assert estimate_memory(cfg, 1000, adaptive, half) < estimate_memory(cfg, 1000, adaptive)
 
 
 def test_plan_numbers_and_zero_batches(ds):
