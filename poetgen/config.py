@@ -3,12 +3,15 @@
 Precedence, lowest first: the defaults below (= the ``small`` preset), then ``--preset`` (or a ``preset`` key in the
 config file), then the TOML config file, then command-line flags. Unknown keys and wrong types are refused.
 
-With no preset named anywhere, ``auto`` applies: ``quick`` when --max-time is under QUICK_BELOW seconds and the
-training split holds at least QUICK_MIN_TOKENS characters, else ``small``. Both were found by measurement on a 2-core CPU (Tiny Shakespeare, exact validation loss; the runs are in
-benchmarks/RESULTS.md): for a budget of minutes a small LSTM at a high learning rate wins, because it takes ~5x
-more steps; for ten minutes and more a wider one wins, because it learns much more per character seen (at equal
-compute, LSTM 2x384 over 3.9 M characters reached 1.465 nats/char where 2x256 over 8.4 M reached 1.604, overfitting).
-Both decay the learning rate to zero by the end of the budget (cosine), which gains ~0.01-0.02 nats over a floor.
+With no preset named anywhere, ``auto`` applies, by the --max-time budget: ``quick`` under QUICK_BELOW seconds,
+``short`` under SHORT_BELOW, else (and with no time budget) ``small``; on a training split under AUTO_MIN_TOKENS
+characters always ``small``. All were found by measurement on a 2-core CPU (Tiny Shakespeare, exact validation loss;
+the runs are in benchmarks/RESULTS.md, "training recipe search"): the shorter the budget, the narrower the LSTM that
+wins, because the wider ones learn more per character but cannot see enough characters in time. At 85 s the 2x128
+`quick` model reached 1.708 nats/char against 1.726 for 2x256; at 130 s 2x256 (`short`) reached 1.641 against 1.659
+for `quick` (which saturates); at 280 s `short` 1.529, `quick` 1.662 and 2x384 (`small`) 1.589; at 420 s `short` 1.494
+and `small` 1.496; at ten minutes `small` 1.465. All decay the learning rate to zero by the end of the budget (cosine), which gains
+~0.01-0.02 nats over a floor.
 
 Presets (parameter counts for a 65-symbol English corpus / an 8,800-symbol Tang corpus, adaptive head):
 
@@ -17,6 +20,7 @@ Presets (parameter counts for a 65-symbol English corpus / an 8,800-symbol Tang 
     ========  =====  ======  =====  =====  =======  =====  =======  ======  =============
     tiny      lstm   1       128    64     0.0      32     64       3e-3   0.1 M / 0.9 M
     quick     lstm   2       128    64     0.0      50     50       2e-2   0.2 M / 1.1 M
+    short     lstm   2       256    64     0.0      32     64       1.5e-2 0.9 M / 2.0 M
     small     lstm   2       384    64     0.1      64     64       1e-2   1.9 M / 3.3 M
     medium    lstm   2       512    256    0.2      64     128      1.5e-3 3.7 M / 7.1 M
     large     lstm   3       1024   512    0.3      64     256      1e-3   23 M / 30 M
@@ -47,10 +51,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # corpus such as the bundled one has only a few batches per epoch).
 DEFAULT_EPOCHS = 10
 DEFAULT_MIN_STEPS = 500
-# `auto` picks the `quick` preset below this --max-time (seconds): measured on 2 CPU cores, the small LSTM beat the
-# default one at 85 s (1.708 vs 1.726 nats/char on Tiny Shakespeare) and loses to it at ten minutes.
-QUICK_BELOW = 300.0
-QUICK_MIN_TOKENS = 500_000
+# `auto` (see the module docstring): `quick` below QUICK_BELOW seconds of --max-time, `short` below SHORT_BELOW,
+# else `small`; `small` always for a training split under AUTO_MIN_TOKENS characters (quick and short have no dropout
+# and overfit a small corpus: on the bundled 474 poems in 3 minutes quick reached 6.88 nats/char, small 6.19).
+QUICK_BELOW = 100.0
+SHORT_BELOW = 420.0
+AUTO_MIN_TOKENS = 500_000
 MODEL_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "tie_weights", "head", "cutoffs", "div_value")
 # Changing these on --resume would change what a step means (data position, shapes): refused.
 FIXED_ON_RESUME = ("cell", "layers", "hidden", "embed", "tie_weights", "head", "cutoffs", "div_value", "batch_size",
@@ -181,6 +187,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  warmup_steps=50, eval_every=100),
     "quick": dict(layers=2, hidden=128, embed=64, dropout=0.0, batch_size=50, seq_len=50, lr=2e-2,
                   warmup_steps=20),
+    "short": dict(hidden=256, dropout=0.0, batch_size=32, lr=1.5e-2),
     "small": {},
     "medium": dict(layers=2, hidden=512, embed=256, dropout=0.2, seq_len=128, lr=1.5e-3, warmup_steps=200),
     "large": dict(layers=3, hidden=1024, embed=512, dropout=0.3, seq_len=256, lr=1e-3, warmup_steps=500,
@@ -268,13 +275,13 @@ def resolve_config(
 
 
 def auto_preset(max_time: object, train_tokens: int | None = None) -> str:
-    """The preset `auto` stands for: `quick` for a --max-time budget under QUICK_BELOW seconds on a corpus of at
-    least QUICK_MIN_TOKENS training characters, else `small`. (`quick` has no dropout: on a small corpus it runs
-    through many epochs in its budget and overfits; on the bundled 474 poems in 3 minutes it reached 6.88 nats/char
-    where `small` reached 6.19.)"""
-    short = isinstance(max_time, (int, float)) and not isinstance(max_time, bool) and 0 < max_time < QUICK_BELOW
-    big = train_tokens is None or train_tokens >= QUICK_MIN_TOKENS
-    return "quick" if short and big else "small"
+    """The preset `auto` stands for, given the --max-time budget (seconds; 0 = none) and the training split's size:
+    `quick` under QUICK_BELOW seconds, `short` under SHORT_BELOW, else `small`; always `small` for a corpus of fewer
+    than AUTO_MIN_TOKENS training characters, and without a time budget."""
+    timed = isinstance(max_time, (int, float)) and not isinstance(max_time, bool) and max_time > 0
+    if not timed or (train_tokens is not None and train_tokens < AUTO_MIN_TOKENS):
+        return "small"
+    return "quick" if max_time < QUICK_BELOW else "short" if max_time < SHORT_BELOW else "small"
 
 
 def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:

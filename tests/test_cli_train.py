@@ -229,13 +229,17 @@ def test_quiet_says_nothing(cwd, tiny_dataset):
 
 
 def test_auto_preset_weighs_the_budget_and_the_corpus():
-    from poetgen.config import PRESETS, QUICK_BELOW, QUICK_MIN_TOKENS, auto_preset, resolve_config
+    from poetgen.config import AUTO_MIN_TOKENS, PRESETS, QUICK_BELOW, SHORT_BELOW, auto_preset, resolve_config
 
-    big, short = QUICK_MIN_TOKENS, QUICK_BELOW - 1
-    assert auto_preset(short, big) == "quick" and auto_preset(short, None) == "quick"
-    assert auto_preset(QUICK_BELOW, big) == "small"  # ten minutes and more: the wider model
+    big, minute = AUTO_MIN_TOKENS, QUICK_BELOW - 1
+    assert auto_preset(minute, big) == "quick" and auto_preset(minute, None) == "quick"
+    assert auto_preset(QUICK_BELOW, big) == "short" and auto_preset(SHORT_BELOW - 1, big) == "short"
+    assert auto_preset(SHORT_BELOW, big) == "small"  # ten minutes and more: the wider model
     assert auto_preset(0.0, big) == "small"  # no time budget (steps or epochs bound the run)
-    assert auto_preset(short, big - 1) == "small"  # a small corpus: quick (no dropout) would overfit it
+    assert auto_preset(minute, big - 1) == "small"  # a small corpus: quick (no dropout) would overfit it
+    assert auto_preset(SHORT_BELOW - 1, big - 1) == "small"
+    c = resolve_config(overrides={"max_time": "4m"}, train_tokens=big)
+    assert (c.hidden, c.batch_size, c.lr, c.dropout) == (256, 32, 0.015, 0.0)
     c = resolve_config(overrides={"max_time": "85"}, train_tokens=big)
     assert (c.hidden, c.batch_size, c.lr) == (PRESETS["quick"]["hidden"], 50, PRESETS["quick"]["lr"])
     c = resolve_config(overrides={"max_time": "85", "hidden": 200}, train_tokens=big)
@@ -245,7 +249,7 @@ def test_auto_preset_weighs_the_budget_and_the_corpus():
 
 
 def test_auto_preset_through_the_cli(cwd, tiny_dataset):
-    """The tiny dataset is far below QUICK_MIN_TOKENS: a short budget still trains the small preset on it."""
+    """The tiny dataset is far below AUTO_MIN_TOKENS: a short budget still trains the small preset on it."""
     r = invoke(tiny_dataset, "--max-time", "60", "-b", "2", "--seq-len", "8", "--dry-run", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["config"]["hidden"] == 384
