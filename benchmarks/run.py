@@ -12,7 +12,9 @@ anchor's figure measured in the same run, their ratio, and pass/FAIL against the
   settings for 85 s and for 10 min, each scored by `poetgen eval` on its last checkpoint (exact over the whole
   validation split; the "warm" figure: each of 32 streams primed on the 1,000 characters before it). Anchors on
   the same text: char-rnn's default recipe for 85 s (baselines/charrnn.py) and nanoGPT's CPU recipe for 2,000
-  iterations (baselines/nanogpt.py), scored exactly over the same validation text.
+  iterations (baselines/nanogpt.py), scored exactly over the same validation text. For scale, an info row: the
+  default settings given 85 s x 470 / (this machine's oneDNN peak) seconds, the compute the issue's machine has in
+  85 s (its oneDNN peak: about 470 GFLOP/s), next to the 85 s run.
 * tang: `poetgen prepare ../shared/data/tang --script simplified`, poetgen trained 10 min (commands below), scored
   by `poetgen eval`; anchor: the pytorch-book recipe trained 10 min on the same training poems
   (baselines/pytorch_book.py), scored per real character on the same validation poems. Bits per character and real
@@ -46,6 +48,9 @@ POETGEN = {
     "shakespeare-prepare": "prepare {shakespeare} --split tail --val-fraction 0.1",
     "shakespeare-85s": "train {dataset} --max-time {budget}",  # default settings: no other flags (issue 7, target 1)
     "shakespeare-10m": "train {dataset} --max-time {budget}",
+    # The same default settings given the compute the issue's machine has in 85 s: 85 s x (its oneDNN peak, about
+    # 470 GFLOP/s) / (this machine's, measured in the same group).
+    "shakespeare-scaled": "train {dataset} --max-time {budget}",
     "tang-prepare": "prepare {tang} --script simplified",
     "tang-10m": "train {dataset} --max-time {budget}",  # default settings (the adaptive head is automatic here)
     # Throughput at the pytorch-book's model size (embedding 128, LSTM 256 x 2): target 3's "same model size".
@@ -89,6 +94,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = Path(os.environ.get("POETGEN_SHARED_DATA", REPO.parent / "shared" / "data"))
 BASELINES = HERE / "baselines"
+ISSUE_PEAK_GFLOPS = 470.0  # issue 7's machine: its oneDNN fp32 matrix-multiply rate
 GROUPS = ("shakespeare", "tang", "flops", "sample", "prepare")
 QUICK_TANG_FILES = ("poet.tang.0.json", "poet.tang.1000.json")
 FLOPS_ROUNDS = {False: 3, True: 1}  # by r.quick
@@ -228,11 +234,11 @@ def prepare(r: Runner, name: str, out: Path, **values) -> Path:
     return out
 
 
-def train_and_eval(r: Runner, name: str, dataset: Path) -> dict:
+def train_and_eval(r: Runner, name: str, dataset: Path, **values) -> dict:
     """Train with the POETGEN command, then `poetgen eval` its last checkpoint; metrics.jsonl summarised."""
     runs = r.work / "runs"
-    summary = r.json([*poetgen_argv(r, name, dataset=dataset), "--runs-dir", runs, "--name", name, "--json", "-q"],
-                     name)
+    summary = r.json([*poetgen_argv(r, name, dataset=dataset, **values), "--runs-dir", runs, "--name", name, "--json",
+                      "-q"], name)
     run_dir = runs / name
     ev = r.json(r.poetgen("eval", run_dir / "last.ckpt", "--json", "-q"), f"{name} eval")["models"][0]
     score = ev.get("warm") or ev["cold"]
@@ -273,8 +279,12 @@ def group_shakespeare(r: Runner, g: GroupResult) -> None:
     nanogpt = r.json(r.script(BASELINES / "nanogpt.py", ds, *nano_args), "nanoGPT")
     p85 = train_and_eval(r, "shakespeare-85s", ds)
     p10 = train_and_eval(r, "shakespeare-10m", ds)
-    g.raw.update(charrnn=charrnn, nanogpt=nanogpt, poetgen_85s=p85, poetgen_10m=p10)
     b85, b10 = BUDGETS["shakespeare-85s"][mode], BUDGETS["shakespeare-10m"][mode]
+    peak = r.json(r.script(HERE / "flops.py", "peak", *(["--quick"] if r.quick else [])), "matmul peak")
+    scaled = round(float(b85) * ISSUE_PEAK_GFLOPS / peak["onednn_gflops"])
+    scaled = min(scaled, 10) if r.quick else scaled  # quick mode: a smoke check
+    ps = train_and_eval(r, "shakespeare-scaled", ds, budget=scaled)
+    g.raw.update(charrnn=charrnn, nanogpt=nanogpt, poetgen_85s=p85, poetgen_10m=p10, peak=peak, poetgen_scaled=ps)
     cr = f"char-rnn, {BUDGETS['charrnn'][mode]} s"
     ng = f"nanoGPT, {BUDGETS['nanogpt'][mode]} iters ({nanogpt['train_seconds']:.0f} s)"
     for label, p, limit in ((b85, p85, 1.55), (b10, p10, 1.47)):
@@ -285,6 +295,14 @@ def group_shakespeare(r: Runner, g: GroupResult) -> None:
             g.rows.append(Row("shakespeare", f"Tiny Shakespeare, --max-time {label}: val nats/char", f"<= {limit}",
                               p["val_nats"], base["val_nats"], name, status(p["val_nats"] <= limit),
                               ratio(p["val_nats"], base["val_nats"]), note=note))
+    preset = {"hidden": "?"} | (ps.get("config") or {})
+    g.rows.append(Row("shakespeare", f"Tiny Shakespeare, --max-time {scaled} (the issue machine's {b85} s of "
+                      f"compute here): val nats/char", "<= 1.55 (info)", ps["val_nats"], p85["val_nats"],
+                      f"poetgen, {b85} s", "info", ratio(ps["val_nats"], p85["val_nats"]),
+                      note=f"{b85} s x {ISSUE_PEAK_GFLOPS:.0f} / {peak['onednn_gflops']:.0f} GFLOP/s (oneDNN peak "
+                           f"there / here); preset auto: LSTM {preset.get('layers')}x{preset['hidden']}, "
+                           f"{ps['steps']} steps, {ps['epoch']:.2f} epochs" + ("; capped at 10 s in quick mode" if r.quick
+                                                                                else "")))
 
 
 def group_tang(r: Runner, g: GroupResult) -> None:
