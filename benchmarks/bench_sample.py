@@ -15,14 +15,16 @@ size) and 6,000 (about a simplified Tang corpus'), full softmax; at 6,000 also w
 * whole processes: `poetgen sample` calls (start-up, checkpoint load, sampling, output) on a saved 6,000-symbol
   checkpoint, `poetgen --help`, and `python -c "import torch"` for scale; the median of a few runs.
 
-Both sides run on one thread (numpy's OpenBLAS and torch's): on the shared 2-core machine this was measured on,
-a second thread that spins while it waits made both several times slower. benchmarks/run.py imports ``measure``.
+Threads: poetgen as the CLI runs it (numpy's OpenBLAS threads picked by poetgen.infer.ThreadTuner while sampling,
+OPENBLAS_THREAD_TIMEOUT=4 as the CLI sets it); the anchor at the better of torch's 1 thread and its default count,
+each measured. benchmarks/run.py imports ``measure``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,13 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before numpy loads OpenBLAS, as poetgen's CLI does
 
-from poetgen.checkpoint import save_checkpoint
-from poetgen.infer import Runtime, blas_threads
-from poetgen.model import CharRNN, ModelConfig
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from poetgen.checkpoint import save_checkpoint  # noqa: E402
+from poetgen.infer import Runtime  # noqa: E402
+from poetgen.model import CharRNN, ModelConfig  # noqa: E402
 from poetgen.sample import SampleOptions, generate
 from poetgen.vocab import Vocab
 
@@ -77,19 +81,35 @@ class NoEnd:
         return scores
 
 
-def poetgen_rate(engine, vocab: Vocab, batch: int, options: SampleOptions, repeats: int) -> float:
-    """Best characters per second over ``repeats`` calls of generate (after a warm-up call)."""
-    best = 0.0
+def poetgen_rate(engine, vocab: Vocab, batch: int, options: SampleOptions, repeats: int) -> tuple[float, int]:
+    """Best characters per second over ``repeats`` calls of generate (after a warm-up call), and the BLAS thread
+    count that call ended on."""
+    best, threads = 0.0, 1
     generate(engine, vocab, [""], SampleOptions(num_samples=batch, length=5, seed=0))
     for r in range(repeats):
         options.seed, options.num_samples = r, batch
         res = generate(engine, vocab, [""], options)
-        best = max(best, sum(s.tokens for s in res.samples) / res.seconds)
-    return best
+        rate = sum(s.tokens for s in res.samples) / res.seconds
+        if rate > best:
+            best, threads = rate, res.threads
+    return best, threads
 
 
-def plain_loop(V: int, batch: int, length: int, repeats: int) -> float:
-    """The anchor: characters per second of a per-step nn.LSTM sampling loop, best of ``repeats``."""
+def plain_loop(V: int, batch: int, length: int, repeats: int) -> tuple[float, int]:
+    """The anchor: characters per second of a per-step nn.LSTM sampling loop, best of ``repeats`` at each of
+    torch's thread counts 1 and its default; -> (rate, threads)."""
+    default = torch.get_num_threads()
+    results = []
+    try:
+        for threads in dict.fromkeys((1, default)):
+            torch.set_num_threads(threads)
+            results.append((_plain_loop(V, batch, length, repeats), threads))
+    finally:
+        torch.set_num_threads(default)
+    return max(results)
+
+
+def _plain_loop(V: int, batch: int, length: int, repeats: int) -> float:
     torch.manual_seed(0)
     emb, lstm, head = nn.Embedding(V, 128), nn.LSTM(128, 256, 2, batch_first=True), nn.Linear(256, V)
     gen = torch.Generator().manual_seed(0)
@@ -121,35 +141,34 @@ def measure(quick: bool = False) -> list[dict]:
     threads; for whole processes, command (what follows `python -m`)."""
     repeats = 1 if quick else 3
     lengths = {1: 150 if quick else 400, 64: 40 if quick else 100}
-    torch.set_num_threads(1)
     rows: list[dict] = []
 
     def row(name, value, unit, anchor=None, anchor_name="", **extra) -> None:
         rows.append({"name": name, "value": value, "unit": unit, "anchor": anchor, "anchor_name": anchor_name,
                      **extra})
 
-    with blas_threads(1):
-        for V in VOCABS:
-            vocab = make_vocab(V)
-            model = make_model(V)
-            runtime = Runtime.from_state(model.config, model.state_dict())
+    for V in VOCABS:
+        vocab = make_vocab(V)
+        model = make_model(V)
+        runtime = Runtime.from_state(model.config, model.state_dict())
+        for batch, length in lengths.items():
+            cps, threads = poetgen_rate(NoEnd(runtime), vocab, batch, SampleOptions(length=length, temperature=1.0),
+                                        repeats)
+            anchor, anchor_threads = plain_loop(V, batch, length, repeats)
+            row(f"free text, vocab {V:,}, {batch} stream{'s' * (batch > 1)}", cps, "chars/s", anchor, ANCHOR,
+                vocab=V, streams=batch, threads=threads, anchor_threads=anchor_threads)
+        if V >= 1000:
+            for batch in lengths:
+                cps, threads = poetgen_rate(runtime, vocab, batch, SampleOptions(form="五绝", rhyme=True), repeats)
+                row(f"五绝 --rhyme, vocab {V:,}, {batch} stream{'s' * (batch > 1)}", cps, "chars/s",
+                    vocab=V, streams=batch, threads=threads)
+            adaptive = make_model(V, head="adaptive")
+            rt = Runtime.from_state(adaptive.config, adaptive.state_dict())
             for batch, length in lengths.items():
-                cps = poetgen_rate(NoEnd(runtime), vocab, batch, SampleOptions(length=length, temperature=1.0),
-                                   repeats)
-                row(f"free text, vocab {V:,}, {batch} stream{'s' * (batch > 1)}", cps, "chars/s",
-                    plain_loop(V, batch, length, repeats), ANCHOR, vocab=V, streams=batch, threads=1)
-            if V >= 1000:
-                for batch in lengths:
-                    cps = poetgen_rate(runtime, vocab, batch, SampleOptions(form="五绝", rhyme=True), repeats)
-                    row(f"五绝 --rhyme, vocab {V:,}, {batch} stream{'s' * (batch > 1)}", cps, "chars/s",
-                        vocab=V, streams=batch, threads=1)
-                adaptive = make_model(V, head="adaptive")
-                rt = Runtime.from_state(adaptive.config, adaptive.state_dict())
-                for batch, length in lengths.items():
-                    cps = poetgen_rate(NoEnd(rt), vocab, batch, SampleOptions(length=length, temperature=1.0),
-                                       repeats)
-                    row(f"free text, vocab {V:,} adaptive head {adaptive.config.cutoffs}, {batch} stream"
-                        f"{'s' * (batch > 1)}", cps, "chars/s", vocab=V, streams=batch, threads=1)
+                cps, threads = poetgen_rate(NoEnd(rt), vocab, batch, SampleOptions(length=length, temperature=1.0),
+                                            repeats)
+                row(f"free text, vocab {V:,} adaptive head {adaptive.config.cutoffs}, {batch} stream"
+                    f"{'s' * (batch > 1)}", cps, "chars/s", vocab=V, streams=batch, threads=threads)
 
     with tempfile.TemporaryDirectory() as d:
         cwd = Path(d)
@@ -190,7 +209,8 @@ def main() -> None:
             "wall": [{"run": r["command"], "seconds": r["value"]} for r in rows if r["unit"] == "s"],
         }, ensure_ascii=False, indent=2))
         return
-    print(f"LSTM 2 x 256, embed 128, untrained; numpy {np.__version__}, torch {torch.__version__}; 1 thread each")
+    print(f"LSTM 2 x 256, embed 128, untrained; numpy {np.__version__}, torch {torch.__version__}; poetgen's threads "
+          "tuned while sampling, the anchor's the better of torch on 1 and on its default count")
     print(f"{'run':<58} {'poetgen':>12} {'anchor':>12} {'ratio':>7}")
     for r in rows:
         fmt = "{:>12,.0f}" if r["unit"] == "chars/s" else "{:>12.2f}"

@@ -32,8 +32,8 @@ anchor's figure measured in the same run, their ratio, and pass/FAIL against the
 
 Full mode writes one section per group of RESULTS.md (date, machine, commands, figures), replacing only the groups
 that ran. Quick mode prints only; with an explicit --out it writes its own "quick" section, never the full one.
-Every process runs with OMP_WAIT_POLICY=PASSIVE (as poetgen's CLI sets for itself) unless the environment says
-otherwise, so baselines and poetgen wait for threads alike. Scratch files go to a temporary directory under
+Every process runs with OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 (as poetgen's CLI sets for itself)
+unless the environment says otherwise, so baselines and poetgen wait for threads alike. Scratch files go to a temporary directory under
 benchmarks/out/ (git-ignored), removed at the end unless --keep.
 """
 
@@ -157,6 +157,7 @@ class Runner:
         self.work, self.threads, self.quick = work, threads, quick
         self.env = dict(os.environ)
         self.env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        self.env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # numpy's OpenBLAS, as poetgen's CLI sets it
         if threads:
             self.env["OMP_NUM_THREADS"] = str(threads)
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
@@ -415,9 +416,18 @@ def group_sample(r: Runner, g: GroupResult) -> None:
     targets = {1: 5000, 64: 100_000}
     for x in speed:
         t = targets.get(x["streams"])
-        g.rows.append(Row("sample", f"LSTM 256x2 sampling, {x['name']}: chars/s", f">= {t:,}" if t else "-",
+        # The issue's anchors (1,700 and 71,000 chars/s for the plain loop) are for a small vocabulary; the rows at
+        # a Tang-sized one (6,000 symbols, where the output layer outweighs the recurrence) are shown for scale.
+        issue_row = t is not None and x.get("vocab", 65) < 1000
+        note = ""
+        if x.get("threads") is not None and x.get("anchor_threads") is not None:
+            note = (f"poetgen ended on {x['threads']} BLAS thread(s) (tuned while sampling); the anchor's best of torch "
+                    f"on 1 and default threads: {x['anchor_threads']}")
+        g.rows.append(Row("sample", f"LSTM 256x2 sampling, {x['name']}: chars/s",
+                          (f">= {t:,}" if issue_row else f">= {t:,} (info)") if t else "-",
                           x["value"], x.get("anchor"), x.get("anchor_name") or "plain per-step nn.LSTM loop",
-                          status(x["value"] >= t if t else None), ratio(x["value"], x.get("anchor")), fmt="{:,.0f}"))
+                          status(x["value"] >= t) if issue_row else "info", ratio(x["value"], x.get("anchor")),
+                          fmt="{:,.0f}", note=note))
     walls = [x for x in rows if x["unit"] == "s"]
     calls = [x for x in walls if "poetgen sample" in x["name"]]
     # the issue's call writes 4 poems; else the closest row bench_sample has (a form, a few poems)
@@ -575,7 +585,9 @@ def print_table(rows: list[Row]) -> None:
 
 def env_note(threads: int) -> str:
     policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
-    return f"OMP_WAIT_POLICY={policy}" + (f", OMP_NUM_THREADS={threads}" if threads else "")
+    timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "4")
+    return (f"OMP_WAIT_POLICY={policy}, OPENBLAS_THREAD_TIMEOUT={timeout}"
+            + (f", OMP_NUM_THREADS={threads}" if threads else ""))
 
 
 def markdown_group(g: GroupResult, m: dict, threads: int, mode: str) -> str:

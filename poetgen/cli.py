@@ -21,6 +21,11 @@ import typer
 # process: 30 steps in 177 s spinning, 7.3 s waiting passively, 5.2 s on one thread). It must be set before torch
 # loads its OpenMP runtime, hence here, at import; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numpy's OpenBLAS (what `sample` runs on) spins too: about 0.1 s after each multi-threaded product by default, which
+# beside one other busy process made 2-thread sampling 1.6-2x slower than 1 thread and poisoned the steps after it.
+# 2**4 cycles instead (measured: the thread tuner of poetgen.infer then lost at most 15% to 1 thread on a busy
+# machine and kept its 1.4x gain for 64 streams on idle cores). Read when numpy loads, hence here as well.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 app = typer.Typer(
     name="poetgen",
@@ -668,7 +673,8 @@ def sample(
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, mps, or auto (cuda when available)."),
     threads: Optional[int] = typer.Option(
         None, "--threads",
-        help="CPU threads for the matrix products. Default: 1 (a sampling step is too small to share well).",
+        help="CPU threads for the matrix products. Default: chosen while sampling by timing the steps on 1 thread "
+        "and on more (more help big batches on idle cores; 1 is faster for one stream or on a busy machine).",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Say nothing on stderr but errors."),
 ) -> None:
@@ -734,7 +740,7 @@ def sample(
                 sys.stdout.flush()
             shown[0] = piece or shown[0]
 
-        result = generate(model, vocab, primes, options, on_text=show if stream else None, threads=threads or 1)
+        result = generate(model, vocab, primes, options, on_text=show if stream else None, threads=threads)
         for n in result.notes:
             note(f"Note: {n}")
         if stream:

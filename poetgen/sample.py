@@ -108,6 +108,7 @@ class SampleResult:
     notes: list[str] = field(default_factory=list)  # e.g. "converted the prime to traditional: ..."
     seconds: float = 0.0  # generation time, prefix included
     steps: int = 0  # forward steps after the prefix
+    threads: int = 1  # numpy's BLAS threads at the end of the call (see poetgen.infer.ThreadTuner)
 
 
 # --- scripts ----------------------------------------------------------------------------------------------------
@@ -391,7 +392,7 @@ def generate(
     primes: Sequence[str] = ("",),
     options: SampleOptions | None = None,
     on_text: Callable[[str], None] | None = None,
-    threads: int | None = 1,
+    threads: int | None = None,
 ) -> SampleResult:
     """``options.num_samples`` samples for each prime, all in one batch (prime-major order).
 
@@ -399,7 +400,8 @@ def generate(
     torch module with ``forward(idx, hidden) -> (scores, hidden)`` (run on its device in eval mode, then put back
     in the mode it was in). ``on_text`` receives the first sample as it is written: its prime, then each new
     character (converted to the output script one character at a time). ``threads``: numpy's BLAS threads for the
-    call (None: as they are); one is fastest for a step this small unless the cores are otherwise idle.
+    call; None (the default) lets poetgen.infer.ThreadTuner pick between one and more by timing the steps, since
+    which is faster depends on the batch and on what else the machine is doing.
     """
     o = options or SampleOptions()
     o.validate()
@@ -437,13 +439,15 @@ def generate(
     engine, context = _engine_for(model)
     if hasattr(engine, "use_table") and rows * max_new >= len(vocab):
         engine.use_table()  # a gather instead of layer 0's input matmul; its build pays off from ~V row-steps
-    from poetgen.infer import blas_threads
+    from poetgen.infer import ThreadTuner
 
-    with context(), blas_threads(threads):
-        return _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text)
+    tuner = ThreadTuner(choices=None if threads is None else (threads,))
+    with context(), tuner:
+        return _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text,
+                       tuner)
 
 
-def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text):
+def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text, tuner):
     """The batched loop of ``generate``."""
     V = len(vocab)
     seed = o.seed if o.seed is not None else random.SystemRandom().randrange(2**31)
@@ -523,6 +527,7 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
                 seen = seen[keep]
         if t == max_new - 1:
             break
+        tuner.tick(len(token))
         scores = engine.step(token)  # (b, V)
         steps += 1
 
@@ -549,7 +554,7 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
             )
         )
     settings = o.to_dict() | {"top_k": top_k if o.top_k is not None else None, "length": max_new, "seed": seed}
-    return SampleResult(samples, seed, settings, notes, seconds, steps)
+    return SampleResult(samples, seed, settings, notes, seconds, steps, tuner.current)
 
 
 def _convert(text: str, script: str | None) -> str:

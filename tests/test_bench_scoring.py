@@ -180,6 +180,10 @@ poetgen sample --form 五绝            1.75
 
 def test_sample_rows_pick_the_issue_targets(tmp_path, monkeypatch):
     rows = [
+        {"name": "free text, vocab 65, 1 stream", "value": 7000.0, "unit": "chars/s", "anchor": 1000.0,
+         "anchor_name": "plain loop", "streams": 1, "vocab": 65, "threads": 1, "anchor_threads": 2},
+        {"name": "free text, vocab 65, 64 streams", "value": 99000.0, "unit": "chars/s", "anchor": 40000.0,
+         "anchor_name": "plain loop", "streams": 64, "vocab": 65},
         {"name": "free text, vocab 6,000, 1 stream", "value": 6000.0, "unit": "chars/s", "anchor": 1500.0,
          "anchor_name": "plain loop", "streams": 1, "vocab": 6000},
         {"name": "free text, vocab 6,000, 64 streams", "value": 90000.0, "unit": "chars/s", "anchor": 60000.0,
@@ -204,9 +208,12 @@ def test_sample_rows_pick_the_issue_targets(tmp_path, monkeypatch):
     g = run.GroupResult("sample")
     run.group_sample(FakeRunner(), g)
     got = [(x.target, x.poetgen, x.anchor, x.status) for x in g.rows]
-    assert got == [(">= 5,000", 6000.0, 1500.0, "pass"), (">= 100,000", 90000.0, 60000.0, "FAIL"),
+    # the issue's targets on the small vocabulary its anchors were measured at; a Tang-sized one for scale
+    assert got == [(">= 5,000", 7000.0, 1000.0, "pass"), (">= 100,000", 99000.0, 40000.0, "FAIL"),
+                   (">= 5,000 (info)", 6000.0, 1500.0, "info"), (">= 100,000 (info)", 90000.0, 60000.0, "info"),
                    ("< 2", 1.5, 2.0, "pass"), ("< 0.3", 0.4, 2.0, "FAIL")]
-    assert g.rows[2].measure == "whole `poetgen sample --form 五绝 -n 4` call (vocab 6,000): seconds"
+    assert g.rows[4].measure == "whole `poetgen sample --form 五绝 -n 4` call (vocab 6,000): seconds"
+    assert "1 BLAS thread" in g.rows[0].note and "default threads: 2" in g.rows[0].note
 
 
 def test_a_failed_rerun_keeps_the_earlier_figures(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from poetgen import model_config
 from poetgen.checkpoint import load_checkpoint, save_checkpoint
 from poetgen.errors import CheckpointError, ConfigError
-from poetgen.infer import Runtime, blas_threads, load_runtime
+from poetgen.infer import Runtime, ThreadTuner, blas_threads, load_runtime
 from poetgen.model import CharRNN, ModelConfig
 from poetgen.poetry import check_poem
 from poetgen.vocab import Vocab
@@ -255,6 +255,86 @@ def test_blas_threads_are_restored():
     before = found[1]()
     with blas_threads(1):
         assert found[1]() == 1
+    assert found[1]() == before
+
+
+class FakeClock:
+    """time.perf_counter for ThreadTuner: each step advances it by cost(threads) seconds per row."""
+
+    def __init__(self, monkeypatch, cost):
+        import time
+
+        self.now, self.cost = 0.0, cost
+        monkeypatch.setattr(time, "perf_counter", lambda: self.now)
+
+    def run(self, tuner: ThreadTuner, steps: int, rows: int = 64, start: int = 0) -> list[int]:
+        """-> the thread count each step ran on."""
+        used = []
+        for i in range(start, start + steps):
+            tuner.tick(rows)
+            used.append(tuner.current)
+            self.now += self.cost(tuner.current, i) * rows
+        return used
+
+
+def test_thread_tuner_moves_to_the_faster_count_and_stays(monkeypatch):
+    clock = FakeClock(monkeypatch, lambda n, i: 1e-5 / n)  # two threads twice as fast
+    with ThreadTuner((1, 2), trial=4, every=32) as tuner:
+        used = clock.run(tuner, 200)
+    assert used[:4] == [1] * 4  # one thread first, while its own time is measured
+    assert used[4:40] == [2] * 36
+    # and now and then one thread is tried again (it loses), then back to two
+    assert tuner.switches >= 3 and used.count(1) < 20 and used[-1] == 2
+
+
+def test_thread_tuner_keeps_one_thread_and_backs_off_when_more_lose(monkeypatch):
+    clock = FakeClock(monkeypatch, lambda n, i: 1e-5 * n)  # two threads twice as slow
+    with ThreadTuner((1, 2), trial=4, every=32) as tuner:
+        used = clock.run(tuner, 5000)
+    assert tuner.current == 1 and used.count(1) > 0.98 * len(used)
+    # lost trials double the wait: 32, 64, ... up to 64 x 32 steps, so few trials over 5,000 steps
+    trials = tuner.switches // 2
+    assert 3 <= trials <= 9, trials
+
+
+def test_thread_tuner_cuts_a_stalled_trial_short(monkeypatch):
+    # one thread 10 us per row; two threads stall (10x slower) on every step
+    clock = FakeClock(monkeypatch, lambda n, i: 1e-5 if n == 1 else 1e-4)
+    with ThreadTuner((1, 2), trial=4, every=32) as tuner:
+        used = clock.run(tuner, 40)
+    first_two = used.index(2)
+    # the step after the switch is not counted, the next one stalls: back to one thread after two steps on two
+    assert used[first_two : first_two + 3] == [2, 2, 1]
+
+
+def test_thread_tuner_leaves_a_count_that_turns_slow(monkeypatch):
+    # two threads win while the machine is idle, then lose 4x from step 300 on (another process took a core)
+    clock = FakeClock(monkeypatch, lambda n, i: (5e-6 if i < 300 else 4e-5) if n == 2 else 1e-5)
+    with ThreadTuner((1, 2), trial=4, every=32) as tuner:
+        used = clock.run(tuner, 400)
+    assert used[250:300].count(2) > 40
+    # the moving average crossed 1.5x one thread's figure within a few steps; later trials of two lose at once
+    assert set(used[306:330]) == {1} and used[306:].count(2) <= 6
+
+
+def test_thread_tuner_with_one_choice_never_switches(monkeypatch):
+    clock = FakeClock(monkeypatch, lambda n, i: 1e-5)
+    with ThreadTuner((3,)) as tuner:
+        assert set(clock.run(tuner, 100)) == {3}
+    assert tuner.switches == 0
+
+
+def test_thread_tuner_restores_the_blas_threads(monkeypatch):
+    from poetgen.infer import _openblas
+
+    found = _openblas()
+    if found is None:
+        pytest.skip("numpy's BLAS here is not OpenBLAS")
+    before = found[1]()
+    clock = FakeClock(monkeypatch, lambda n, i: 1e-5 / n)
+    with ThreadTuner((1, 2)) as tuner:
+        clock.run(tuner, 50)
+        assert found[1]() == tuner.current == 2
     assert found[1]() == before
 
 
