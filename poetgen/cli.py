@@ -291,8 +291,8 @@ def train(
     ),
     preset: Optional[str] = typer.Option(
         None, "--preset", "-p",
-        help="auto (the default: by --max-time, quick under 100 s, short under 7 min, else small; small for a "
-        "corpus under 500,000 characters) | tiny (LSTM 1×128, batch 32×64) | quick (2×128, embed 64, batch 50×50, "
+        help="auto (the default: by --max-time in the reference machine's seconds, scaled by a one-second speed "
+        "probe: quick under 100 s, short under 7 min, else small; small for a corpus under 500,000 characters) | tiny (LSTM 1×128, batch 32×64) | quick (2×128, embed 64, batch 50×50, "
         "lr 0.02) | short (2×256, embed 64, batch 32×64, lr 0.015) | small (2×384, embed 64, batch 64×64, lr 0.01) | "
         "medium (2×512, embed 256, 64×128) | large (3×1024, embed 512, seq 256).",
     ),
@@ -403,15 +403,25 @@ def train(
     from poetgen.errors import PoetgenError
 
     given = {k: v for k, v in locals().items() if k in _TRAIN_FLAGS and v is not None}
+    measured: list[float] = []
+
+    def speed(settings: dict) -> float:
+        """Preset auto's view of this machine: a second of the `short` model's training step (poetgen.train)."""
+        from poetgen.train import machine_speed
+
+        measured.append(machine_speed(settings.get("device", "auto"), settings.get("threads")))
+        return measured[-1]
 
     def setup_this_run():
         from poetgen.runs import setup_run
 
         if isinstance(given.get("max_time"), str):
             given["max_time"] = parse_duration(given["max_time"])
+        # Under torchrun the ranks could measure different speeds and build different models: auto takes the
+        # budget as it is there (speed 1).
         return setup_run(
             data, preset=preset, config_file=config_file, overrides=given, resume=resume, init_from=init_from,
-            runs_dir=runs_dir, name=name,
+            runs_dir=runs_dir, name=name, speed=None if ctx.distributed else speed,
         )
 
     ctx = init_from_env()  # torchrun's process group; a plain single process otherwise
@@ -421,6 +431,13 @@ def train(
             # Under torchrun every rank sets up (local rank 0 first: it may prepare a raw corpus into the cache);
             # a mistake is reported once, by rank 0.
             setup = ctx.agree_in_turn(setup_this_run)
+        if measured and not quiet and ctx.is_main:
+            from poetgen.config import auto_preset
+
+            budget = setup.config.max_time
+            chosen = auto_preset(budget, len(setup.dataset.train), measured[-1])
+            typer.echo(f"Preset auto: {chosen} for {budget:g} s on this machine (its training speed "
+                       f"{measured[-1]:.2f}x the machine the presets were measured on)", err=True)
         from poetgen.train import catch_signals, make_plan
         from poetgen.train import train as run_training
 

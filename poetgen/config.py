@@ -5,7 +5,8 @@ config file), then the TOML config file, then command-line flags. Unknown keys a
 
 With no preset named anywhere, ``auto`` applies, by the --max-time budget: ``quick`` under QUICK_BELOW seconds,
 ``short`` under SHORT_BELOW, else (and with no time budget) ``small``; on a training split under AUTO_MIN_TOKENS
-characters always ``small``. All were found by measurement on a 2-core CPU (Tiny Shakespeare, exact validation loss;
+characters always ``small``. The seconds are the reference machine's: the budget is first scaled by this machine's
+measured speed against it (poetgen.train.machine_speed; the CLI passes it to resolve_config). All were found by measurement on a 2-core CPU (Tiny Shakespeare, exact validation loss;
 the runs are in benchmarks/RESULTS.md, "training recipe search"): the shorter the budget, the narrower the LSTM that
 wins, because the wider ones learn more per character but cannot see enough characters in time. At 85 s the 2x128
 `quick` model reached 1.708 nats/char against 1.726 for 2x256; at 130 s 2x256 (`short`) reached 1.641 against 1.659
@@ -41,7 +42,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from poetgen.errors import ConfigError
 
@@ -251,10 +252,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def resolve_config(
     preset: str | None = None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
-    train_tokens: int | None = None,
+    train_tokens: int | None = None, speed: Callable[[dict[str, Any]], float] | None = None,
 ) -> TrainConfig:
     """defaults < preset < config file < overrides (flags). ``preset`` argument beats a preset key in the file.
-    ``train_tokens``: the size of the training split, which preset `auto` weighs (see auto_preset)."""
+    ``train_tokens``: the size of the training split, which preset `auto` weighs (see auto_preset); ``speed``: a
+    function of the settings given (file and flags: device, threads) -> this machine's speed for auto_preset,
+    called only when `auto` has a time budget to weigh (None: speed 1, the thresholds as measured)."""
     file_values: dict[str, Any] = {}
     if config_file is not None:
         raw = dict(load_toml(config_file))
@@ -265,7 +268,9 @@ def resolve_config(
         file_values = normalise_keys(raw, str(config_file))
     flags = normalise_keys(overrides or {}, "flags")
     if preset is None or preset == "auto":
-        preset = auto_preset({**file_values, **flags}.get("max_time", 0.0), train_tokens)
+        given = {**file_values, **flags}
+        preset = auto_preset(given.get("max_time", 0.0), train_tokens,
+                             (lambda: speed(given)) if speed is not None else 1.0)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of auto, {', '.join(PRESETS)}")
     values: dict[str, Any] = dict(PRESETS[preset])
@@ -274,14 +279,18 @@ def resolve_config(
     return TrainConfig(**values)
 
 
-def auto_preset(max_time: object, train_tokens: int | None = None) -> str:
-    """The preset `auto` stands for, given the --max-time budget (seconds; 0 = none) and the training split's size:
-    `quick` under QUICK_BELOW seconds, `short` under SHORT_BELOW, else `small`; always `small` for a corpus of fewer
-    than AUTO_MIN_TOKENS training characters, and without a time budget."""
+def auto_preset(max_time: object, train_tokens: int | None = None, speed: float | None = 1.0) -> str:
+    """The preset `auto` stands for, given the --max-time budget (seconds; 0 = none), the training split's size and
+    this machine's ``speed`` (its training throughput as a multiple of the machine the thresholds were measured on;
+    see poetgen.train.machine_speed): `quick` under QUICK_BELOW seconds of that machine's compute, `short` under
+    SHORT_BELOW, else `small`; always `small` for a corpus of fewer than AUTO_MIN_TOKENS training characters, and
+    without a time budget. ``speed`` may be a callable, called only when the choice depends on it."""
     timed = isinstance(max_time, (int, float)) and not isinstance(max_time, bool) and max_time > 0
     if not timed or (train_tokens is not None and train_tokens < AUTO_MIN_TOKENS):
         return "small"
-    return "quick" if max_time < QUICK_BELOW else "short" if max_time < SHORT_BELOW else "small"
+    factor = speed() if callable(speed) else (speed or 1.0)
+    budget = max_time * factor
+    return "quick" if budget < QUICK_BELOW else "short" if budget < SHORT_BELOW else "small"
 
 
 def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:

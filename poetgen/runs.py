@@ -205,11 +205,13 @@ def setup_run(
     runs_dir: str | Path = "checkpoints",
     name: str | None = None,
     on_progress: Callable[[dict], None] | None = None,
+    speed: Callable[[dict[str, Any]], float] | None = None,
 ) -> RunSetup:
     """Turn `train` arguments into a configuration, a dataset and a run directory.
 
     ``overrides`` are the flags the user actually gave (field name -> value). DATA may be a dataset directory,
     a raw corpus (prepared on the fly and cached), or None: the bundled corpus, or on resume the run's own data.
+    ``speed``: how preset `auto` learns this machine's speed (see poetgen.config.resolve_config).
     """
     runs_dir = Path(runs_dir)
     overrides = normalise_keys(overrides or {}, "flags")
@@ -235,7 +237,7 @@ def setup_run(
         return RunSetup(config, _open_data(data, on_progress), run_dir, resume=ckpt)
 
     dataset = _open_data(data, on_progress)
-    config = resolve_config(preset, config_file, overrides, train_tokens=len(dataset.train))
+    config = resolve_config(preset, config_file, overrides, train_tokens=len(dataset.train), speed=speed)
     ckpt = None
     if init_from is not None:
         ckpt = load_checkpoint(find_checkpoint(init_from))

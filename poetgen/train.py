@@ -143,6 +143,48 @@ def _head_width(model: ModelConfig, tokens: np.ndarray | None) -> float:
     return width
 
 
+# The `short` preset's training step (LSTM 2x256, embed 64, 65 symbols, batch 32 x 64, AdamW, clipping) as
+# ``machine_speed`` times it, in characters per second, on the machine where preset `auto`'s time thresholds were
+# measured (2 cores, AVX2, oneDNN fp32 peak ~130 GFLOP/s). Calibrated through real 85 s runs of `short` on Tiny
+# Shakespeare: 539 steps there, 777 on a machine (2 cores, AVX-512, peak 221) where this probe measured a median of
+# 15,900 chars/s over 7 runs (14,800-18,100): 15,900 x 539 / 777 = 11,000.
+REFERENCE_CHARS_PER_SEC = 11_000.0
+
+
+def machine_speed(device: str = "auto", threads: int | None = None, seconds: float = 0.6, max_steps: int = 12) -> float:
+    """This machine's training speed as a multiple of the one preset `auto`'s thresholds were measured on: the
+    `short` model's full training step (forward, backward, clipping, AdamW) on random tokens, 2 warm-up steps, then
+    timed for ``seconds`` (at most ``max_steps``); chars/s over REFERENCE_CHARS_PER_SEC. About a second on a 2-core
+    CPU. Its threads are set as training will set them; the previous count is restored."""
+    dev = torch.device(resolve_device(device))
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        model = CharRNN(ModelConfig(65, cell="lstm", layers=2, hidden=256, embed=64, dropout=0.0)).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        batch = torch.randint(0, 65, (32, 65), generator=gen).to(dev)
+
+        def step() -> None:
+            loss, _ = model(batch[:, :-1], None, batch[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0).item()  # .item(): waits for the device
+            opt.step()
+
+        for _ in range(2):
+            step()
+        t0, steps = time.perf_counter(), 0
+        while steps < max_steps and (steps == 0 or time.perf_counter() - t0 < seconds):
+            step()
+            steps += 1
+        rate = steps * batch.shape[0] * (batch.shape[1] - 1) / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return rate / REFERENCE_CHARS_PER_SEC
+
+
 def make_plan(
     config: TrainConfig, dataset: Dataset, vocab_size: int | None = None, *, world_size: int = 1,
     local_rank: int | None = None,

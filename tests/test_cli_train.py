@@ -248,6 +248,41 @@ def test_auto_preset_weighs_the_budget_and_the_corpus():
     assert resolve_config("tiny", overrides={"max_time": 85.0}, train_tokens=big).hidden == 128  # named preset wins
 
 
+def test_auto_preset_weighs_the_budget_by_the_machines_speed():
+    from poetgen.config import AUTO_MIN_TOKENS, QUICK_BELOW, SHORT_BELOW, auto_preset, resolve_config
+
+    big = AUTO_MIN_TOKENS
+    # 85 s on a machine 1.5x the reference is 127 s of the reference's compute: `short`, as measured (1.690 vs 1.703)
+    assert auto_preset(85, big, 1.5) == "short" and auto_preset(85, big, 1.0) == "quick"
+    assert auto_preset(SHORT_BELOW - 1, big, 0.5) == "short" and auto_preset(QUICK_BELOW, big, 0.5) == "quick"
+    assert auto_preset(SHORT_BELOW / 2, big, 2.01) == "small"
+    calls = []
+
+    def speed(settings):
+        calls.append(settings)
+        return 6.0
+
+    c = resolve_config(overrides={"max_time": 85.0, "device": "cpu", "threads": 1}, train_tokens=big, speed=speed)
+    assert c.hidden == 384 and calls == [{"max_time": 85.0, "device": "cpu", "threads": 1}]  # 510 s: small
+    # measured only when the choice depends on it
+    resolve_config(overrides={"max_time": 85.0}, train_tokens=big - 1, speed=speed)
+    resolve_config(overrides={}, train_tokens=big, speed=speed)
+    resolve_config("quick", overrides={"max_time": 85.0}, train_tokens=big, speed=speed)
+    assert len(calls) == 1
+
+
+def test_machine_speed_times_a_real_training_step():
+    import torch
+
+    from poetgen.train import REFERENCE_CHARS_PER_SEC, machine_speed
+
+    before = torch.get_num_threads()
+    v = machine_speed("cpu", threads=1, seconds=0.0, max_steps=1)
+    assert torch.get_num_threads() == before
+    # one short-preset step is 2,016 characters: on any CPU that runs the suite, 0.001x to 1,000x the reference
+    assert 1e-3 < v < 1e3 and 1e-3 * REFERENCE_CHARS_PER_SEC < v * REFERENCE_CHARS_PER_SEC
+
+
 def test_auto_preset_through_the_cli(cwd, tiny_dataset):
     """The tiny dataset is far below AUTO_MIN_TOKENS: a short budget still trains the small preset on it."""
     r = invoke(tiny_dataset, "--max-time", "60", "-b", "2", "--seq-len", "8", "--dry-run", "--json")
