@@ -12,9 +12,9 @@ clipping the train loop uses, cross-entropy on fp32 logits, hidden state carried
 embedding 512, batch 64, sequence 100, vocabulary 67 (Tiny Shakespeare's), timed in fp32 and under
 torch.autocast("cpu", dtype=torch.bfloat16). When the whole model cannot run under autocast (oneDNN has no bf16
 LSTM on CPUs without bf16 instructions) the error is reported, and so is the step with only the embedding and the
-output layer under autocast and the LSTM in fp32. If a bf16 step is at least 1.5x faster and --dataset is given,
+output layer under autocast and the LSTM in fp32. If a bf16 step is at least 1.2x faster and --dataset is given,
 both precisions train the same model from the same start for --check-steps steps and are scored on the validation
-split: bf16 qualifies when its loss is within 0.01 nats of fp32's.
+split: bf16 qualifies when it is at least 1.5x faster and its loss is within 0.01 nats of fp32's.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def bf16_check(quick: bool, dataset: str | None, check_steps: int) -> dict:
     out["best_bf16_mode"] = best_mode
     out["speedup"] = out[best_mode]["chars_per_sec"] / fp32 if best_mode and fp32 else None
     out["val_delta"] = None
-    if out["speedup"] and out["speedup"] >= 1.5 and dataset:
+    if out["speedup"] and out["speedup"] >= 1.2 and dataset:  # near enough to the bar for its quality to matter
         out["val_delta"] = val_delta(dataset, config, best_mode, build, B, T, check_steps)
     out["qualifies"] = bool(out["speedup"] and out["speedup"] >= 1.5 and out["val_delta"] is not None
                             and abs(out["val_delta"]) <= 0.01)

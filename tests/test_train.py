@@ -273,8 +273,22 @@ def test_samples_and_evals_are_reported(ds, tmp_path):
 def test_devices_precision_and_compile(ds, tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp32") is None
-    with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
-        autocast_dtype(cpu, "bf16")
+    from poetgen import devices
+
+    native = devices.cpu_bf16_native()
+    with monkeypatch.context() as m:
+        m.setattr(devices, "cpu_bf16_native", lambda: False)
+        with pytest.raises(ConfigError, match="bf16 needs a CUDA device or a CPU with native bf16"):
+            autocast_dtype(cpu, "bf16")
+        m.setattr(devices, "cpu_bf16_native", lambda: True)
+        assert autocast_dtype(cpu, "bf16") is torch.bfloat16
+        assert autocast_dtype(cpu, "auto") is None  # auto never picks bf16 on the CPU (README: not 0.01 nats)
+    if native:  # the whole loop under CPU autocast: finite losses, fp32 weights saved
+        r = train(TrainConfig(**{**SMALL, "max_steps": 3, "eval_every": 3, "precision": "bf16", "threads": 1}), ds,
+                  tmp_path / "b")
+        assert r.step == 3 and math.isfinite(r.best_val_loss)
+        model, _ = load_model(tmp_path / "b")
+        assert all(p.dtype == torch.float32 for p in model.parameters())
     if not torch.cuda.is_available():
         assert resolve_device("auto") in (torch.device("cpu"), torch.device("mps"))
         with pytest.raises(ConfigError, match="CUDA is not available"):
