@@ -6,8 +6,9 @@ config file), then the TOML config file, then command-line flags. Unknown keys a
 With no preset named anywhere, ``auto`` applies, by the --max-time budget: ``quick`` under QUICK_BELOW seconds,
 ``short`` under SHORT_BELOW, else (and with no time budget) ``small``; on a training split under AUTO_MIN_TOKENS
 characters always ``small``. The seconds are the reference machine's: the budget is first scaled by this machine's
-measured speed against it (poetgen.train.machine_speed; the CLI passes it to resolve_config). All were found by measurement on a 2-core CPU (Tiny Shakespeare, exact validation loss;
-the runs are in benchmarks/RESULTS.md, "training recipe search"): the shorter the budget, the narrower the LSTM that
+measured speed against it (poetgen.train.machine_speed; the CLI passes it to resolve_config). All were found by
+measurement on a 2-core CPU (Tiny Shakespeare, exact validation loss; the runs are in benchmarks/RESULTS.md,
+"training recipe search"): the shorter the budget, the narrower the LSTM that
 wins, because the wider ones learn more per character but cannot see enough characters in time. At 85 s the 2x128
 `quick` model reached 1.708 nats/char against 1.726 for 2x256; at 130 s 2x256 (`short`) reached 1.641 against 1.659
 for `quick` (which saturates); at 280 s `short` 1.529, `quick` 1.662 and 2x384 (`small`) 1.589; at 420 s `short` 1.494
@@ -279,7 +280,8 @@ def resolve_config(
     return TrainConfig(**values)
 
 
-def auto_preset(max_time: object, train_tokens: int | None = None, speed: float | None = 1.0) -> str:
+def auto_preset(max_time: object, train_tokens: int | None = None,
+                speed: float | Callable[[], float] | None = 1.0) -> str:
     """The preset `auto` stands for, given the --max-time budget (seconds; 0 = none), the training split's size and
     this machine's ``speed`` (its training throughput as a multiple of the machine the thresholds were measured on;
     see poetgen.train.machine_speed): `quick` under QUICK_BELOW seconds of that machine's compute, `short` under

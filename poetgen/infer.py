@@ -31,6 +31,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,11 +425,8 @@ def blas_threads(n: int | None) -> Iterator[None]:
         set_threads(before)
 
 
-
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    import os
-
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -490,8 +489,6 @@ class ThreadTuner:
 
     def tick(self, rows: int) -> None:
         """Call before each step with the rows it runs."""
-        import time
-
         now = time.perf_counter()
         last, self.last = self.last, (now, rows)
         if len(self.choices) == 1 or last is None:
