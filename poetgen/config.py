@@ -270,6 +270,8 @@ def resolve_config(
     flags = normalise_keys(overrides or {}, "flags")
     if preset is None or preset == "auto":
         given = {**file_values, **flags}
+        if speed is not None:
+            TrainConfig(**given)  # a bad value is refused here, before the speed probe runs on it
         preset = auto_preset(given.get("max_time", 0.0), train_tokens,
                              (lambda: speed(given)) if speed is not None else 1.0)
     if preset not in PRESETS:

@@ -269,6 +269,23 @@ def test_auto_preset_weighs_the_budget_by_the_machines_speed():
     resolve_config(overrides={}, train_tokens=big, speed=speed)
     resolve_config("quick", overrides={"max_time": 85.0}, train_tokens=big, speed=speed)
     assert len(calls) == 1
+    # a bad value is refused before the probe runs with it (torch.set_num_threads(-1) would raise a RuntimeError)
+    from poetgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="threads must be 0 or more"):
+        resolve_config(overrides={"max_time": 85.0, "threads": -1}, train_tokens=big, speed=speed)
+    assert len(calls) == 1
+
+
+def test_a_bad_flag_with_the_speed_probe_is_an_error_not_a_traceback(cwd, tmp_path):
+    from conftest import make_dataset
+
+    from poetgen.config import AUTO_MIN_TOKENS
+
+    text = "".join(chr(0x61 + i % 26) for i in range(AUTO_MIN_TOKENS + 1000))
+    ds = make_dataset(tmp_path / "big", [text], ["abc" * 100])
+    r = invoke(str(ds), "--max-time", "60", "--threads", "-1", "--dry-run")
+    assert r.exit_code == 1 and "Error: threads must be 0 or more" in r.stderr and "Traceback" not in r.output
 
 
 def test_machine_speed_times_a_real_training_step():
