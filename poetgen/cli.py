@@ -1176,7 +1176,28 @@ def _retry_notice(event: dict) -> str:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except BaseException as e:
+        # A torchrun worker leaves without the interpreter's finalisation (see poetgen.distributed.leave). That
+        # module is loaded only by commands that may join a process group: other commands pay nothing here.
+        dist = sys.modules.get("poetgen.distributed")
+        if dist is None or not dist.joined():
+            raise
+        dist.leave(_exit_status(e))
+
+
+def _exit_status(e: BaseException) -> int:
+    """The exit status Python itself would give for ``e`` escaping the program (and what it would print)."""
+    if isinstance(e, SystemExit):
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    import traceback
+
+    traceback.print_exception(e)
+    return 1
 
 
 if __name__ == "__main__":
