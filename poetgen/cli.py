@@ -293,7 +293,8 @@ def train(
         None, "--preset", "-p",
         help="auto (the default: by --max-time in the reference machine's seconds, scaled by a one-second speed "
         "probe: quick under 100 s, short under 7 min, else small; small for a corpus under 500,000 characters) | "
-        "tiny (LSTM 1×128, batch 32×64) | quick (2×128, embed 64, batch 50×50, lr 0.02) | short (2×256, embed 64, batch 32×64, lr 0.015) | small (2×384, embed 64, batch 64×64, lr 0.01) | "
+        "tiny (LSTM 1×128, batch 32×64) | quick (2×128, embed 64, batch 50×50, lr 0.02) | "
+        "short (2×256, embed 64, batch 32×64, lr 0.015) | small (2×384, embed 64, batch 64×64, lr 0.01) | "
         "medium (2×512, embed 256, 64×128) | large (3×1024, embed 512, seq 256).",
     ),
     config_file: Optional[Path] = typer.Option(

@@ -155,7 +155,8 @@ def machine_speed(device: str = "auto", threads: int | None = None, seconds: flo
     """This machine's training speed as a multiple of the one preset `auto`'s thresholds were measured on: the
     `short` model's full training step (forward, backward, clipping, AdamW) on random tokens, 2 warm-up steps, then
     timed for ``seconds`` (at most ``max_steps``); chars/s over REFERENCE_CHARS_PER_SEC. 1-2.5 s on a 2-core CPU,
-    model building and oneDNN's first calls included; readings of one machine spread about +-10%. Its threads are set as training will set them; the previous count is restored."""
+    model building and oneDNN's first calls included; readings of one machine spread about +-10%. Its threads are
+    set as training will set them; the previous count is restored."""
     dev = torch.device(resolve_device(device))
     before = torch.get_num_threads()
     if threads:
