@@ -391,19 +391,7 @@ def train(
 
         poetgen train datasets/tang --preset small --max-time 10m
     """
-    if nproc is not None and nproc > 1 and not dry_run:
-        from poetgen.distributed import launch, strip_option, under_torchrun
-
-        if under_torchrun():
-            raise fail("--nproc starts torchrun itself; leave it out when poetgen is started by torchrun", 2)
-        args = sys.argv[1:]
-        if "train" not in args:
-            raise fail("--nproc needs `poetgen train ...` on the command line", 2)
-        raise typer.Exit(launch(nproc, strip_option(args, "--nproc")))
-
     from poetgen.config import parse_duration
-    from poetgen.distributed import init_from_env, reported_by_rank0
-    from poetgen.errors import PoetgenError
 
     given = {k: v for k, v in locals().items() if k in _TRAIN_FLAGS and v is not None}
     measured: list[float] = []
@@ -415,25 +403,50 @@ def train(
         measured.append(machine_speed(settings.get("device", "auto"), settings.get("threads")))
         return measured[-1]
 
-    def setup_this_run():
+    def setup_this_run(probe: bool):
+        """``probe``: let auto measure this machine's speed. Not with several processes: the ranks could measure
+        different speeds and build different models, so auto takes the budget as it is there (speed 1)."""
         from poetgen.runs import setup_run
 
         if isinstance(given.get("max_time"), str):
             given["max_time"] = parse_duration(given["max_time"])
-        # Under torchrun the ranks could measure different speeds and build different models: auto takes the
-        # budget as it is there (speed 1).
         return setup_run(
             data, preset=preset, config_file=config_file, overrides=given, resume=resume, init_from=init_from,
-            runs_dir=runs_dir, name=name, speed=None if ctx.distributed else speed,
+            runs_dir=runs_dir, name=name, speed=speed if probe else None,
         )
+
+    def plan_for(setup, world: int, local_rank: int | None = None):
+        from poetgen.train import make_plan
+
+        source = setup.resume or setup.init_from
+        vocab = source.vocab if source else setup.dataset.vocab
+        return make_plan(setup.config, setup.dataset, len(vocab), world_size=world, local_rank=local_rank)
+
+    if nproc is not None and nproc > 1 and not dry_run:
+        from poetgen.distributed import launch, strip_option, under_torchrun
+
+        if under_torchrun():
+            raise fail("--nproc starts torchrun itself; leave it out when poetgen is started by torchrun", 2)
+        args = sys.argv[1:]
+        if "train" not in args:
+            raise fail("--nproc needs `poetgen train ...` on the command line", 2)
+        # A mistake (a missing corpus, a bad value, a batch the split cannot fill) is told here, once, before
+        # torchrun starts: from the workers it would come with torchrun's own failure report after it. A raw
+        # corpus is prepared here too, into the cache the workers then read.
+        plan_for(setup_this_run(probe=False), nproc)
+        raise typer.Exit(launch(nproc, strip_option(args, "--nproc")))
+
+    from poetgen.distributed import init_from_env, reported_by_rank0
+    from poetgen.errors import PoetgenError
 
     ctx = init_from_env()  # torchrun's process group; a plain single process otherwise
     console = _stderr_console(quiet or not ctx.is_main)  # only rank 0 shows progress
+    world = nproc if dry_run and nproc and not ctx.distributed else ctx.world_size
     try:
         with console.status("Preparing data…") if console.is_terminal and not console.quiet else _nullcontext():
             # Under torchrun every rank sets up (local rank 0 first: it may prepare a raw corpus into the cache);
             # a mistake is reported once, by rank 0.
-            setup = ctx.agree_in_turn(setup_this_run)
+            setup = ctx.agree_in_turn(lambda: setup_this_run(probe=world == 1))
         if measured and not quiet and ctx.is_main:
             from poetgen.config import auto_preset
 
@@ -441,14 +454,10 @@ def train(
             chosen = auto_preset(budget, len(setup.dataset.train), measured[-1])
             typer.echo(f"Preset auto: {chosen} for {budget:g} s on this machine (its training speed "
                        f"{measured[-1]:.2f}x the machine the presets were measured on)", err=True)
-        from poetgen.train import catch_signals, make_plan
+        from poetgen.train import catch_signals
         from poetgen.train import train as run_training
 
-        source = setup.resume or setup.init_from
-        vocab = source.vocab if source else setup.dataset.vocab
-        world = nproc if dry_run and nproc and not ctx.distributed else ctx.world_size
-        plan = ctx.agree(lambda: make_plan(setup.config, setup.dataset, len(vocab), world_size=world,
-                                           local_rank=ctx.local_rank if ctx.distributed else None))
+        plan = ctx.agree(lambda: plan_for(setup, world, ctx.local_rank if ctx.distributed else None))
         if dry_run:
             if ctx.is_main:
                 _print_plan(plan, setup, json_out)

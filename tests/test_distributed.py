@@ -387,6 +387,21 @@ def test_nproc_launcher_arguments(tiny_dataset):
     assert "batches per epoch: 5 (2 processes × 3 streams × 32 chars)" in r.stdout
 
 
+def test_nproc_launcher_reports_a_mistake_itself_before_torchrun_starts(tiny_dataset, tmp_path):
+    """Without the check, each worker failed, rank 0 said why, and torchrun added its own 30-line failure report."""
+    for bad, said in ((["no-such-corpus.txt"], "no such file or directory: no-such-corpus.txt"),
+                      ([str(tiny_dataset), "--max-time", "3x"], "not a duration: '3x'"),
+                      ([str(tiny_dataset), "--batch-size", "1000"], "2 processes × 1000 streams")):
+        t0 = time.monotonic()
+        with launched([sys.executable, "-m", "poetgen", "train", *bad, "--nproc", "2"], tmp_path) as proc:
+            out, err = proc.communicate(timeout=LAUNCH_TIMEOUT)
+        assert proc.returncode == 1, err
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and said in lines[0], err
+        assert "torch.distributed" not in err and time.monotonic() - t0 < 30
+    assert not (tmp_path / "checkpoints").exists()  # nothing was started
+
+
 # --- how a worker ends ------------------------------------------------------------------------------------------
 
 # Runs poetgen's entry point in a fresh interpreter, as a torchrun worker would once it has joined its group
