@@ -4,7 +4,7 @@ fixed number of steps, for the same model, data, seed and schedule.
     nice -n 19 python benchmarks/bench_adaptive.py DATA --steps 300 --batch 64 --seq 64 --threads 2 \\
         --heads full adaptive adaptive:1000,4000
 
-Each head trains through poetgen.train.train (the real step), one after the other (back to back, so the ratios
+Each head trains through poetgen.training.loop.train (the real step), one after the other (back to back, so the ratios
 are fair on a shared machine). chars/s is measured over steps 6..N (the first steps warm up allocators); the
 validation loss is the whole val split (poetgen's end-of-run evaluation), in nats per character.
 
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from poetgen.config import TrainConfig
-from poetgen.dataset import load_dataset
-from poetgen.streams import LN2
-from poetgen.train import TrainCallbacks, train
+from poetgen.training.config import TrainConfig
+from poetgen.data.dataset import load_dataset
+from poetgen.data.batches import LN2
+from poetgen.training.loop import TrainCallbacks, train
 
 
 class Clock(TrainCallbacks):
@@ -69,8 +69,8 @@ def run(data, head_spec: str, args) -> dict:
 def interleave(data, args) -> None:
     import numpy as np
 
-    from poetgen.model import CharRNN, ModelConfig
-    from poetgen.streams import StreamBatches
+    from poetgen.model.rnn import CharRNN, ModelConfig
+    from poetgen.data.batches import StreamBatches
 
     batches = StreamBatches(data.train, args.batch, args.seq)
     setups = []

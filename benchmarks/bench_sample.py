@@ -15,7 +15,7 @@ size) and 6,000 (about a simplified Tang corpus'), full softmax; at 6,000 also w
 * whole processes: `poetgen sample` calls (start-up, checkpoint load, sampling, output) on a saved 6,000-symbol
   checkpoint, `poetgen --help`, and `python -c "import torch"` for scale; the median of a few runs.
 
-Threads: poetgen as the CLI runs it (numpy's OpenBLAS threads picked by poetgen.infer.ThreadTuner while sampling,
+Threads: poetgen as the CLI runs it (numpy's OpenBLAS threads picked by poetgen.model.runtime.ThreadTuner while sampling,
 OPENBLAS_THREAD_TIMEOUT=4 as the CLI sets it); the anchor at the better of torch's 1 thread and its default count,
 each measured. benchmarks/run.py imports ``measure``.
 """
@@ -38,11 +38,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from poetgen.checkpoint import save_checkpoint  # noqa: E402
-from poetgen.infer import Runtime  # noqa: E402
-from poetgen.model import CharRNN, ModelConfig  # noqa: E402
-from poetgen.sample import SampleOptions, generate
-from poetgen.vocab import Vocab
+from poetgen.checkpoint.torch_io import save_checkpoint  # noqa: E402
+from poetgen.model.runtime import Runtime  # noqa: E402
+from poetgen.model.rnn import CharRNN, ModelConfig  # noqa: E402
+from poetgen.generation.sample import SampleOptions, generate
+from poetgen.data.vocab import Vocab
 
 VOCABS = (65, 6000)
 ANCHOR = "plain per-step nn.LSTM loop (torch, same run)"

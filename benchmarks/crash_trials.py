@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from poetgen.checkpoint import load_checkpoint
+from poetgen.checkpoint.torch_io import load_checkpoint
 
 MODEL = ["--cell", "lstm", "--layers", "1", "--hidden", "32", "--embed", "16", "--batch-size", "4", "--seq-len", "32",
          "--warmup", "2", "--sample-every", "0", "--threads", "1"]

@@ -7,7 +7,7 @@
 oneDNN's layout: the library PyTorch's CPU LSTM runs on), through torch.matmul, and of a bf16 F.linear; best over
 a few shapes, each timed several times (the best time counts: other processes only ever slow a run down).
 
-`bf16`: poetgen's training step (poetgen.model.CharRNN, the AdamW with the parameter groups, betas and gradient
+`bf16`: poetgen's training step (poetgen.model.rnn.CharRNN, the AdamW with the parameter groups, betas and gradient
 clipping the train loop uses, cross-entropy on fp32 logits, hidden state carried and detached) at LSTM 512 x 2,
 embedding 512, batch 64, sequence 100, vocabulary 67 (Tiny Shakespeare's), timed in fp32 and under
 torch.autocast("cpu", dtype=torch.bfloat16). When the whole model cannot run under autocast (oneDNN has no bf16
@@ -75,7 +75,7 @@ def peak(quick: bool) -> dict:
 
 def make_step(model, config, mode: str):
     """One training step of poetgen's loop on (B, T+1) id batches. mode: fp32 | bf16 | bf16-head (LSTM in fp32)."""
-    decay, no_decay = [], []  # as poetgen.train builds them: no weight decay on biases
+    decay, no_decay = [], []  # as poetgen.training.loop builds them: no weight decay on biases
     for name, p in model.named_parameters():
         (no_decay if name.endswith("bias") or "bias_" in name else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -111,8 +111,8 @@ def make_step(model, config, mode: str):
 
 
 def bf16_check(quick: bool, dataset: str | None, check_steps: int) -> dict:
-    from poetgen.config import TrainConfig
-    from poetgen.model import CharRNN, ModelConfig
+    from poetgen.training.config import TrainConfig
+    from poetgen.model.rnn import CharRNN, ModelConfig
 
     V, E, H, L, B, T = (67, 128, 128, 2, 16, 50) if quick else (67, 512, 512, 2, 64, 100)
     warmup, steps = (1, 3) if quick else (2, 6)

@@ -11,8 +11,8 @@ import time
 
 
 def install(pause: float) -> None:
-    """From now on poetgen.checkpoint writes each block in two halves, ``pause`` seconds apart."""
-    import poetgen.checkpoint as ck
+    """From now on poetgen.checkpoint.torch_io writes each block in two halves, ``pause`` seconds apart."""
+    import poetgen.checkpoint.torch_io as ck
 
     real_fdopen = os.fdopen
 

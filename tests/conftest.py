@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from poetgen.vocab import EOT_ID, Vocab
+from poetgen.data.vocab import EOT_ID, Vocab
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("POETGEN_SHARED_DATA", REPO.parent / "shared" / "data"))

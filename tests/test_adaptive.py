@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from poetgen.checkpoint import expected_shapes, load_checkpoint, load_model
-from poetgen.cli import app
-from poetgen.config import TrainConfig, resolve_config
-from poetgen.dataset import load_dataset
+from poetgen.checkpoint.torch_io import expected_shapes, load_checkpoint, load_model
+from poetgen.cli.app import app
+from poetgen.training.config import TrainConfig, resolve_config
+from poetgen.data.dataset import load_dataset
 from poetgen.errors import ConfigError
-from poetgen.evaluate import cross_entropy
-from poetgen.model import AUTO_HEAD_MIN_VOCAB, CELLS, CharRNN, ModelConfig, auto_cutoffs
-from poetgen.train import TrainCallbacks, train
+from poetgen.evaluation.scoring import cross_entropy
+from poetgen.model.rnn import AUTO_HEAD_MIN_VOCAB, CELLS, CharRNN, ModelConfig, auto_cutoffs
+from poetgen.training.loop import TrainCallbacks, train
 
 torch.set_num_threads(1)
 runner = CliRunner()

@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO
-from poetgen.cli import app
-from poetgen.dataset import load_dataset
-from poetgen.normalize import convert_script
+from poetgen.cli.app import app
+from poetgen.data.dataset import load_dataset
+from poetgen.data.normalize import convert_script
 from poetgen.paths import bundled_corpus
-from poetgen.poetry import detect_form
+from poetgen.poetry.forms import detect_form
 
 # Received characters that OpenCC's t2s would change (see data/README.md).
 T2S_EXCEPTIONS = {"袷", "摐"}

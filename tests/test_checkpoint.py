@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from poetgen.checkpoint import (
+from poetgen.checkpoint.torch_io import (
     FORMAT_VERSION,
     find_checkpoint,
     load_checkpoint,
@@ -19,8 +19,8 @@ from poetgen.checkpoint import (
     save_checkpoint,
 )
 from poetgen.errors import CheckpointError
-from poetgen.model import CharRNN, ModelConfig
-from poetgen.vocab import Vocab
+from poetgen.model.rnn import CharRNN, ModelConfig
+from poetgen.data.vocab import Vocab
 
 torch.set_num_threads(1)
 
@@ -166,7 +166,7 @@ def test_truncated_foreign_and_newer_files_are_refused(tmp_path):
 
 def test_atomic_write_leaves_previous_file_on_failure(tmp_path, monkeypatch):
     path = save_checkpoint(tmp_path / "last.ckpt", make_model(), VOCAB, train_state={"step": 1})
-    import poetgen.checkpoint as ck
+    import poetgen.checkpoint.torch_io as ck
 
     def boom(*a, **k):
         raise OSError("disk full")

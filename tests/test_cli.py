@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import REPO
-from poetgen.cli import app
+from poetgen.cli.app import app
 
 runner = CliRunner()
 
@@ -40,7 +40,7 @@ def test_every_option_is_documented_in_the_readme():
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from poetgen.cli import app; import poetgen.cli; print('torch' in sys.modules)"
+    code = "import sys; from poetgen.cli.app import app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     r = subprocess.run([sys.executable, "-m", "poetgen", "--help"], capture_output=True, text=True)
@@ -63,7 +63,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
-    code = "import os; import poetgen.cli; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import os; import poetgen.cli.app; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "PASSIVE"

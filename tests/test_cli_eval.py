@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_dataset
-from poetgen.checkpoint import load_model, save_checkpoint
-from poetgen.cli import app
-from poetgen.dataset import load_dataset
-from poetgen.evaluate import cross_entropy
-from poetgen.model import CharRNN, ModelConfig
+from poetgen.checkpoint.torch_io import load_model, save_checkpoint
+from poetgen.cli.app import app
+from poetgen.data.dataset import load_dataset
+from poetgen.evaluation.scoring import cross_entropy
+from poetgen.model.rnn import CharRNN, ModelConfig
 
 runner = CliRunner()
 POEMS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"]

@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from poetgen.checkpoint import save_checkpoint
-from poetgen.cli import app
-from poetgen.model import CharRNN, ModelConfig
-from poetgen.normalize import convert_script
-from poetgen.poetry import check_poem, poem_layout
-from poetgen.vocab import Vocab
+from poetgen.checkpoint.torch_io import save_checkpoint
+from poetgen.cli.app import app
+from poetgen.model.rnn import CharRNN, ModelConfig
+from poetgen.data.normalize import convert_script
+from poetgen.poetry.forms import check_poem, poem_layout
+from poetgen.data.vocab import Vocab
 
 TEXT = (
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"

@@ -21,10 +21,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_dataset
-from poetgen.checkpoint import load_checkpoint
-from poetgen.cli import app
+from poetgen.checkpoint.torch_io import load_checkpoint
+from poetgen.cli.app import app
 from poetgen.errors import TrainingError
-from poetgen.runs import run_lock
+from poetgen.training.runs import run_lock
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -166,17 +166,17 @@ def test_two_trainings_started_at_once_into_one_run_directory(cwd, forks, resume
     assert load_checkpoint(run / "last.ckpt").train_state["step"] >= start + 5 and not (run / ".lock").exists()
 
 
-# Runs in a small helper process: poetgen.runs without poetgen.checkpoint (the lock never touches it), so no torch
+# Runs in a small helper process: poetgen.training.runs without poetgen.checkpoint.torch_io (the lock never touches it), so no torch
 # is imported and each fork costs a millisecond instead of tens.
 CONTEND = r"""
 import json, os, socket, sys, time, types
 from pathlib import Path
-stub = types.ModuleType("poetgen.checkpoint")
+stub = types.ModuleType("poetgen.checkpoint.torch_io")
 for name in ("BEST", "LAST", "Checkpoint", "find_checkpoint", "load_checkpoint"):
     setattr(stub, name, None)
-sys.modules["poetgen.checkpoint"] = stub
+sys.modules["poetgen.checkpoint.torch_io"] = stub
 from poetgen.errors import TrainingError
-from poetgen.runs import run_lock
+from poetgen.training.runs import run_lock
 
 root, rounds, stale = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "stale"
 both = none = 0

@@ -31,8 +31,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_dataset
-from poetgen.checkpoint import load_checkpoint, load_model
-from poetgen.cli import app
+from poetgen.checkpoint.torch_io import load_checkpoint, load_model
+from poetgen.cli.app import app
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -49,8 +49,8 @@ FORK_SERVER = r"""
 import json, os, sys, time, traceback
 import torch
 torch.set_num_threads(1)
-import poetgen.checkpoint as ck
-import poetgen.cli, poetgen.config, poetgen.dataset, poetgen.prepare, poetgen.runs, poetgen.train
+import poetgen.checkpoint.torch_io as ck
+import poetgen.cli.app, poetgen.training.config, poetgen.data.dataset, poetgen.data.prepare, poetgen.training.runs, poetgen.training.loop
 import safetensors.torch
 
 def reply(obj):
@@ -61,7 +61,7 @@ def reply(obj):
 warm = json.loads(sys.argv[1])
 os.chdir(warm["cwd"])
 try:
-    poetgen.cli.app(warm["argv"], prog_name="poetgen")
+    poetgen.cli.app.app(warm["argv"], prog_name="poetgen")
 except SystemExit as e:
     assert not e.code, e.code
 reply({"ready": True})
@@ -81,7 +81,7 @@ for line in sys.stdin:
             if req.get("slow"):
                 from slow_writes import install  # benchmarks/slow_writes.py, on PYTHONPATH
                 install(req["slow"])
-            poetgen.cli.app(req["argv"], prog_name="poetgen")
+            poetgen.cli.app.app(req["argv"], prog_name="poetgen")
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -251,7 +251,7 @@ def test_kill_9_before_the_first_checkpoint_leaves_a_run_that_can_start_again(fo
 
 
 class _FailingOS:
-    """Stands in for `os` inside poetgen.checkpoint: the chosen stage of the chosen checkpoint write fails."""
+    """Stands in for `os` inside poetgen.checkpoint.torch_io: the chosen stage of the chosen checkpoint write fails."""
 
     def __init__(self, stage: str, at_write: int, err: int):
         self.stage, self.at_write, self.err = stage, at_write, err
@@ -306,7 +306,7 @@ class _FailingOS:
 @pytest.mark.parametrize("stage, err", [("open", errno.ENOSPC), ("write", errno.ENOSPC), ("write", errno.EIO),
                                         ("fsync", errno.EIO), ("replace", errno.ENOSPC)])
 def test_a_failing_checkpoint_write_keeps_the_previous_one_and_says_so(cwd, monkeypatch, stage, err, at_write):
-    import poetgen.checkpoint as ck
+    import poetgen.checkpoint.torch_io as ck
 
     fake = _FailingOS(stage, at_write, err)
     monkeypatch.setattr(ck, "os", fake)
@@ -333,7 +333,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_one_and_says_so(cwd, monk
 def test_a_full_disk_while_logging_metrics_is_a_clear_error(cwd, monkeypatch):
     import builtins
 
-    import poetgen.train as tr
+    import poetgen.training.loop as tr
 
     real_open = builtins.open
     calls = {"metrics": 0}

@@ -19,14 +19,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from poetgen.checkpoint import load_checkpoint, load_model
-from poetgen.cli import app
-from poetgen.config import TrainConfig
-from poetgen.dataset import load_dataset
-from poetgen.distributed import strip_option, torchrun_command
+from poetgen.checkpoint.torch_io import load_checkpoint, load_model
+from poetgen.cli.app import app
+from poetgen.training.config import TrainConfig
+from poetgen.data.dataset import load_dataset
+from poetgen.training.distributed import strip_option, torchrun_command
 from poetgen.errors import TrainingError
-from poetgen.streams import StreamBatches, evaluate
-from poetgen.train import TrainCallbacks, _check_world_size, train
+from poetgen.data.batches import StreamBatches, evaluate
+from poetgen.training.loop import TrainCallbacks, _check_world_size, train
 
 torch.set_num_threads(1)
 
@@ -164,7 +164,7 @@ class Recorder(TrainCallbacks):
 def test_ranks_share_the_streams_of_one_process_with_the_whole_batch():
     import numpy as np
 
-    from poetgen.model import CharRNN, ModelConfig
+    from poetgen.model.rnn import CharRNN, ModelConfig
 
     tokens = np.arange(1000, dtype=np.uint16) % 37
     one = StreamBatches(tokens, 2 * B, 32)
@@ -408,8 +408,8 @@ def test_nproc_launcher_reports_a_mistake_itself_before_torchrun_starts(tiny_dat
 # (the flag init_from_env sets), with an atexit handler and an object that says so when finalisation frees it.
 WORKER = """
 import atexit, sys
-import poetgen.cli, poetgen.distributed
-poetgen.distributed._joined = {joined}
+import poetgen.cli.app, poetgen.training.distributed
+poetgen.training.distributed._joined = {joined}
 class Witness:
     def __del__(self):
         sys.stderr.write("finalised\\n")
@@ -433,7 +433,7 @@ def run_worker(argv: list[str], joined: bool = True, patch: str = "") -> subproc
 ])
 def test_a_worker_leaves_without_finalisation_and_keeps_its_exit_status(argv, status, said, tmp_path):
     """A DDP model keeps its process group alive, so gloo's threads outlive Python; finalising beside them aborted
-    5 launches in 70 on a loaded machine (poetgen.distributed.leave). The worker's exit skips finalisation,
+    5 launches in 70 on a loaded machine (poetgen.training.distributed.leave). The worker's exit skips finalisation,
     and nothing else changes: the status, what was printed, the atexit handlers."""
     r = run_worker(argv)
     assert r.returncode == status, r.stderr
@@ -447,9 +447,9 @@ def test_a_worker_leaves_without_finalisation_and_keeps_its_exit_status(argv, st
 
 
 def test_a_worker_that_crashes_still_shows_the_traceback_and_exits_1():
-    r = run_worker(["--version"], patch="def boom(): raise RuntimeError('a bug of ours')\npoetgen.cli.app = boom")
+    r = run_worker(["--version"], patch="def boom(): raise RuntimeError('a bug of ours')\npoetgen.cli.app.app = boom")
     assert r.returncode == 1
     assert "Traceback" in r.stderr and "RuntimeError: a bug of ours" in r.stderr
     assert "atexit ran" in r.stderr and "finalised" not in r.stderr
-    r = run_worker([], patch="poetgen.cli.app = lambda: sys.exit('a message')")
+    r = run_worker([], patch="poetgen.cli.app.app = lambda: sys.exit('a message')")
     assert r.returncode == 1 and "a message" in r.stderr

@@ -1,4 +1,4 @@
-"""poetgen.download against a real HTTP server on 127.0.0.1 that serves ../shared/data/tang (53 of the 58 files).
+"""poetgen.data.download against a real HTTP server on 127.0.0.1 that serves ../shared/data/tang (53 of the 58 files).
 
 The server (http.server in a thread, ephemeral port) supports Range and can be told, per file, to misbehave for
 its next requests: answer 500, die after half the body, serve altered bytes, ignore Range, or stall.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from poetgen import download as dl
-from poetgen.download import TANG_FILES, DownloadError, download_corpus, named_source, verify_file
+from poetgen.data import download as dl
+from poetgen.data.download import TANG_FILES, DownloadError, download_corpus, named_source, verify_file
 from poetgen.errors import CorpusError
 
 from conftest import shared_path
@@ -408,7 +408,7 @@ def test_named_source_missing_unknown_corrupt_and_complete(server, tmp_path, mon
 def _cli(args: list[str], cache: Path):
     from typer.testing import CliRunner
 
-    from poetgen.cli import app
+    from poetgen.cli.app import app
 
     return CliRunner().invoke(app, ["download", *args], env={"POETGEN_CACHE_DIR": str(cache)})
 

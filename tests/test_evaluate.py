@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_dataset
-from poetgen.dataset import load_dataset
+from poetgen.data.dataset import load_dataset
 from poetgen.errors import DatasetError
-from poetgen.evaluate import (
+from poetgen.evaluation.scoring import (
     LOGIT_BUDGET, Score, checkpoint_dataset, choose_window, cross_entropy, dataset_data, source_data,
 )
-from poetgen.model import CharRNN, ModelConfig
-from poetgen.vocab import EOT_ID, UNK_ID, Vocab
+from poetgen.model.rnn import CharRNN, ModelConfig
+from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
 
 
 @pytest.fixture(autouse=True)

@@ -21,8 +21,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_dataset
-from poetgen.checkpoint import FORMAT_VERSION, load_checkpoint
-from poetgen.cli import app
+from poetgen.checkpoint.torch_io import FORMAT_VERSION, load_checkpoint
+from poetgen.cli.app import app
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -195,7 +195,7 @@ def test_refusals_say_what_the_file_is(env, name, expected):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from poetgen.checkpoint import load_model  # noqa: E402
+from poetgen.checkpoint.torch_io import load_model  # noqa: E402
 from poetgen.errors import CheckpointError  # noqa: E402
 
 JSON_VALUES = st.recursive(
@@ -278,9 +278,9 @@ def test_a_tiny_file_claiming_a_billion_layers_is_refused_without_listing_them(t
     import numpy as np
     from safetensors.numpy import save
 
-    from poetgen import checkpoint_file
-    from poetgen.infer import load_runtime
-    from poetgen.vocab import Vocab
+    from poetgen.checkpoint import format as checkpoint_file
+    from poetgen.model.runtime import load_runtime
+    from poetgen.data.vocab import Vocab
 
     vocab, layers = Vocab(["<eot>", "<unk>", "a", "b"]), 10**9
     data = {"model_config": {"vocab_size": 4, "cell": "rnn", "layers": layers, "hidden": 2, "embed": 2},
@@ -303,8 +303,8 @@ def test_a_tiny_file_claiming_a_billion_layers_is_refused_without_listing_them(t
 @pytest.mark.parametrize("layers, tie", [(1, False), (3, False), (2, True)])
 def test_expected_shapes_are_those_of_the_real_model(cell, layers, tie):
     """The checkpoint check lists the shapes without building a model; they must be the model's own."""
-    from poetgen.checkpoint import expected_shapes
-    from poetgen.model import CharRNN, ModelConfig
+    from poetgen.checkpoint.torch_io import expected_shapes
+    from poetgen.model.rnn import CharRNN, ModelConfig
 
     config = ModelConfig(11, cell=cell, layers=layers, hidden=6, embed=6 if tie else 4, tie_weights=tie)
     assert expected_shapes(config) == {k: tuple(v.shape) for k, v in CharRNN(config).state_dict().items()}
@@ -313,8 +313,8 @@ def test_expected_shapes_are_those_of_the_real_model(cell, layers, tie):
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("cutoffs, div", [((), 4.0), ((3,), 2.0), ((2, 5, 9), 1.5), ((1, 10), 100.0)])
 def test_expected_shapes_of_the_adaptive_head_are_those_of_the_real_model(cell, cutoffs, div):
-    from poetgen.checkpoint import expected_shapes
-    from poetgen.model import CharRNN, ModelConfig
+    from poetgen.checkpoint.torch_io import expected_shapes
+    from poetgen.model.rnn import CharRNN, ModelConfig
 
     config = ModelConfig(11, cell=cell, layers=2, hidden=6, embed=4, head="adaptive", cutoffs=cutoffs, div_value=div)
     assert expected_shapes(config) == {k: tuple(v.shape) for k, v in CharRNN(config).state_dict().items()}

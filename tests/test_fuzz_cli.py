@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from poetgen.checkpoint import save_checkpoint
-from poetgen.cli import app
-from poetgen.model import CharRNN, ModelConfig
-from poetgen.vocab import EOT_ID, Vocab
+from poetgen.checkpoint.torch_io import save_checkpoint
+from poetgen.cli.app import app
+from poetgen.model.rnn import CharRNN, ModelConfig
+from poetgen.data.vocab import EOT_ID, Vocab
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -74,7 +74,7 @@ def check_prepare(sources: list[Path], *options: str, input: bytes | None = None
     clean_exit(r, (sources, options))
     assert {s: digest(s) for s in sources} == before, "an input file was modified"
     if r.exit_code == 0:  # a dataset that loads
-        from poetgen.dataset import load_dataset
+        from poetgen.data.dataset import load_dataset
 
         ds = load_dataset(out)
         assert len(ds.train) > 0 and int(ds.train.max()) < len(ds.vocab)

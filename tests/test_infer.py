@@ -1,4 +1,4 @@
-"""The numpy runtime (poetgen.infer) against the torch CharRNN, its checkpoint reader against poetgen.checkpoint's,
+"""The numpy runtime (poetgen.model.runtime) against the torch CharRNN, its checkpoint reader against poetgen.checkpoint.torch_io's,
 and `poetgen sample` on the CPU without torch."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from poetgen import model_config
-from poetgen.checkpoint import load_checkpoint, save_checkpoint
+from poetgen.model import config as model_config
+from poetgen.checkpoint.torch_io import load_checkpoint, save_checkpoint
 from poetgen.errors import CheckpointError, ConfigError
-from poetgen.infer import Runtime, ThreadTuner, blas_threads, load_runtime
-from poetgen.model import CharRNN, ModelConfig
-from poetgen.poetry import check_poem
-from poetgen.vocab import Vocab
+from poetgen.model.runtime import Runtime, ThreadTuner, blas_threads, load_runtime
+from poetgen.model.rnn import CharRNN, ModelConfig
+from poetgen.poetry.forms import check_poem
+from poetgen.data.vocab import Vocab
 
 TEXT = "床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
 
@@ -228,7 +228,7 @@ VALID = (0, 1, 11, 12)  # indices of CONFIGS that describe a model; the others m
 
 def test_model_reexports_the_torch_free_config():
     """One definition: the torch model and the numpy runtime read the same ModelConfig class."""
-    from poetgen import model
+    from poetgen.model import rnn as model
 
     assert model.ModelConfig is model_config.ModelConfig
     assert model.auto_cutoffs is model_config.auto_cutoffs
@@ -247,7 +247,7 @@ def test_torch_free_model_config_accepts_and_refuses(i):
 
 
 def test_blas_threads_are_restored():
-    from poetgen.infer import _openblas
+    from poetgen.model.runtime import _openblas
 
     found = _openblas()
     if found is None:
@@ -325,7 +325,7 @@ def test_thread_tuner_with_one_choice_never_switches(monkeypatch):
 
 
 def test_thread_tuner_restores_the_blas_threads(monkeypatch):
-    from poetgen.infer import _openblas
+    from poetgen.model.runtime import _openblas
 
     found = _openblas()
     if found is None:
@@ -346,7 +346,7 @@ def test_sample_process_on_cpu_never_imports_torch(saved, tmp_path):
     path = saved[0]
     script = (
         "import sys\n"
-        "from poetgen.cli import app\n"
+        "from poetgen.cli.app import app\n"
         "try:\n"
         f"    app(['sample', '-c', {str(path)!r}, '--form', '五绝', '-n', '4', '--seed', '1', '--device', sys.argv[1]])\n"
         "except SystemExit as e:\n"
@@ -355,7 +355,7 @@ def test_sample_process_on_cpu_never_imports_torch(saved, tmp_path):
         " file=sys.stderr)\n"
     )
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    from poetgen.infer import torch_gpu_build
+    from poetgen.model.runtime import torch_gpu_build
 
     for device in ("cpu",) if torch_gpu_build() else ("cpu", "auto"):
         r = subprocess.run([sys.executable, "-c", script, device], capture_output=True, text=True, env=env,
@@ -374,7 +374,7 @@ def test_sample_process_on_cpu_never_imports_torch(saved, tmp_path):
 def test_sample_threads_through_the_cli(saved):
     from typer.testing import CliRunner
 
-    from poetgen.cli import app
+    from poetgen.cli.app import app
 
     runner = CliRunner()
     args = ["sample", "-c", str(saved[0]), "--form", "五绝", "-n", "3", "--seed", "4", "-q"]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from poetgen.errors import ConfigError
-from poetgen.model import CELLS, CharRNN, ModelConfig, detach_hidden, hidden_to, select_hidden
+from poetgen.model.rnn import CELLS, CharRNN, ModelConfig, detach_hidden, hidden_to, select_hidden
 
 torch.set_num_threads(1)
 

@@ -1,7 +1,7 @@
 import pytest
 
 from poetgen.errors import CorpusError
-from poetgen.normalize import Normalizer, fullwidth_punctuation, han_ratio, strip_editorial_notes
+from poetgen.data.normalize import Normalizer, fullwidth_punctuation, han_ratio, strip_editorial_notes
 
 
 def test_nfc_composes():

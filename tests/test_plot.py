@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from poetgen.cli import app
-from poetgen.plot import (
+from poetgen.cli.app import app
+from poetgen.evaluation.plot import (
     MARKERS, Curves, PlotError, chart_grid, find_metrics, load_runs, plot_png, read_metrics, render_terminal,
     sparkline,
 )

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from poetgen.errors import CorpusError
-from poetgen.poem_metrics import (
+from poetgen.evaluation.poems import (
     Poem, TrainingIndex, check_format, check_poem, evaluate_poems, match_tones, read_poems, tone_patterns, tones,
 )
-from poetgen.poetry import FORMS
-from poetgen.vocab import EOT_ID, Vocab
+from poetgen.poetry.forms import FORMS
+from poetgen.data.vocab import EOT_ID, Vocab
 
 # 王之涣《登鹳雀楼》: a correct 五绝, even lines ending in 流 liú / 楼 lóu (尤 group, level tones).
 DENG = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poetgen.errors import SampleError
-from poetgen.poetry import (
+from poetgen.poetry.forms import (
     FORMS,
     FormConstraint,
     check_poem,
@@ -28,7 +28,7 @@ from poetgen.poetry import (
     rhymes,
     split_lines,
 )
-from poetgen.vocab import EOT_ID, Vocab
+from poetgen.data.vocab import EOT_ID, Vocab
 
 JINGYESI = "床前明月光，疑是地上霜。举头望明月，低头思故乡。"
 DENG = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
@@ -238,7 +238,7 @@ def test_random_walks_always_give_poems(vocab, seed, form, rhyme):
 
 
 def test_import_needs_neither_torch_nor_pypinyin():
-    code = "import sys, poetgen.poetry; print('torch' in sys.modules, 'pypinyin' in sys.modules)"
+    code = "import sys, poetgen.poetry.forms; print('torch' in sys.modules, 'pypinyin' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

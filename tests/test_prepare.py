@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import shared_path
-from poetgen.cli import app
-from poetgen.dataset import load_dataset
+from poetgen.cli.app import app
+from poetgen.data.dataset import load_dataset
 from poetgen.errors import CorpusError, DatasetError
-from poetgen.prepare import PrepareOptions, prepare, resolve_training_data
+from poetgen.data.prepare import PrepareOptions, prepare, resolve_training_data
 
 runner = CliRunner()
 

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from poetgen.errors import SampleError
-from poetgen.infer import Runtime
-from poetgen.model import CharRNN, ModelConfig
-from poetgen.normalize import convert_script
-from poetgen.poetry import FORMS, check_poem, poem_layout, split_lines
-from poetgen.sample import SampleOptions, generate, vocab_script
-from poetgen.vocab import EOT_ID, Vocab
+from poetgen.model.runtime import Runtime
+from poetgen.model.rnn import CharRNN, ModelConfig
+from poetgen.data.normalize import convert_script
+from poetgen.poetry.forms import FORMS, check_poem, poem_layout, split_lines
+from poetgen.generation.sample import SampleOptions, generate, vocab_script
+from poetgen.data.vocab import EOT_ID, Vocab
 
 POEMS = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -409,7 +409,7 @@ def test_draws_follow_the_distribution():
 def test_two_level_draw_follows_the_weights_and_never_picks_a_zero(V):
     """_draw over 20,000 rows: each symbol's share within 1.5 points of its weight; zero weights never, even a
     lone positive weight far below the others (1e-30) in a block of its own, and block edges."""
-    from poetgen.sample import BLOCK, _draw, _generator
+    from poetgen.generation.sample import BLOCK, _draw, _generator
 
     weights = np.zeros((20000, V), dtype=np.float32)
     picks = {1: 0.5, V - 1: 0.3, min(BLOCK, V - 2): 0.2}  # the last symbol, a block's first

@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_dataset
-from poetgen.checkpoint import load_checkpoint, load_model
-from poetgen.config import TrainConfig
-from poetgen.dataset import load_dataset
+from poetgen.checkpoint.torch_io import load_checkpoint, load_model
+from poetgen.training.config import TrainConfig
+from poetgen.data.dataset import load_dataset
 from poetgen.errors import ConfigError, TrainingError
-from poetgen.model import CharRNN, ModelConfig
-from poetgen.runs import run_lock
-from poetgen.devices import autocast_dtype, resolve_device
-from poetgen.streams import evaluate, stream_layout
-from poetgen.train import TrainCallbacks, estimate_memory, lr_at, make_plan, sample_text, train
+from poetgen.model.rnn import CharRNN, ModelConfig
+from poetgen.training.runs import run_lock
+from poetgen.model.devices import autocast_dtype, resolve_device
+from poetgen.data.batches import evaluate, stream_layout
+from poetgen.training.loop import TrainCallbacks, estimate_memory, lr_at, make_plan, sample_text, train
 
 torch.set_num_threads(1)
 
@@ -186,7 +186,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(ds, tmp_path, monkeypatch
 
 
 def test_early_stopping_on_patience(ds, tmp_path, monkeypatch):
-    import poetgen.train as tr
+    import poetgen.training.loop as tr
 
     scores = iter([2.0, 1.5, 1.6, 1.7, 1.0, 0.5])
     monkeypatch.setattr(tr, "evaluate", lambda *a, **k: next(scores))
@@ -249,7 +249,7 @@ def test_fine_tune_from_checkpoint_on_another_corpus(tmp_path, ds):
 def test_sample_line_does_not_disturb_training_randomness():
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=5, cell="lstm", layers=1, hidden=8, embed=4))
-    from poetgen.vocab import Vocab
+    from poetgen.data.vocab import Vocab
 
     vocab = Vocab(["<eot>", "<unk>", "a", "b", "c"])
     state = torch.get_rng_state()
@@ -273,7 +273,7 @@ def test_samples_and_evals_are_reported(ds, tmp_path):
 def test_devices_precision_and_compile(ds, tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp32") is None
-    from poetgen import devices
+    from poetgen.model import devices
 
     native = devices.cpu_bf16_native()
     with monkeypatch.context() as m:

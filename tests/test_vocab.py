@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from poetgen.errors import VocabError
-from poetgen.vocab import EOT, EOT_ID, UNK, UNK_ID, Vocab
+from poetgen.data.vocab import EOT, EOT_ID, UNK, UNK_ID, Vocab
 
 
 def test_from_counts_orders_by_frequency_then_codepoint():

@@ -1,6 +1,6 @@
 """Poem metrics: is it in form, does it rhyme, does it follow the tone patterns, is it copied, is it varied.
 
-Every tone and rhyme reading comes from :mod:`poetgen.poetry` and is the *modern-Mandarin approximation*
+Every tone and rhyme reading comes from :mod:`poetgen.poetry.forms` and is the *modern-Mandarin approximation*
 (pypinyin readings, tones 1-2 level, the 14 groups of 中华新韵), not the Middle Chinese of the Tang poets: the old
 entering tone (入声) is lost, so even real Tang poems do not score 100% here.
 
@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from poetgen.errors import CorpusError, PoetgenError
-from poetgen.poetry import FORMS, Form, detect_form, is_han, is_level, parse_form, rhymes, split_lines
-from poetgen.vocab import EOT_ID, UNK_ID, Vocab
+from poetgen.poetry.forms import FORMS, Form, detect_form, is_han, is_level, parse_form, rhymes, split_lines
+from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
 
 ODD_MARKS = "，；：？！"
 EVEN_MARKS = "。？！"
@@ -88,7 +88,7 @@ def tone_patterns(form: Form | str) -> list[TonePattern]:
 
 def tones(line: str) -> str:
     """平 / 仄 per character (modern Mandarin reading), ? for a character without a reading."""
-    from poetgen.poetry import readings
+    from poetgen.poetry.forms import readings
 
     return "".join((LEVEL if is_level(c) else OBLIQUE) if readings(c) else "?" for c in line)
 

@@ -1,5 +1,5 @@
 """Training on several processes: torchrun's environment -> a process group, and the few collective steps the
-training loop needs (see poetgen.train).
+training loop needs (see poetgen.training.loop).
 
 torchrun (or ``poetgen train --nproc N``, which starts torchrun) runs one process per device and gives each
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; ``init_from_env()`` joins them into one process group.
@@ -7,7 +7,7 @@ Collectives pick the backend by where a tensor lives: NCCL for CUDA tensors (eac
 gloo for CPU tensors. A CPU run is all gloo; on GPUs the gradients go through NCCL and the handful of CPU scalars
 that keep the ranks in step (loss, stop votes, the clock) through gloo.
 
-The share of each rank (poetgen.streams): N processes with --batch-size B read the same N·B streams, in the same
+The share of each rank (poetgen.data.batches): N processes with --batch-size B read the same N·B streams, in the same
 order, as one process with --batch-size N·B; rank r reads streams r·B … r·B+B-1. DDP averages the gradients over
 ranks, and with equal shares that is the gradient of the mean loss over all N·B streams, so both runs take the
 same steps up to float rounding.

@@ -23,7 +23,7 @@ gate of a layer: sigmoid(x) = (tanh(x / 2) + 1) / 2, so the sigmoid gates' weigh
 * rnn: h = tanh(g), G = H.
 
 ``Runtime`` also takes a whole prefix per row (``prefix``), keeps or repeats rows (``select``: dropping finished
-samples), and reports nothing but arrays: the decoding itself lives in poetgen.sample.
+samples), and reports nothing but arrays: the decoding itself lives in poetgen.generation.sample.
 """
 
 from __future__ import annotations
@@ -323,8 +323,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _adaptive_head(config: Any, state: dict[str, np.ndarray]):
-    """poetgen.model.AdaptiveHead.log_probs: the shortlist's log-probabilities from the root, each tail cluster's
-    its own log-softmax plus the root's log-probability of the cluster (see poetgen.model's docstring)."""
+    """poetgen.model.rnn.AdaptiveHead.log_probs: the shortlist's log-probabilities from the root, each tail cluster's
+    its own log-softmax plus the root's log-probability of the cluster (see poetgen.model.rnn's docstring)."""
     cutoffs = tuple(config.cutoffs)
     bounds = (*cutoffs, config.vocab_size)
     C = cutoffs[0]
@@ -357,9 +357,9 @@ def _adaptive_head(config: Any, state: dict[str, np.ndarray]):
 def load_runtime(path: str | Path) -> Runtime:
     """A checkpoint (or a run directory's best one) as a Runtime, with ``vocab``, ``config`` and ``path`` set.
 
-    Validated as ``poetgen.checkpoint.load_checkpoint`` does (the same checks, no torch); only the model's tensors
+    Validated as ``poetgen.checkpoint.torch_io.load_checkpoint`` does (the same checks, no torch); only the model's tensors
     are decoded."""
-    from poetgen.checkpoint_file import read_model
+    from poetgen.checkpoint.format import read_model
 
     ckpt = read_model(path)
     return Runtime(ckpt.model_config, ckpt.weights, ckpt.vocab, ckpt.path)

@@ -26,9 +26,9 @@ try:
 except ImportError:  # Windows: the pid check alone
     fcntl = None  # type: ignore[assignment]
 
-from poetgen.checkpoint import BEST, LAST, Checkpoint, find_checkpoint, load_checkpoint
-from poetgen.config import FIXED_ON_RESUME, MODEL_FIELDS, TrainConfig, normalise_keys, resolve_config, with_overrides
-from poetgen.dataset import Dataset, load_dataset
+from poetgen.checkpoint.torch_io import BEST, LAST, Checkpoint, find_checkpoint, load_checkpoint
+from poetgen.training.config import FIXED_ON_RESUME, MODEL_FIELDS, TrainConfig, normalise_keys, resolve_config, with_overrides
+from poetgen.data.dataset import Dataset, load_dataset
 from poetgen.errors import CheckpointError, ConfigError, TrainingError
 
 METRICS = "metrics.jsonl"
@@ -170,7 +170,7 @@ def _checked_name(name: str) -> str:
 
 
 def _open_data(data: str | None, on_progress: Callable[[dict], None] | None) -> Dataset:
-    from poetgen.prepare import resolve_training_data
+    from poetgen.data.prepare import resolve_training_data
 
     return load_dataset(resolve_training_data(data, on_progress=on_progress))
 
@@ -211,7 +211,7 @@ def setup_run(
 
     ``overrides`` are the flags the user actually gave (field name -> value). DATA may be a dataset directory,
     a raw corpus (prepared on the fly and cached), or None: the bundled corpus, or on resume the run's own data.
-    ``speed``: how preset `auto` learns this machine's speed (see poetgen.config.resolve_config).
+    ``speed``: how preset `auto` learns this machine's speed (see poetgen.training.config.resolve_config).
     """
     runs_dir = Path(runs_dir)
     overrides = normalise_keys(overrides or {}, "flags")

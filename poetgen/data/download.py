@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Mapping
 
 from poetgen import __version__
 from poetgen.errors import CorpusError, DownloadError
-from poetgen.corpus import file_sha256
+from poetgen.data.corpus import file_sha256
 from poetgen.paths import cache_dir
 
 ENV_MIRROR = "POETGEN_MIRROR"

@@ -6,7 +6,7 @@ config file), then the TOML config file, then command-line flags. Unknown keys a
 With no preset named anywhere, ``auto`` applies, by the --max-time budget: ``quick`` under QUICK_BELOW seconds,
 ``short`` under SHORT_BELOW, else (and with no time budget) ``small``; on a training split under AUTO_MIN_TOKENS
 characters always ``small``. The seconds are the reference machine's: the budget is first scaled by this machine's
-measured speed against it (poetgen.train.machine_speed; the CLI passes it to resolve_config). All were found by
+measured speed against it (poetgen.training.loop.machine_speed; the CLI passes it to resolve_config). All were found by
 measurement on a 2-core CPU (Tiny Shakespeare, exact validation loss; the runs are in benchmarks/RESULTS.md,
 "training recipe search"): the shorter the budget, the narrower the LSTM that
 wins, because the wider ones learn more per character but cannot see enough characters in time. At 85 s the 2x128
@@ -63,7 +63,7 @@ MODEL_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "tie_weights", "
 # Changing these on --resume would change what a step means (data position, shapes): refused.
 FIXED_ON_RESUME = ("cell", "layers", "hidden", "embed", "tie_weights", "head", "cutoffs", "div_value", "batch_size",
                    "seq_len")
-HEADS = ("full", "adaptive", "auto")  # output layer; poetgen.model resolves auto and empty cutoffs for a vocabulary
+HEADS = ("full", "adaptive", "auto")  # output layer; poetgen.model.rnn resolves auto and empty cutoffs for a vocabulary
 
 
 def check_type(name: str, value: object, type_name: object) -> None:
@@ -286,7 +286,7 @@ def auto_preset(max_time: object, train_tokens: int | None = None,
                 speed: float | Callable[[], float] | None = 1.0) -> str:
     """The preset `auto` stands for, given the --max-time budget (seconds; 0 = none), the training split's size and
     this machine's ``speed`` (its training throughput as a multiple of the machine the thresholds were measured on;
-    see poetgen.train.machine_speed): `quick` under QUICK_BELOW seconds of that machine's compute, `short` under
+    see poetgen.training.loop.machine_speed): `quick` under QUICK_BELOW seconds of that machine's compute, `short` under
     SHORT_BELOW, else `small`; always `small` for a corpus of fewer than AUTO_MIN_TOKENS training characters, and
     without a time budget. ``speed`` may be a callable, called only when the choice depends on it."""
     timed = isinstance(max_time, (int, float)) and not isinstance(max_time, bool) and max_time > 0

@@ -1,10 +1,10 @@
 """A prepared dataset on disk, and how training reads it.
 
-Layout of a dataset directory (written by :mod:`poetgen.prepare`)::
+Layout of a dataset directory (written by :mod:`poetgen.data.prepare`)::
 
     train.npy    token ids of the training split, one flat array (uint16, or uint32 for > 65,536 symbols)
     val.npy      token ids of the validation split (may be empty)
-    vocab.json   the Vocab (see poetgen.vocab)
+    vocab.json   the Vocab (see poetgen.data.vocab)
     meta.json    sources with sha256, options, counts, poetgen version, and a fingerprint of the three files above
 
 Every document in the id streams ends in the end-of-text id (0), so the streams can be cut anywhere.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from poetgen.errors import DatasetError, PoetgenError
-from poetgen.vocab import Vocab
+from poetgen.data.vocab import Vocab
 
 FORMAT = "poetgen-dataset"
 FORMAT_VERSION = 1

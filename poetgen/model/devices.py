@@ -12,7 +12,7 @@ from poetgen.errors import ConfigError
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """auto = cuda, then mps, then cpu; an explicit device that is not there is a ConfigError.
 
-    ``local_rank`` (distributed training, see poetgen.distributed): each process takes cuda:LOCAL_RANK for auto
+    ``local_rank`` (distributed training, see poetgen.training.distributed): each process takes cuda:LOCAL_RANK for auto
     and cuda, or the CPU; MPS and a fixed cuda:N are refused (N processes cannot share one device that way).
     """
     if local_rank is not None:

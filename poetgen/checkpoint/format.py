@@ -1,16 +1,16 @@
-"""Reading and checking a checkpoint file without torch: the part of poetgen.checkpoint that `poetgen sample` needs
+"""Reading and checking a checkpoint file without torch: the part of poetgen.checkpoint.torch_io that `poetgen sample` needs
 on the CPU (``import torch`` alone takes seconds).
 
-poetgen.checkpoint (saving, loading into torch) builds on these functions, so both readers refuse exactly the same
+poetgen.checkpoint.torch_io (saving, loading into torch) builds on these functions, so both readers refuse exactly the same
 files with the same CheckpointError messages:
 
     find_checkpoint(path_or_runs_dir) -> Path
     read_verified(path) -> (blob, metadata)     a complete poetgen safetensors file, before any tensor is decoded
     parse_checkpoint(path, tensors, meta, config_class) -> Parsed    every value a stranger may have written
-    read_model(path) -> ModelFile                the model's numpy weights, config and vocabulary (for poetgen.infer)
+    read_model(path) -> ModelFile                the model's numpy weights, config and vocabulary (for poetgen.model.runtime)
     expected_shapes(config) -> {name: shape}     the state_dict shapes of CharRNN(config)
 
-Nothing is ever unpickled, so reading cannot run code. The file layout is described in poetgen.checkpoint.
+Nothing is ever unpickled, so reading cannot run code. The file layout is described in poetgen.checkpoint.torch_io.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from poetgen.errors import CheckpointError, PoetgenError
-from poetgen.vocab import Vocab
+from poetgen.data.vocab import Vocab
 
 FORMAT = "poetgen-checkpoint"
 FORMAT_VERSION = 1
@@ -172,7 +172,7 @@ class Parsed:
 
 def parse_checkpoint(path: Path, tensors: dict[str, Any], meta: dict, config_class: Any) -> Parsed:
     """Check everything a stranger may have written into a checkpoint: a malformed value is a CheckpointError,
-    never another exception. ``config_class`` has ``from_dict`` (poetgen.model.ModelConfig or its torch-free
+    never another exception. ``config_class`` has ``from_dict`` (poetgen.model.rnn.ModelConfig or its torch-free
     twin); tensors only need ``.shape``."""
     try:
         data = json.loads(meta["data"])
@@ -252,7 +252,7 @@ def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         shapes[f"rnn.weight_ih_l{i}"] = (G * H, E if i == 0 else H)
         shapes[f"rnn.weight_hh_l{i}"] = (G * H, H)
         shapes[f"rnn.bias_ih_l{i}"] = shapes[f"rnn.bias_hh_l{i}"] = (G * H,)
-    if getattr(config, "head", "full") == "adaptive":  # see poetgen.model.AdaptiveHead
+    if getattr(config, "head", "full") == "adaptive":  # see poetgen.model.rnn.AdaptiveHead
         bounds = (*config.cutoffs, V)
         shapes["head.root.weight"] = (config.cutoffs[0] + len(config.cutoffs), H)
         shapes["head.root.bias"] = (config.cutoffs[0] + len(config.cutoffs),)
@@ -294,17 +294,17 @@ def check_weights(path: Path, config: Any, found: dict[str, tuple[int, ...]]) ->
 @dataclass
 class ModelFile:
     path: Path
-    model_config: Any  # poetgen.model_config.ModelConfig
+    model_config: Any  # poetgen.model.config.ModelConfig
     vocab: Vocab
     weights: dict[str, Any]  # state_dict name -> float32 numpy array (tied names share one array)
 
 
 def read_model(path: str | Path) -> ModelFile:
     """The model of a checkpoint (or of a run directory's best one) as numpy arrays, checked exactly as
-    poetgen.checkpoint.load_checkpoint checks it. Only the model's tensors are read (not the optimizer's)."""
+    poetgen.checkpoint.torch_io.load_checkpoint checks it. Only the model's tensors are read (not the optimizer's)."""
     from safetensors import safe_open
 
-    from poetgen.model_config import ModelConfig
+    from poetgen.model.config import ModelConfig
 
     path = find_checkpoint(path)
     meta = read_header(path)

@@ -1,4 +1,4 @@
-"""`poetgen prepare`: corpora in, a dataset directory out (see poetgen.dataset for the layout).
+"""`poetgen prepare`: corpora in, a dataset directory out (see poetgen.data.dataset for the layout).
 
 The pipeline streams, so peak memory does not grow with the corpus:
 
@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from poetgen import __version__
-from poetgen.corpus import DEFAULT_GLOBS, Batch, ReadOptions, file_sha256, SourceFile, Spool, expand_sources, inspect, read_pieces
-from poetgen.dataset import FORMAT, FORMAT_VERSION, is_dataset_dir
+from poetgen.data.corpus import DEFAULT_GLOBS, Batch, ReadOptions, file_sha256, SourceFile, Spool, expand_sources, inspect, read_pieces
+from poetgen.data.dataset import FORMAT, FORMAT_VERSION, is_dataset_dir
 from poetgen.errors import CorpusError, DatasetError
-from poetgen.normalize import Normalizer, convert_script
-from poetgen.vocab import EOT_ID, UNK_ID, Vocab
+from poetgen.data.normalize import Normalizer, convert_script
+from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
 
 EOT_CP = 0x110000  # one past the last Unicode code point: the end-of-text marker in the temporary stream
 SPILL_CHARS = 1 << 20  # a document longer than this is written out before it is complete
@@ -116,7 +116,7 @@ def resolve_named(source: str) -> str:
     name = source[len(NAMED_PREFIX):]
     if name == "bundled":
         return str(bundled_corpus_path())
-    from poetgen.download import named_source  # only when asked for: it pulls in the network code
+    from poetgen.data.download import named_source  # only when asked for: it pulls in the network code
 
     return str(named_source(name))
 
@@ -312,7 +312,7 @@ def _split_scores(digests: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _detect_form(text: str) -> str | None:
-    from poetgen.poetry import detect_form
+    from poetgen.poetry.forms import detect_form
 
     return detect_form(text)
 
@@ -320,7 +320,7 @@ def _detect_form(text: str) -> str | None:
 def _canonical_forms(forms: Sequence[str]) -> set[str]:
     if not forms:
         return set()
-    from poetgen.poetry import parse_form
+    from poetgen.poetry.forms import parse_form
 
     return {parse_form(f).name for f in forms}
 

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poetgen.checkpoint import Checkpoint
-from poetgen.dataset import Dataset, is_dataset_dir, load_dataset
+from poetgen.checkpoint.torch_io import Checkpoint
+from poetgen.data.dataset import Dataset, is_dataset_dir, load_dataset
 from poetgen.errors import DatasetError
-from poetgen.vocab import EOT_ID, UNK_ID, Vocab, format_symbols
+from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab, format_symbols
 
 LN2 = math.log(2.0)
 DEFAULT_STREAMS = 32
@@ -352,9 +352,9 @@ def source_data(
     with ``normalize`` (script, punct, strip_notes: the options the model's dataset was prepared with), and
     encoded with the model's vocabulary into a temporary id file, each document followed by <eot>. Characters
     the vocabulary lacks are counted and scored as <unk>."""
-    from poetgen.corpus import Batch, ReadOptions, Spool, expand_sources, inspect, read_pieces
-    from poetgen.normalize import Normalizer
-    from poetgen.prepare import resolve_named
+    from poetgen.data.corpus import Batch, ReadOptions, Spool, expand_sources, inspect, read_pieces
+    from poetgen.data.normalize import Normalizer
+    from poetgen.data.prepare import resolve_named
 
     opts = normalize or {}
     normalizer = Normalizer(opts.get("script", "keep"), opts.get("punct", "auto"), strip_notes=False)
@@ -491,7 +491,7 @@ def evaluate_checkpoint(
     path: str | Path, data: Sequence[str] | None = None, *, device: str | torch.device = "cpu", **options
 ) -> EvalReport:
     """``evaluate_model`` for a checkpoint file or run directory (``find_checkpoint`` rules)."""
-    from poetgen.checkpoint import find_checkpoint, load_model
+    from poetgen.checkpoint.torch_io import find_checkpoint, load_model
 
     model, ckpt = load_model(find_checkpoint(path), device)
     return evaluate_model(model, ckpt, data, **options)

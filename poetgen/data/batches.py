@@ -10,7 +10,7 @@ every stream's next window of T = seq_len characters::
 
 Evaluation lays the whole split out the same way but pads instead of dropping, so every token is scored.
 
-Several processes (poetgen.distributed) share the streams: N ranks with B streams each lay the split out as N·B
+Several processes (poetgen.training.distributed) share the streams: N ranks with B streams each lay the split out as N·B
 streams, exactly as one process with B' = N·B would, and rank r takes rows r·B … r·B+B-1::
 
     stream 0    ┐ rank 0          the rows of all ranks, stacked in rank order, are the single-process
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from poetgen.devices import autocast
+from poetgen.model.devices import autocast
 from poetgen.errors import TrainingError
-from poetgen.vocab import EOT_ID, UNK_ID, Vocab, format_symbols
+from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab, format_symbols
 
 LN2 = math.log(2.0)  # nats -> bits
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from poetgen import __version__
-from poetgen.checkpoint_file import (  # noqa: F401  (the torch-free half; re-exported names are this API's)
+from poetgen.checkpoint.format import (  # noqa: F401  (the torch-free half; re-exported names are this API's)
     BEST,
     FORMAT,
     FORMAT_VERSION,
@@ -57,8 +57,8 @@ from poetgen.checkpoint_file import (  # noqa: F401  (the torch-free half; re-ex
     read_verified,
 )
 from poetgen.errors import CheckpointError
-from poetgen.model import CharRNN, ModelConfig
-from poetgen.vocab import Vocab
+from poetgen.model.rnn import CharRNN, ModelConfig
+from poetgen.data.vocab import Vocab
 
 
 @dataclass
@@ -207,7 +207,7 @@ def _atomic_write(path: Path, blob: bytes) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read and validate a checkpoint (or a run directory's best one). Never executes code from the file.
 
-    The checks are poetgen.checkpoint_file's (shared with the torch-free reader of `poetgen sample`)."""
+    The checks are poetgen.checkpoint.format's (shared with the torch-free reader of `poetgen sample`)."""
     path = find_checkpoint(path)
     blob, meta = read_verified(path)
     from safetensors.torch import load as st_load

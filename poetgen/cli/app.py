@@ -23,7 +23,7 @@ import typer
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # numpy's OpenBLAS (what `sample` runs on) spins too: about 0.1 s after each multi-threaded product by default, which
 # beside one other busy process made 2-thread sampling 1.6-2x slower than 1 thread and poisoned the steps after it.
-# 2**4 cycles instead (measured: the thread tuner of poetgen.infer then lost at most 15% to 1 thread on a busy
+# 2**4 cycles instead (measured: the thread tuner of poetgen.model.runtime then lost at most 15% to 1 thread on a busy
 # machine and kept its 1.4x gain for 64 streams on idle cores). Read when numpy loads, hence here as well.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
@@ -185,8 +185,8 @@ def prepare(
 
         poetgen prepare ../shared/data/tang --script simplified -o datasets/tang
     """
-    from poetgen.prepare import PrepareOptions
-    from poetgen.prepare import prepare as run_prepare
+    from poetgen.data.prepare import PrepareOptions
+    from poetgen.data.prepare import prepare as run_prepare
 
     options = PrepareOptions(
         encoding=encoding, format=fmt, globs=_split_csv(glob) or PrepareOptions.globs,
@@ -391,14 +391,14 @@ def train(
 
         poetgen train datasets/tang --preset small --max-time 10m
     """
-    from poetgen.config import parse_duration
+    from poetgen.training.config import parse_duration
 
     given = {k: v for k, v in locals().items() if k in _TRAIN_FLAGS and v is not None}
     measured: list[float] = []
 
     def speed(settings: dict) -> float:
-        """Preset auto's view of this machine: a second of the `short` model's training step (poetgen.train)."""
-        from poetgen.train import machine_speed
+        """Preset auto's view of this machine: a second of the `short` model's training step (poetgen.training.loop)."""
+        from poetgen.training.loop import machine_speed
 
         measured.append(machine_speed(settings.get("device", "auto"), settings.get("threads")))
         return measured[-1]
@@ -406,7 +406,7 @@ def train(
     def setup_this_run(probe: bool):
         """``probe``: let auto measure this machine's speed. Not with several processes: the ranks could measure
         different speeds and build different models, so auto takes the budget as it is there (speed 1)."""
-        from poetgen.runs import setup_run
+        from poetgen.training.runs import setup_run
 
         if isinstance(given.get("max_time"), str):
             given["max_time"] = parse_duration(given["max_time"])
@@ -416,14 +416,14 @@ def train(
         )
 
     def plan_for(setup, world: int, local_rank: int | None = None):
-        from poetgen.train import make_plan
+        from poetgen.training.loop import make_plan
 
         source = setup.resume or setup.init_from
         vocab = source.vocab if source else setup.dataset.vocab
         return make_plan(setup.config, setup.dataset, len(vocab), world_size=world, local_rank=local_rank)
 
     if nproc is not None and nproc > 1 and not dry_run:
-        from poetgen.distributed import launch, strip_option, under_torchrun
+        from poetgen.training.distributed import launch, strip_option, under_torchrun
 
         if under_torchrun():
             raise fail("--nproc starts torchrun itself; leave it out when poetgen is started by torchrun", 2)
@@ -436,7 +436,7 @@ def train(
         plan_for(setup_this_run(probe=False), nproc)
         raise typer.Exit(launch(nproc, strip_option(args, "--nproc")))
 
-    from poetgen.distributed import init_from_env, reported_by_rank0
+    from poetgen.training.distributed import init_from_env, reported_by_rank0
     from poetgen.errors import PoetgenError
 
     ctx = init_from_env()  # torchrun's process group; a plain single process otherwise
@@ -448,14 +448,14 @@ def train(
             # a mistake is reported once, by rank 0.
             setup = ctx.agree_in_turn(lambda: setup_this_run(probe=world == 1))
         if measured and not quiet and ctx.is_main:
-            from poetgen.config import auto_preset
+            from poetgen.training.config import auto_preset
 
             budget = setup.config.max_time
             chosen = auto_preset(budget, len(setup.dataset.train), measured[-1])
             typer.echo(f"Preset auto: {chosen} for {budget:g} s on this machine (its training speed "
                        f"{measured[-1]:.2f}x the machine the presets were measured on)", err=True)
-        from poetgen.train import catch_signals
-        from poetgen.train import train as run_training
+        from poetgen.training.loop import catch_signals
+        from poetgen.training.loop import train as run_training
 
         plan = ctx.agree(lambda: plan_for(setup, world, ctx.local_rank if ctx.distributed else None))
         if dry_run:
@@ -722,10 +722,10 @@ def sample(
     if output_script is not None and output_script not in ("simplified", "traditional"):
         raise typer.BadParameter(f"--output-script must be simplified or traditional, not {output_script!r}")
 
-    # On the CPU, sampling runs on numpy (poetgen.infer) and never imports torch, which alone takes seconds.
-    from poetgen.checkpoint_file import find_checkpoint
-    from poetgen.infer import load_runtime, torch_gpu_build
-    from poetgen.sample import SampleOptions, generate
+    # On the CPU, sampling runs on numpy (poetgen.model.runtime) and never imports torch, which alone takes seconds.
+    from poetgen.checkpoint.format import find_checkpoint
+    from poetgen.model.runtime import load_runtime, torch_gpu_build
+    from poetgen.generation.sample import SampleOptions, generate
 
     note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     path = find_checkpoint(checkpoint if checkpoint is not None else "checkpoints")
@@ -742,8 +742,8 @@ def sample(
     if not on_cpu:  # a GPU (or an unknown device name, refused here): the torch model steps on it
         import torch
 
-        from poetgen.checkpoint import load_model
-        from poetgen.devices import resolve_device
+        from poetgen.checkpoint.torch_io import load_model
+        from poetgen.model.devices import resolve_device
 
         torch_device = resolve_device(device)
         on_cpu = torch_device.type == "cpu"
@@ -880,7 +880,7 @@ def eval_(
     if rhyme and not form:
         raise typer.BadParameter("--rhyme needs --form")
 
-    from poetgen.poem_metrics import Poem, evaluate_poems, read_poems
+    from poetgen.evaluation.poems import Poem, evaluate_poems, read_poems
 
     console = _stderr_console(quiet)
     note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
@@ -891,8 +891,8 @@ def eval_(
     def index_for(ckpt):
         """The copy-rate index of a checkpoint's training split, built once per dataset; None if it is gone."""
         from poetgen.errors import DatasetError
-        from poetgen.evaluate import checkpoint_dataset
-        from poetgen.poem_metrics import TrainingIndex
+        from poetgen.evaluation.scoring import checkpoint_dataset
+        from poetgen.evaluation.poems import TrainingIndex
 
         try:
             ds = checkpoint_dataset(ckpt.dataset_meta)
@@ -908,9 +908,9 @@ def eval_(
     if checkpoints:
         import torch
 
-        from poetgen.checkpoint import find_checkpoint, load_model
-        from poetgen.devices import resolve_device
-        from poetgen.evaluate import evaluate_model
+        from poetgen.checkpoint.torch_io import find_checkpoint, load_model
+        from poetgen.model.devices import resolve_device
+        from poetgen.evaluation.scoring import evaluate_model
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -928,8 +928,8 @@ def eval_(
             model_reports.append(report)
 
     if samples:
-        from poetgen.poetry import parse_form
-        from poetgen.sample import SampleOptions, generate
+        from poetgen.poetry.forms import parse_form
+        from poetgen.generation.sample import SampleOptions, generate
 
         declared = parse_form(form).name if form else None
         for model, ckpt in loaded:
@@ -1073,7 +1073,7 @@ def plot(
 
         poetgen plot checkpoints/run-a checkpoints/run-b -o curves.png
     """
-    from poetgen.plot import load_runs, plot_png, render_terminal
+    from poetgen.evaluation.plot import load_runs, plot_png, render_terminal
 
     curves = load_runs(runs)
     if output is None:
@@ -1115,7 +1115,7 @@ def download(
 
         poetgen download tang && poetgen prepare corpus:tang
     """
-    from poetgen.download import download_corpus
+    from poetgen.data.download import download_corpus
 
     console = _stderr_console(quiet)
     with _download_progress(console) as on_progress:
@@ -1189,9 +1189,9 @@ def main() -> None:
     try:
         app()
     except BaseException as e:
-        # A torchrun worker leaves without the interpreter's finalisation (see poetgen.distributed.leave). That
+        # A torchrun worker leaves without the interpreter's finalisation (see poetgen.training.distributed.leave). That
         # module is loaded only by commands that may join a process group: other commands pay nothing here.
-        dist = sys.modules.get("poetgen.distributed")
+        dist = sys.modules.get("poetgen.training.distributed")
         if dist is None or not dist.joined():
             raise
         dist.leave(_exit_status(e))

@@ -1,4 +1,4 @@
-"""The training loop: truncated backpropagation through time over contiguous streams (see poetgen.streams).
+"""The training loop: truncated backpropagation through time over contiguous streams (see poetgen.data.batches).
 
 Each step feeds the next window of --seq-len characters of --batch-size parallel streams; the hidden state of
 each stream is carried from window to window and detached (gradients stop at the window edge), and reset at each
@@ -6,7 +6,7 @@ epoch start, where the streams wrap. One step consumes one batch, so the data po
 alone: epoch = step // batches, window = step % batches. A checkpoint saves the step, the carried hidden state,
 the RNG states and the optimizer, so a resumed run repeats an unbroken one exactly.
 
-Several processes (torchrun; poetgen.distributed): with N ranks and --batch-size B, rank r trains streams
+Several processes (torchrun; poetgen.training.distributed): with N ranks and --batch-size B, rank r trains streams
 r·B … r·B+B-1 of N·B, the model is wrapped in DistributedDataParallel, and the ranks keep in step with one small
 all-reduce per step (the loss, for logging and the NaN check, and the stop votes), plus a broadcast of rank 0's
 clock when --max-time is set, so they never disagree about the step count. Only rank 0 locks the run directory and
@@ -34,16 +34,16 @@ import numpy as np
 import torch
 
 from poetgen import __version__
-from poetgen.checkpoint import BEST, LAST, Checkpoint, restore_rng, save_checkpoint
-from poetgen.config import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, MODEL_FIELDS, TrainConfig
-from poetgen.dataset import Dataset
-from poetgen.devices import autocast, autocast_dtype, resolve_device
-from poetgen.distributed import Local, context, mark_reported, rank_seed, restore_rank_rng, rng_tensors
+from poetgen.checkpoint.torch_io import BEST, LAST, Checkpoint, restore_rng, save_checkpoint
+from poetgen.training.config import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, MODEL_FIELDS, TrainConfig
+from poetgen.data.dataset import Dataset
+from poetgen.model.devices import autocast, autocast_dtype, resolve_device
+from poetgen.training.distributed import Local, context, mark_reported, rank_seed, restore_rank_rng, rng_tensors
 from poetgen.errors import TrainingError
-from poetgen.model import CharRNN, Hidden, ModelConfig, detach_hidden, hidden_to
-from poetgen.runs import METRICS, rewind_metrics, run_lock
-from poetgen.streams import LN2, StreamBatches, evaluate, stream_layout, vocab_map
-from poetgen.vocab import EOT_ID, UNK_ID, Vocab
+from poetgen.model.rnn import CharRNN, Hidden, ModelConfig, detach_hidden, hidden_to
+from poetgen.training.runs import METRICS, rewind_metrics, run_lock
+from poetgen.data.batches import LN2, StreamBatches, evaluate, stream_layout, vocab_map
+from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
 
 
 class StopFlag(Protocol):

@@ -15,7 +15,7 @@ How one call runs (``generate``):
    state; the prefix is never re-run. A row that draws <eot> is finished and dropped from the batch, so the others
    run on a smaller batch.
 
-The model behind the steps (an *engine*) is either poetgen.infer's numpy Runtime (the CPU: a CharRNN on the CPU
+The model behind the steps (an *engine*) is either poetgen.model.runtime's numpy Runtime (the CPU: a CharRNN on the CPU
 is converted to one) or a torch module on its device (CUDA, MPS, or any module with ``forward(idx, hidden)``),
 whose scores are copied to numpy each step. Decoding is the same numpy code for both.
 
@@ -37,8 +37,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from poetgen.errors import SampleError
-from poetgen.poetry import ConstraintState, FormConstraint, is_han
-from poetgen.vocab import EOT_ID, Vocab, format_symbols
+from poetgen.poetry.forms import ConstraintState, FormConstraint, is_han
+from poetgen.data.vocab import EOT_ID, Vocab, format_symbols
 
 DEFAULT_LENGTH = 500
 MAX_CELLS = 2**28  # symbols in one call (12 bytes each in the output buffers: 3.2 GB)
@@ -108,7 +108,7 @@ class SampleResult:
     notes: list[str] = field(default_factory=list)  # e.g. "converted the prime to traditional: ..."
     seconds: float = 0.0  # generation time, prefix included
     steps: int = 0  # forward steps after the prefix
-    threads: int = 1  # numpy's BLAS threads at the end of the call (see poetgen.infer.ThreadTuner)
+    threads: int = 1  # numpy's BLAS threads at the end of the call (see poetgen.model.runtime.ThreadTuner)
 
 
 # --- scripts ----------------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def vocab_script(vocab: Vocab) -> str | None:
     Counts the characters OpenCC would change in each direction (a character only traditional texts use changes
     under t2s), weighted by their corpus counts when the vocabulary has them.
     """
-    from poetgen.normalize import convert_script
+    from poetgen.data.normalize import convert_script
 
     han = [(i, s) for i, s in enumerate(vocab.symbols) if i >= 2 and is_han(s)]
     if not han:
@@ -152,7 +152,7 @@ def to_model_script(vocab: Vocab, text: str, what: str, script: str | None, note
     if not text or not vocab.unknown(text):
         return text
     if script is not None:
-        from poetgen.normalize import convert_script
+        from poetgen.data.normalize import convert_script
 
         converted = convert_script(text, script)
         if len(converted) == len(text):
@@ -170,7 +170,7 @@ def to_model_script(vocab: Vocab, text: str, what: str, script: str | None, note
 
 
 class Engine(Protocol):
-    """What decoding needs from a model (poetgen.infer.Runtime has exactly this)."""
+    """What decoding needs from a model (poetgen.model.runtime.Runtime has exactly this)."""
 
     def prefix(self, prefixes: list[list[int]]) -> np.ndarray:
         """Start one row per prefix: -> scores (U, V) after each whole prefix."""
@@ -220,7 +220,7 @@ class TorchEngine:
         return self._scores(torch.cat(logits_parts))[inverse]
 
     def select(self, index: np.ndarray) -> None:
-        from poetgen.model import select_hidden
+        from poetgen.model.rnn import select_hidden
 
         self.hidden = select_hidden(self.hidden, self.torch.as_tensor(np.asarray(index, dtype=np.int64),
                                                                       device=self.device))
@@ -239,11 +239,11 @@ def _engine_for(model: Any) -> tuple[Any, Callable[[], Any]]:
         return model, nullcontext
     import torch
 
-    from poetgen.model import CharRNN
+    from poetgen.model.rnn import CharRNN
 
     raw = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
     if isinstance(raw, CharRNN) and next(raw.parameters()).device.type == "cpu":
-        from poetgen.infer import Runtime
+        from poetgen.model.runtime import Runtime
 
         return Runtime.from_state(raw.config, raw.state_dict()), nullcontext
 
@@ -396,11 +396,11 @@ def generate(
 ) -> SampleResult:
     """``options.num_samples`` samples for each prime, all in one batch (prime-major order).
 
-    ``model``: a poetgen.infer.Runtime, a CharRNN (on the CPU it is run by a Runtime made from its weights), or any
+    ``model``: a poetgen.model.runtime.Runtime, a CharRNN (on the CPU it is run by a Runtime made from its weights), or any
     torch module with ``forward(idx, hidden) -> (scores, hidden)`` (run on its device in eval mode, then put back
     in the mode it was in). ``on_text`` receives the first sample as it is written: its prime, then each new
     character (converted to the output script one character at a time). ``threads``: numpy's BLAS threads for the
-    call; None (the default) lets poetgen.infer.ThreadTuner pick between one and more by timing the steps, since
+    call; None (the default) lets poetgen.model.runtime.ThreadTuner pick between one and more by timing the steps, since
     which is faster depends on the batch and on what else the machine is doing.
     """
     o = options or SampleOptions()
@@ -439,7 +439,7 @@ def generate(
     engine, context = _engine_for(model)
     if hasattr(engine, "use_table") and rows * max_new >= len(vocab):
         engine.use_table()  # a gather instead of layer 0's input matmul; its build pays off from ~V row-steps
-    from poetgen.infer import ThreadTuner
+    from poetgen.model.runtime import ThreadTuner
 
     tuner = ThreadTuner(choices=None if threads is None else (threads,))
     with context(), tuner:
@@ -560,6 +560,6 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
 def _convert(text: str, script: str | None) -> str:
     if not script or not text:
         return text
-    from poetgen.normalize import convert_script
+    from poetgen.data.normalize import convert_script
 
     return convert_script(text, script)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from poetgen.errors import SampleError
-from poetgen.vocab import EOT_ID, Vocab, format_symbols
+from poetgen.data.vocab import EOT_ID, Vocab, format_symbols
 
 COMMA = "，"
 PERIOD = "。"

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # The configuration lives in a torch-free module (`poetgen sample` reads it without torch); re-exported here.
-from poetgen.model_config import AUTO_HEAD_MIN_VOCAB, CELLS, HEADS, ModelConfig, auto_cutoffs  # noqa: F401
+from poetgen.model.config import AUTO_HEAD_MIN_VOCAB, CELLS, HEADS, ModelConfig, auto_cutoffs  # noqa: F401
 
 Hidden = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 

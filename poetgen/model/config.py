@@ -1,7 +1,7 @@
 """The model's configuration, without torch: `poetgen sample` reads checkpoints on the CPU without importing it.
 
-poetgen.model imports ModelConfig, CELLS, HEADS and auto_cutoffs from here: one definition for the torch model and
-the numpy runtime (poetgen.infer). What the fields mean: poetgen.model's docstring.
+poetgen.model.rnn imports ModelConfig, CELLS, HEADS and auto_cutoffs from here: one definition for the torch model and
+the numpy runtime (poetgen.model.runtime). What the fields mean: poetgen.model.rnn's docstring.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from poetgen.config import check_type
+from poetgen.training.config import check_type
 from poetgen.errors import ConfigError
 
 CELLS = ("rnn", "lstm", "gru")
