@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO
+from helpers import REPO
 from poetgen.cli.app import app
 from poetgen.data.dataset import load_dataset
 from poetgen.data.normalize import convert_script

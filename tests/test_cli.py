@@ -9,7 +9,7 @@ import sys
 import typer
 from typer.testing import CliRunner
 
-from conftest import REPO
+from helpers import REPO
 from poetgen.cli.app import app
 
 runner = CliRunner()

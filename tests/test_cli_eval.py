@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_dataset
+from helpers import make_dataset
 from poetgen.checkpoint.torch_io import load_model, save_checkpoint
 from poetgen.cli.app import app
 from poetgen.data.dataset import load_dataset

@@ -125,7 +125,7 @@ def test_run_in_use_is_refused(cwd, tiny_dataset):
 
 
 def test_init_from_reports_unknown_symbols(cwd, tiny_dataset, tmp_path):
-    from conftest import make_dataset
+    from helpers import make_dataset
 
     assert invoke(tiny_dataset, *TINY, "--max-steps", "2", "--name", "base").exit_code == 0
     other = make_dataset(tmp_path / "other", ["春眠不觉晓。"] * 40, ["春眠不觉晓。"])
@@ -278,7 +278,7 @@ def test_auto_preset_weighs_the_budget_by_the_machines_speed():
 
 
 def test_a_bad_flag_with_the_speed_probe_is_an_error_not_a_traceback(cwd, tmp_path):
-    from conftest import make_dataset
+    from helpers import make_dataset
 
     from poetgen.training.config import AUTO_MIN_TOKENS
 

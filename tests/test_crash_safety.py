@@ -30,7 +30,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_dataset
+from helpers import make_dataset
 from poetgen.checkpoint.torch_io import load_checkpoint, load_model
 from poetgen.cli.app import app
 

@@ -192,7 +192,7 @@ def test_ranks_share_the_streams_of_one_process_with_the_whole_batch():
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """`poetgen train --nproc 2` (the launcher), dropout 0, 8 steps: (working dir, run dir, dataset dir)."""
-    from conftest import make_dataset
+    from helpers import make_dataset
 
     cwd = tmp_path_factory.mktemp("ddp")
     lines = ["床前明月光", "疑是地上霜", "举头望明月", "低头思故乡"]

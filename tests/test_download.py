@@ -22,7 +22,7 @@ from poetgen.data import download as dl
 from poetgen.data.download import TANG_FILES, DownloadError, download_corpus, named_source, verify_file
 from poetgen.errors import CorpusError
 
-from conftest import shared_path
+from helpers import shared_path
 
 FOLDER = "全唐诗"
 PRESENT = 53  # files poet.tang.0 ... poet.tang.52000 are in ../shared/data/tang; 53000 ... 57000 are not

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_dataset
+from helpers import make_dataset
 from poetgen.data.dataset import load_dataset
 from poetgen.errors import DatasetError
 from poetgen.evaluation.scoring import (

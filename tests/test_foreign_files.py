@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_dataset
+from helpers import make_dataset
 from poetgen.checkpoint.torch_io import FORMAT_VERSION, load_checkpoint
 from poetgen.cli.app import app
 

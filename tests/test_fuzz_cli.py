@@ -330,7 +330,7 @@ TRAIN_FLAGS = st.fixed_dictionaries({}, optional={
 
 @pytest.fixture(scope="module")
 def train_data(tmp_path_factory) -> Path:
-    from conftest import make_dataset
+    from helpers import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("train") / "ds", [TEXT] * 20, [TEXT])
 

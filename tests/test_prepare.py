@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import shared_path
+from helpers import shared_path
 from poetgen.cli.app import app
 from poetgen.data.dataset import load_dataset
 from poetgen.errors import CorpusError, DatasetError

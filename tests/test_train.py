@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_dataset
+from helpers import make_dataset
 from poetgen.checkpoint.torch_io import load_checkpoint, load_model
 from poetgen.training.config import TrainConfig
 from poetgen.data.dataset import load_dataset
