@@ -36,7 +36,10 @@ from poetgen.cli.app import app
 
 torch.set_num_threads(1)
 runner = CliRunner()
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the trials fork and send SIGKILL (POSIX)")
+pytestmark = [
+    pytest.mark.slow,  # dozens of trainings killed with SIGKILL
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="the trials fork and send SIGKILL (POSIX)"),
+]
 
 POEMS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"]
 TINY = ["--layers", "1", "--hidden", "16", "--embed", "8", "--batch-size", "2", "--seq-len", "16", "--warmup", "1",

@@ -31,6 +31,7 @@ from poetgen.training.loop import TrainCallbacks, _check_world_size, train
 torch.set_num_threads(1)
 
 pytestmark = [
+    pytest.mark.slow,  # torchrun launches: several seconds each
     pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                        reason="torch.distributed with gloo is not available"),
     pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds worker processes through /proc"),
