@@ -4,21 +4,24 @@ and never modifies its input files.
 
 CliRunner runs the commands in this process (catch_exceptions=True): an exception that escapes the CLI is left
 in result.exception instead of being raised, so it is asserted to be nothing but SystemExit.
+`pytest --hypothesis-show-statistics tests/test_fuzz_cli.py` reports how many inputs each property saw.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import tempfile
+import unittest
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -26,6 +29,8 @@ from poetgen.checkpoint.torch_io import save_checkpoint
 from poetgen.cli.app import app
 from poetgen.model.rnn import CharRNN, ModelConfig
 from poetgen.data.vocab import EOT_ID, Vocab
+
+pytestmark = pytest.mark.slow  # a minute or more on 2 cores; CI runs it, `pytest -m "not slow"` leaves it out
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -38,9 +43,66 @@ FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 
 def examples(n: int) -> int:
     return max(1, int(n * SCALE))
+
+
+def fuzz(n: int):
+    """`@settings(FUZZ, max_examples=examples(n))` for a @given property, and after its run a check that it really saw
+    at least half that many inputs. Without it a property that ran (almost) nothing would pass: a strategy that
+    filters everything out, a search space that turned out tiny, a Hypothesis profile without the generate phase
+    (Hypothesis then skips the test)."""
+
+    def decorate(prop):
+        prop = settings(FUZZ, max_examples=examples(n))(prop)
+        inner = prop.hypothesis.inner_test
+        calls = 0
+
+        @functools.wraps(inner)
+        def counting(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return inner(*args, **kwargs)
+
+        prop.hypothesis.inner_test = counting  # Hypothesis's documented hook for wrapping the inner test
+
+        @functools.wraps(prop)
+        def run(*args, **kwargs):
+            nonlocal calls
+            calls = 0
+            try:
+                prop(*args, **kwargs)
+            except unittest.SkipTest:  # "told to run no examples": here that is the failure below, not a skip
+                pass
+            wanted = max(1, examples(n) // 2)
+            assert calls >= wanted, f"{prop.__name__} ran {calls} inputs, fewer than half of {examples(n)}"
+
+        return run
+
+    return decorate
+
+
+def test_fuzz_fails_a_property_that_ran_too_few_inputs(monkeypatch):
+    """The check in fuzz() can fail: two inputs where forty were asked for, and none at all."""
+
+    @fuzz(40)
+    @given(x=st.booleans())
+    def two_inputs(x):
+        pass
+
+    with pytest.raises(AssertionError, match="two_inputs ran 2 inputs"):
+        two_inputs()
+    monkeypatch.setitem(globals(), "FUZZ", settings(FUZZ, phases=[Phase.explicit]))  # no generate phase
+
+    @fuzz(40)
+    @given(x=st.integers())
+    def no_inputs(x):
+        pass
+
+    with pytest.raises(AssertionError, match="no_inputs ran 0 inputs"):
+        no_inputs()
+
+
 TEXT = ("床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
         "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。")
-tried: Counter = Counter()  # inputs per test, for the report
 
 
 def clean_exit(r, what) -> None:
@@ -107,25 +169,22 @@ PREPARE_OPTIONS = st.lists(st.sampled_from([
 ]), max_size=3).map(lambda xs: [a for x in xs for a in x])
 
 
-@settings(FUZZ, max_examples=examples(100))
+@fuzz(100)
 @given(text=st.text(max_size=300), ext=st.sampled_from([".txt", ".json", ".jsonl", ""]), options=PREPARE_OPTIONS)
 def test_prepare_random_unicode(scratch, text, ext, options):
-    tried["prepare unicode"] += 1
     data = text.encode("utf-8", "surrogatepass")  # lone surrogates become the bytes a broken encoder writes
     check_prepare([_file(scratch, "corpus" + ext, data)], *options)
 
 
-@settings(FUZZ, max_examples=examples(80))
+@fuzz(80)
 @given(data=st.binary(max_size=600), ext=st.sampled_from([".txt", ".json", ".jsonl"]), options=PREPARE_OPTIONS)
 def test_prepare_random_bytes(scratch, data, ext, options):
-    tried["prepare bytes"] += 1
     check_prepare([_file(scratch, "corpus" + ext, data)], *options)
 
 
-@settings(FUZZ, max_examples=examples(40))
+@fuzz(40)
 @given(data=st.binary(max_size=400) | st.text(max_size=200).map(str.encode), options=PREPARE_OPTIONS)
 def test_prepare_random_stdin(data, options):
-    tried["prepare stdin"] += 1
     r, _ = prepare(["-"], *options, input=data)
     clean_exit(r, ("stdin", options))
 
@@ -138,12 +197,11 @@ JSON_VALUES = st.recursive(
 )
 
 
-@settings(FUZZ, max_examples=examples(80))
+@fuzz(80)
 @given(records=st.lists(JSON_VALUES, max_size=5), as_lines=st.booleans(), cut=st.integers(0, 40),
        options=PREPARE_OPTIONS)
 def test_prepare_random_json_and_jsonl(scratch, records, as_lines, cut, options):
     """Records of any JSON shape; in JSONL some lines cut short (a crash of whatever wrote them)."""
-    tried["prepare json"] += 1
     if as_lines:
         lines = [json.dumps(r, ensure_ascii=False) for r in records]
         if lines and cut:
@@ -225,7 +283,6 @@ def test_prepare_odd_files(tmp_path):
     outcomes = {}
     for name, path in cases.items():
         for options in ([], ["--doc-sep", "line"], ["--format", "jsonl"]):
-            tried["prepare odd files"] += 1
             r = check_prepare([path], *options)
             outcomes[(name, *options)] = r.exit_code
     # The inputs that hold a poem make a dataset; those that hold nothing usable are refused.
@@ -273,10 +330,9 @@ SAMPLE_ARGS = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(FUZZ, max_examples=examples(300))
+@fuzz(300)
 @given(args=SAMPLE_ARGS, stdin=st.text(max_size=10))
 def test_sample_random_arguments(ckpt, args, stdin):
-    tried["sample arguments"] += 1
     argv = ["sample", "-c", str(ckpt), "-q"]
     for flag, value in args.items():
         argv += [flag] if value is None else [flag, _num(value)]
@@ -286,10 +342,9 @@ def test_sample_random_arguments(ckpt, args, stdin):
     assert digest(ckpt) == before
 
 
-@settings(FUZZ, max_examples=examples(50))
+@fuzz(50)
 @given(lines=st.lists(st.text(max_size=8), max_size=4), raw=st.binary(max_size=40), use_raw=st.booleans())
 def test_sample_random_primes_file(ckpt, scratch, lines, raw, use_raw):
-    tried["sample primes files"] += 1
     data = raw if use_raw else "\n".join(lines).encode("utf-8", "surrogatepass")
     primes = _file(scratch, "primes.txt", data)
     r = runner.invoke(app, ["sample", "-c", str(ckpt), "-q", "--primes-file", str(primes), "-l", "5", "--seed", "1"])
@@ -335,10 +390,9 @@ def train_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("train") / "ds", [TEXT] * 20, [TEXT])
 
 
-@settings(FUZZ, max_examples=examples(120))
+@fuzz(120)
 @given(flags=TRAIN_FLAGS)
 def test_train_random_flag_values(train_data, flags):
-    tried["train flags"] += 1
     argv = ["train", str(train_data), "--dry-run", "--json", "--quiet", "--runs-dir", str(train_data.parent / "runs")]
     for flag, value in flags.items():
         argv += [flag] if value is None else [flag, _num(value)]
@@ -356,9 +410,3 @@ def test_a_seed_torch_cannot_take_is_an_error_not_a_crash(train_data, ckpt, seed
     assert r.exit_code == 1 and r.stderr.startswith("Error: seed must be"), (r.output, r.exception)
     r = runner.invoke(app, ["sample", "-c", str(ckpt), "--seed", str(seed), "-q"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: seed must be"), (r.output, r.exception)
-
-
-def test_report_inputs_tried():
-    """Runs last in this module: prints how many inputs each property saw (for benchmarks/RESULTS.md)."""
-    assert sum(tried.values()) > 0 or not tried
-    print("\ninputs tried:", dict(tried), "total", sum(tried.values()))
