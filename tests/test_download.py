@@ -343,12 +343,13 @@ def test_read_timeout_is_retried(server, tmp_path):
     name = "poet.tang.10000.json"
     server.plans[name] = ["stall"]
     server.stall = 1.0
-    t0 = time.perf_counter()
-    report = download_corpus(
-        dest=tmp_path / "out", mirror=server.mirror, files="10000", retries=2, backoff=0.001, timeout=0.3
-    )
+    events: list[dict] = []
+    report = download_corpus(dest=tmp_path / "out", mirror=server.mirror, files="10000", retries=2, backoff=0.001,
+                             timeout=0.3, on_progress=events.append)
     assert report.retries == 1 and report.downloaded == [name]
-    assert time.perf_counter() - t0 < 1.0  # gave up on the stalled response after ~0.3 s, did not wait for it
+    # It gave up on the stalled response (waiting 1 s for it would have been a success without a retry), and said
+    # why; a mechanism check, not a stopwatch, so a loaded machine cannot fail it.
+    assert [e["error"] for e in events if e["event"] == "retry"] == ["timed out"]
 
 
 def _assert_how_to(msg: str, dest: Path) -> None:
@@ -359,11 +360,11 @@ def _assert_how_to(msg: str, dest: Path) -> None:
 
 
 def test_unreachable_mirror_fails_fast_with_how_to(tmp_path):
-    t0 = time.perf_counter()
+    events: list[dict] = []
     with pytest.raises(DownloadError) as err:
         # default retries and backoff: failing fast must not depend on the test making them tiny
-        download_corpus(mirror=f"http://127.0.0.1:{closed_port()}/", files="0,1000")
-    assert time.perf_counter() - t0 < 1.0
+        download_corpus(mirror=f"http://127.0.0.1:{closed_port()}/", files="0,1000", on_progress=events.append)
+    assert [e for e in events if e["event"] == "retry"] == []  # fast: no retry (each would wait 0.5 s, 1 s, ...)
     msg = str(err.value)
     assert msg.startswith("cannot reach 127.0.0.1:") and "refused" in msg.lower()
     _assert_how_to(msg, tmp_path / "cache" / "corpora" / "tang")
@@ -374,10 +375,10 @@ def test_dns_failure_fails_fast_with_how_to(monkeypatch, tmp_path):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # no lookup leaves the machine
-    t0 = time.perf_counter()
+    events: list[dict] = []
     with pytest.raises(DownloadError, match="cannot reach mirror.invalid") as err:
-        download_corpus(mirror="http://mirror.invalid/tang/", files="0")
-    assert time.perf_counter() - t0 < 1.0
+        download_corpus(mirror="http://mirror.invalid/tang/", files="0", on_progress=events.append)
+    assert [e for e in events if e["event"] == "retry"] == []  # fast: no retry after the failed lookup
     _assert_how_to(str(err.value), tmp_path / "cache" / "corpora" / "tang")
 
 
@@ -445,10 +446,8 @@ def test_cli_prints_retry_notices_on_stderr(server, tmp_path):
 
 def test_cli_failures_exit_1_with_error(server, tmp_path):
     cache = tmp_path / "clicache"
-    t0 = time.perf_counter()
     r = _cli(["--mirror", f"http://127.0.0.1:{closed_port()}/", "--json"], cache)
-    assert time.perf_counter() - t0 < 1.5
-    assert r.exit_code == 1 and r.stdout == ""
+    assert r.exit_code == 1 and r.stdout == ""  # the first line of stderr is the error: no retry notice came first
     assert r.stderr.startswith("Error: cannot reach 127.0.0.1:") and "Traceback" not in r.output
     _assert_how_to(r.stderr.replace("\n", " "), cache / "corpora" / "tang")
 
