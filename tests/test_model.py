@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from poetgen.errors import ConfigError
-from poetgen.model.rnn import CELLS, CharRNN, ModelConfig, detach_hidden, hidden_to, select_hidden
+from poetgen.model.rnn import CELLS, CharRNN, ModelConfig, cat_hidden, detach_hidden, hidden_to, select_hidden
 
 torch.set_num_threads(1)
 
@@ -73,6 +73,11 @@ def test_select_detach_and_move_hidden():
     _, hg = g(torch.randint(0, V, (B, T)))
     assert select_hidden(hg, torch.tensor([1])).shape == (L, 1, H)
     assert hidden_to(hg, "cpu").device.type == "cpu" and hidden_to(None, "cpu") is None
+    # Joining along the batch: rows of the first part, then of the second; selecting them back gives the parts.
+    hc, cc = cat_hidden([(h, c), (h2, c2)])
+    assert hc.shape == (L, B + 2, H)
+    torch.testing.assert_close(select_hidden((hc, cc), torch.arange(B, B + 2))[1], c2)
+    torch.testing.assert_close(cat_hidden([hg[:, :1], hg[:, 1:]]), hg)
 
 
 def test_config_round_trip_and_refusals():

@@ -27,6 +27,7 @@ both heads alike. ``forward(idx, hidden, targets)`` returns the mean cross-entro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Union
 
 import torch
@@ -171,6 +172,13 @@ def select_hidden(hidden: Hidden, index: torch.Tensor) -> Hidden:
     if isinstance(hidden, tuple):
         return tuple(h.index_select(1, index) for h in hidden)  # type: ignore[return-value]
     return hidden.index_select(1, index)
+
+
+def cat_hidden(parts: Sequence[Hidden]) -> Hidden:
+    """Join states along the batch dimension: [(L, B_i, H), ...] -> (L, sum B_i, H)."""
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(len(parts[0])))  # type: ignore[misc]
+    return torch.cat(list(parts), dim=1)  # type: ignore[arg-type]
 
 
 def hidden_to(hidden: Hidden | None, device: torch.device | str) -> Hidden | None:
