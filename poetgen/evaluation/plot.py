@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from poetgen.errors import PoetgenError
+from poetgen.evaluation.units import LN2
 
 METRICS = "metrics.jsonl"
-LN2 = math.log(2.0)
 SPARKS = "▁▂▃▄▅▆▇█"
 MARKERS = "•o+x*#@%"
 
