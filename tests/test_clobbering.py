@@ -135,6 +135,7 @@ def forks(tmp_path_factory):
     server.close()
 
 
+@pytest.mark.slow  # forks two trainings
 @pytest.mark.parametrize("resume", [False, True])
 def test_two_trainings_started_at_once_into_one_run_directory(cwd, forks, resume):
     """Two `poetgen train` processes forked in the same millisecond (fresh runs under one --name, or two resumes
@@ -222,6 +223,7 @@ print(json.dumps({"both": both, "none": none}))
 """
 
 
+@pytest.mark.slow  # 150 forked races
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("stale", [False, True])
 def test_run_lock_holds_when_two_processes_race_for_it(tmp_path, stale):

@@ -357,6 +357,7 @@ def test_resolve_training_data_caches(tmp_path, monkeypatch):
 # --- the real corpora (skipped without ../shared) -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # prepares the whole 全唐诗
 def test_full_tang_corpus_counts_match_the_files(tmp_path):
     tang = shared_path("tang")
     r = cli("prepare", str(tang), "--script", "simplified", "-o", str(tmp_path / "tang"), "--json")
