@@ -28,7 +28,7 @@ import torch
 
 from poetgen.training.config import TrainConfig
 from poetgen.data.dataset import load_dataset
-from poetgen.data.batches import LN2
+from poetgen.evaluation.units import LN2
 from poetgen.training.loop import TrainCallbacks, train
 
 

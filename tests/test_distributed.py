@@ -25,7 +25,8 @@ from poetgen.training.config import TrainConfig
 from poetgen.data.dataset import load_dataset
 from poetgen.training.distributed import strip_option, torchrun_command
 from poetgen.errors import TrainingError
-from poetgen.data.batches import StreamBatches, evaluate
+from poetgen.data.batches import StreamBatches
+from poetgen.evaluation.scoring import cross_entropy
 from poetgen.training.loop import TrainCallbacks, _check_world_size, train
 
 torch.set_num_threads(1)
@@ -174,17 +175,33 @@ def test_ranks_share_the_streams_of_one_process_with_the_whole_batch():
     for j in range(len(one)):  # rank 0's rows, then rank 1's: the single-process batch, row for row
         assert torch.equal(torch.cat([r.get(j) for r in ranks]), one.get(j))
 
+
+
+def test_ranks_share_the_validation_streams_and_all_return_the_single_process_figures():
+    import numpy as np
+
+    from poetgen.model.rnn import CharRNN, ModelConfig
+
+    tokens = np.arange(1000, dtype=np.uint16) % 37
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=37, cell="gru", layers=1, hidden=8, embed=4)).eval()
-    cpu = torch.device("cpu")
-    for n_tokens, batch in ((1000, 3), (5, 3), (3, 4)):  # the last two: fewer streams than 2 × batch
+    model = CharRNN(ModelConfig(vocab_size=37, cell="lstm", layers=1, hidden=8, embed=4))
+    # (tokens, streams, warm-up): 7 and 3 streams are not a multiple of 2 ranks; with 1 stream rank 1 has none.
+    for n_tokens, streams, warmup in ((1000, 7, 0), (1000, 4, 30), (5, 3, 0), (3, 1, 2)):
+        one = cross_entropy(model, tokens[:n_tokens], streams=streams, warmup=warmup, window=5)
         parts: list[list[float]] = []
-        for r in range(2):
-            evaluate(model, tokens[:n_tokens], batch, 5, cpu, rank=r, world_size=2,
-                     reduce=lambda v: parts.append(v) or v)
-        total, count = (sum(p[i] for p in parts) for i in (0, 1))
-        assert count == n_tokens - 1  # every prediction scored once, by one rank
-        assert total / count == pytest.approx(evaluate(model, tokens[:n_tokens], 2 * batch, 5, cpu), rel=1e-6)
+        for r in range(2):  # each rank's loss sums, as it hands them to the reduction
+            cross_entropy(model, tokens[:n_tokens], streams=streams, warmup=warmup, window=5, rank=r, world_size=2,
+                          reduce=lambda v: parts.append(v) or v)
+        assert len(parts) == 2  # every rank takes part in the reduction, one without streams too
+        summed = [sum(p[i] for p in parts) for i in range(len(parts[0]))]
+        for r in range(2):  # with the real sum over ranks, every rank returns the single-process figures
+            got = cross_entropy(model, tokens[:n_tokens], streams=streams, warmup=warmup, window=5, rank=r,
+                                world_size=2, reduce=lambda v: summed)
+            assert got.symbols == n_tokens and got.streams == one.streams
+            assert got.cold.nats == pytest.approx(one.cold.nats, rel=1e-6)
+            if warmup:
+                assert got.warm.nats == pytest.approx(one.warm.nats, rel=1e-6)
+        assert (parts[1] == [0.0] * len(parts[1])) == (one.streams == 1)  # rank 1 scored its share, if it had one
 
 
 # --- one 2-process run, shared by the tests that only read it ----------------------------------------------------

@@ -133,6 +133,16 @@ def test_window_keeps_one_window_of_logits_within_the_budget():
         assert T >= 1 and (T == 1 or 2 * S * T * V <= LOGIT_BUDGET)
 
 
+def test_bf16_autocast_scores_the_same_positions_with_nearly_the_same_figures():
+    """Training's bf16 runs score their validation split under autocast: the forward passes change, not the sums."""
+    model, ids = _model("gru"), _ids(70)
+    fp32 = cross_entropy(model, ids, streams=4, warmup=3)
+    bf16 = cross_entropy(model.train(), ids, streams=4, warmup=3, amp=torch.bfloat16)
+    assert bf16.symbols == fp32.symbols == 70 and model.training  # scored in eval mode, then put back
+    for a, b in ((fp32.cold, bf16.cold), (fp32.warm, bf16.warm)):
+        assert a.nats != b.nats and b.nats == pytest.approx(a.nats, abs=0.05)
+
+
 def test_empty_text_and_bad_arguments_are_errors():
     with pytest.raises(DatasetError, match="empty"):
         cross_entropy(_model(), np.zeros(0, dtype=np.uint16))

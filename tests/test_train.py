@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ from poetgen.errors import ConfigError, TrainingError
 from poetgen.model.rnn import CharRNN, ModelConfig
 from poetgen.training.runs import run_lock
 from poetgen.model.devices import autocast_dtype, resolve_device
-from poetgen.data.batches import evaluate, stream_layout
-from poetgen.training.loop import TrainCallbacks, estimate_memory, lr_at, make_plan, sample_text, train
+from poetgen.data.batches import stream_layout
+from poetgen.generation.sample import SampleOptions, generate
+from poetgen.training.loop import TrainCallbacks, estimate_memory, lr_at, make_plan, train
 
 torch.set_num_threads(1)
 
@@ -133,25 +135,24 @@ def test_plan_numbers_and_zero_batches(ds):
     assert stream_layout(1, 1, 1) == (0, 0)
 
 
-def test_evaluate_scores_every_token_with_state_carried_along_streams():
-    torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=9, cell="gru", layers=1, hidden=8, embed=4)).eval()
-    tokens = np.random.default_rng(0).integers(0, 9, size=103).astype(np.uint16)  # 102 predictions
+def test_best_val_loss_is_the_cold_figure_of_poetgen_eval_on_the_best_checkpoint(ds, tmp_path):
+    """One scorer: training's validation loss is `poetgen eval`'s cold cross-entropy, every symbol scored once (the
+    first included), over the same streams; the old training scorer (no first target, batch-size streams) was not."""
+    from typer.testing import CliRunner
 
-    def reference(streams: int) -> float:
-        x, y = torch.tensor(tokens[:-1], dtype=torch.long), torch.tensor(tokens[1:], dtype=torch.long)
-        size = -(-len(x) // streams)
-        total = 0.0
-        for s in range(0, len(x), size):  # each stream in one pass from a zero state
-            logits, _ = model(x[None, s : s + size])
-            total += F.cross_entropy(logits[0], y[s : s + size], reduction="sum").item()
-        return total / len(x)
+    from poetgen.cli.app import app
 
-    for streams, seq_len in ((1, 7), (4, 5), (5, 100)):
-        got = evaluate(model, tokens, streams, seq_len, torch.device("cpu"))
-        assert got == pytest.approx(reference(streams), rel=1e-5)
-    assert model.training is False
-    assert evaluate(model, tokens[:1], 4, 5, torch.device("cpu")) is None
+    rec = Recorder()
+    r = train(TrainConfig(max_steps=12, **{**SMALL, "eval_every": 4}), ds, tmp_path / "r", callbacks=rec)
+    assert [e["step"] for e in rec.evals] == [4, 8, 12] and len({e["val_loss"] for e in rec.evals}) == 3
+    assert r.best_val_loss == min(e["val_loss"] for e in rec.evals)
+    out = CliRunner().invoke(app, ["eval", str(r.best_checkpoint), "--json"])
+    assert out.exit_code == 0, out.output
+    m = json.loads(out.stdout)["models"][0]
+    assert m["symbols"] == len(ds.val) == 50 and "val split of" in m["data"]
+    assert m["cold"]["nats_per_char"] == pytest.approx(r.best_val_loss, abs=1e-6)
+    assert m["cold"]["bits_per_char"] == pytest.approx(r.to_dict()["best_val_bpc"], abs=1e-6)
+    assert m["warm"]["nats_per_char"] != pytest.approx(r.best_val_loss, abs=1e-4)  # the check tells them apart
 
 
 def test_learning_rate_schedule():
@@ -189,7 +190,7 @@ def test_early_stopping_on_patience(ds, tmp_path, monkeypatch):
     import poetgen.training.loop as tr
 
     scores = iter([2.0, 1.5, 1.6, 1.7, 1.0, 0.5])
-    monkeypatch.setattr(tr, "evaluate", lambda *a, **k: next(scores))
+    monkeypatch.setattr(tr, "cross_entropy", lambda *a, **k: SimpleNamespace(cold=SimpleNamespace(nats=next(scores))))
     rec = Recorder()
     r = train(TrainConfig(max_steps=60, patience=2, **{**SMALL, "eval_every": 5}), ds, tmp_path / "r", callbacks=rec)
     assert r.status == "early_stopped" and r.step == 20
@@ -244,19 +245,25 @@ def test_fine_tune_from_checkpoint_on_another_corpus(tmp_path, ds):
     tuned = load_checkpoint(tmp_path / "ft4" / "last.ckpt")
     assert tuned.vocab == base.vocab and tuned.model_config.hidden == 48  # the checkpoint's architecture wins
     assert tuned.train_state["step"] == 4
+    # Its validation loss is scored through the id map, as `poetgen eval` scores that split for this checkpoint.
+    from poetgen.evaluation.scoring import evaluate_checkpoint
+
+    assert evaluate_checkpoint(tmp_path / "ft4" / "best.ckpt").result.cold.nats == pytest.approx(r.best_val_loss,
+                                                                                                 abs=1e-6)
 
 
-def test_sample_line_does_not_disturb_training_randomness():
-    torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=5, cell="lstm", layers=1, hidden=8, embed=4))
-    from poetgen.data.vocab import Vocab
-
-    vocab = Vocab(["<eot>", "<unk>", "a", "b", "c"])
-    state = torch.get_rng_state()
-    text = sample_text(model, vocab, 20, torch.device("cpu"), seed=3)
-    assert torch.equal(torch.get_rng_state(), state)
-    assert text == sample_text(model, vocab, 20, torch.device("cpu"), seed=3)
-    assert set(text) <= {"a", "b", "c"} and len(text) <= 20
+def test_sample_lines_are_poetgen_samples_and_do_not_disturb_training(ds, tmp_path):
+    """The progress samples come from generate (`poetgen sample`'s code) seeded by the step, and a run that shows
+    them (dropout on, so the training RNG stream matters) trains exactly as one that does not."""
+    cfg = {**SMALL, "dropout": 0.3, "layers": 2, "eval_every": 4, "sample_length": 15}
+    quiet, shown = Recorder(), Recorder()
+    train(TrainConfig(max_steps=8, **cfg), ds, tmp_path / "quiet", callbacks=quiet)
+    train(TrainConfig(max_steps=8, **{**cfg, "sample_every": 1}), ds, tmp_path / "shown", callbacks=shown)
+    assert shown.losses == quiet.losses and [e["val_loss"] for e in shown.evals] == [e["val_loss"] for e in quiet.evals]
+    assert len(shown.samples) == 2 and not quiet.samples
+    model, ckpt = load_model(tmp_path / "shown" / "last.ckpt")  # the step-8 weights, which drew the second sample
+    again = generate(model, ckpt.vocab, options=SampleOptions(temperature=0.8, length=15, seed=8)).samples[0]
+    assert shown.samples[1] == again.generated and len(again.generated) <= 15
 
 
 def test_samples_and_evals_are_reported(ds, tmp_path):

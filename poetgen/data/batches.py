@@ -1,4 +1,4 @@
-"""How a flat id array becomes training batches and evaluation passes.
+"""How a flat id array becomes training batches.
 
 A split of N tokens is cut into B = batch_size streams of equal length Ls = (N - 1) // B, and each step feeds
 every stream's next window of T = seq_len characters::
@@ -8,8 +8,6 @@ every stream's next window of T = seq_len characters::
     ...
     stream B-1 | w0 | w1 | w2 | ... |        batches per epoch = Ls // T (a partial last window is dropped)
 
-Evaluation lays the whole split out the same way but pads instead of dropping, so every token is scored.
-
 Several processes (poetgen.training.distributed) share the streams: N ranks with B streams each lay the split out as N·B
 streams, exactly as one process with B' = N·B would, and rank r takes rows r·B … r·B+B-1::
 
@@ -18,23 +16,16 @@ streams, exactly as one process with B' = N·B would, and rank r takes rows r·B
     stream B    ┐ rank 1
     ...         ┘
 
-Evaluation is shared the same way (each rank scores its rows; the loss sums are added up across ranks).
+Scoring (the validation loss, `poetgen eval`) is not here: poetgen.evaluation.scoring.cross_entropy.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from poetgen.model.devices import autocast
-from poetgen.errors import TrainingError
 from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab, format_symbols
-
-LN2 = math.log(2.0)  # nats -> bits
+from poetgen.errors import TrainingError
 
 
 def stream_layout(n_tokens: int, batch_size: int, seq_len: int) -> tuple[int, int]:
@@ -69,8 +60,10 @@ class StreamBatches:
         return torch.from_numpy(ids)
 
 
-def vocab_map(data_vocab: Vocab, model_vocab: Vocab, map_unknown: bool) -> np.ndarray | None:
-    """Dataset id -> model id table for fine-tuning on another corpus; None when the vocabularies are equal."""
+def vocab_map(data_vocab: Vocab, model_vocab: Vocab, *, map_unknown: bool) -> np.ndarray | None:
+    """Data id -> model id table (data in another vocabulary: fine-tuning on another corpus, scoring other text);
+    None when the vocabularies are equal. Symbols the model lacks become <unk> with ``map_unknown``; without it
+    they are refused (TrainingError naming them, as fine-tuning must not train them silently as <unk>)."""
     if data_vocab == model_vocab:
         return None
     missing = [s for s in data_vocab.symbols[2:] if s not in model_vocab]
@@ -83,60 +76,3 @@ def vocab_map(data_vocab: Vocab, model_vocab: Vocab, map_unknown: bool) -> np.nd
         [EOT_ID, UNK_ID] + [model_vocab._index.get(s, UNK_ID) for s in data_vocab.symbols[2:]], dtype=np.int64
     )
     return table
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    tokens: np.ndarray,
-    batch_size: int,
-    seq_len: int,
-    device: torch.device,
-    id_map: np.ndarray | None = None,
-    amp: torch.dtype | None = None,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    reduce: Callable[[list[float]], list[float]] | None = None,
-) -> float | None:
-    """Mean loss in nats over EVERY next-character prediction of ``tokens``, with state carried along streams.
-
-    The split is laid out as S <= batch_size streams of ceil(n / S) positions; the tail of the last stream is
-    padding that the loss ignores, so no token is dropped. Returns None for a split too short to predict anything.
-
-    Shared by ``world_size`` ranks: S <= batch_size * world_size streams, rank ``rank`` scores rows
-    [rank·B, (rank+1)·B) of them (possibly none), and ``reduce`` (a sum over ranks) adds up [loss sum, count], so
-    every rank returns the same number, the one a single process with batch_size * world_size streams gets.
-    """
-    n = len(tokens) - 1
-    if n < 1:
-        return None
-    ids = np.asarray(tokens, dtype=np.int64)
-    if id_map is not None:
-        ids = id_map[ids]
-    S = min(batch_size * world_size, n)
-    Ls = -(-n // S)
-    lo, hi = min(rank * batch_size, S), min((rank + 1) * batch_size, S)
-    x = torch.zeros(S * Ls, dtype=torch.long)
-    y = torch.full((S * Ls,), -100, dtype=torch.long)  # -100 = ignored by cross_entropy
-    x[:n] = torch.from_numpy(ids[:-1])
-    y[:n] = torch.from_numpy(ids[1:])
-    x, y = x.view(S, Ls)[lo:hi], y.view(S, Ls)[lo:hi]  # (rows of this rank, Ls)
-    count = float((y != -100).sum())
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    hidden = None
-    try:
-        for j in range(0, Ls if hi > lo else 0, seq_len):
-            xb, yb = x[:, j : j + seq_len].to(device), y[:, j : j + seq_len].to(device)
-            with autocast(device, amp):
-                logits, hidden = model(xb, hidden)  # (S, t, V)
-            total += F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), yb.reshape(-1), ignore_index=-100, reduction="sum"
-            ).item()
-    finally:
-        model.train(was_training)
-    if reduce is not None:
-        total, count = reduce([total, count])
-    return total / count if count else None  # no count: a rank without rows, and no reduce to add the others

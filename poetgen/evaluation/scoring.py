@@ -21,6 +21,12 @@ Two figures, each over the same N positions:
 
 Both are computed in one pass as a batch of 2S rows (S cold, S warm). Nothing here prints; progress goes to
 ``on_progress`` callbacks as ``{"stage": "cross-entropy", "done": positions, "total": N}``.
+
+This is the one scorer: `poetgen eval` reports both figures, and training's validation loss is the cold figure
+with the same default stream count (warmup 0), so a run's best val loss is the number `poetgen eval` prints for its
+best checkpoint. Training shares the work between the processes of a distributed run (``rank``, ``world_size``):
+the S streams are cut into blocks of ceil(S / world_size), rank r scores block r, and ``reduce`` (a sum over the
+ranks) adds up the loss sums, so every rank returns what one process gets.
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from poetgen.checkpoint.torch_io import Checkpoint
+from poetgen.data.batches import vocab_map
 from poetgen.data.dataset import Dataset, is_dataset_dir, load_dataset
-from poetgen.errors import DatasetError
 from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab, format_symbols
-
-LN2 = math.log(2.0)
+from poetgen.errors import DatasetError
+from poetgen.evaluation.units import LN2
+from poetgen.model.devices import autocast
+from poetgen.model.rnn import cat_hidden, select_hidden
 DEFAULT_STREAMS = 32
 DEFAULT_WARMUP = 1000
 LOGIT_BUDGET = 1 << 23  # floats of logits per window (32 MB): sets the window length T from S and V
@@ -161,19 +169,6 @@ def _targets(ids: np.ndarray, pos: np.ndarray, id_map: np.ndarray | None) -> np.
     return id_map[y] if id_map is not None else y
 
 
-def _cat_hidden(parts: Sequence) -> object:
-    """Join hidden states along the batch dimension (dim 1 of each (L, B, H) tensor)."""
-    if isinstance(parts[0], tuple):
-        return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(len(parts[0])))
-    return torch.cat(list(parts), dim=1)
-
-
-def _zero_hidden(model: nn.Module, batch: int, device: torch.device) -> object:
-    if hasattr(model, "init_hidden"):
-        return model.init_hidden(batch, device)
-    raise TypeError("the model needs an init_hidden(batch, device) method")
-
-
 @torch.no_grad()
 def _run(model: nn.Module, x: np.ndarray, hidden: object, window: int, device: torch.device) -> object:
     """Feed inputs x (B, L) through the model in windows; return the final state (B rows)."""
@@ -195,12 +190,12 @@ def _warm_states(
     if len(full):
         # Streams with the whole warm-up before them share one batch: (K, warmup) inputs.
         pos = starts[full, None] - warmup + np.arange(warmup)[None, :]
-        h = _run(model, _inputs(ids, pos, id_map), _zero_hidden(model, len(full), device), window, device)
+        h = _run(model, _inputs(ids, pos, id_map), model.init_hidden(len(full), device), window, device)
         for j, s in enumerate(full):
-            states[s] = _select(h, j)
+            states[s] = select_hidden(h, torch.tensor([j], device=device))
     # The others have less than the whole warm-up before them, so theirs is all the text from position 0: the
     # prefixes of one sequential pass, whose state is taken at each of their starts (stream 0: the zero state).
-    h = _zero_hidden(model, 1, device)
+    h = model.init_hidden(1, device)
     prev = 0
     for s in range(S):
         if states[s] is not None:
@@ -209,13 +204,7 @@ def _warm_states(
         if pos.size:
             h = _run(model, _inputs(ids, pos, id_map), h, window, device)
         states[s], prev = h, int(starts[s])
-    return _cat_hidden(states)
-
-
-def _select(hidden: object, j: int) -> object:
-    if isinstance(hidden, tuple):
-        return tuple(h[:, j : j + 1] for h in hidden)
-    return hidden[:, j : j + 1]  # type: ignore[index]
+    return cat_hidden(states)
 
 
 def choose_window(streams: int, vocab_size: int, rows_per_stream: int = 2) -> int:
@@ -232,12 +221,19 @@ def cross_entropy(
     warmup: int = DEFAULT_WARMUP,
     window: int | None = None,
     id_map: np.ndarray | None = None,
+    amp: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Callable[[list[float]], list[float]] | None = None,
     on_progress: ProgressFn | None = None,
 ) -> CrossEntropy:
     """Exact mean cross-entropy (nats per symbol) of ``model`` over every position of ``ids`` (see module doc).
 
-    ``ids`` may be any 1-D integer array (a memory map is read window by window); ``id_map`` translates its ids
-    to the model's (a lookup table). The model is used in eval mode and left as it was.
+    ``ids`` may be any 1-D integer array (a memory map is read window by window, never copied whole); ``id_map``
+    translates its ids to the model's (a lookup table). ``amp``: an autocast dtype (bf16) for the forward passes.
+    The model (unwrapped: it needs ``init_hidden``) is used in eval mode and left as it was. With ``world_size`` >
+    1 this rank scores its block of the streams and ``reduce`` must sum [cold, warm] loss sums over the ranks (every
+    rank calls it, also one left without streams); every rank then returns the figures of a single process.
     """
     N = len(ids)
     if N == 0:
@@ -251,32 +247,38 @@ def cross_entropy(
     Ls = -(-N // min(streams, N))
     S = -(-N // Ls)  # streams that actually hold positions
     rows = 2 if warmup > 0 else 1
-    T = window or choose_window(S, V, rows)
-    starts = np.arange(S, dtype=np.int64) * Ls
+    per_rank = -(-S // world_size)
+    lo, hi = min(rank * per_rank, S), min((rank + 1) * per_rank, S)  # this rank's streams [lo, hi)
+    R = hi - lo
+    T = window or choose_window(per_rank, V, rows)
+    starts = np.arange(lo, hi, dtype=np.int64) * Ls  # (R,)
     progress = on_progress or (lambda event: None)
 
     was_training = model.training
     model.eval()
+    sums = np.zeros(rows, dtype=np.float64)
     try:
-        hidden = _zero_hidden(model, S, device)
-        if rows == 2:
-            hidden = _cat_hidden([hidden, _warm_states(model, ids, starts, warmup, T, device, id_map)])
-        sums = np.zeros(rows, dtype=np.float64)
-        for j in range(0, Ls, T):
-            t = min(T, Ls - j)
-            pos = starts[:, None] + j + np.arange(t)[None, :]  # (S, t)
-            valid = torch.from_numpy(pos < N).to(device)  # the last stream may end early
-            x = torch.from_numpy(_inputs(ids, pos, id_map)).to(device)
-            y = torch.from_numpy(_targets(ids, pos, id_map)).to(device)
-            if rows == 2:
-                x, y, valid = x.repeat(2, 1), y.repeat(2, 1), valid.repeat(2, 1)  # (2S, t)
-            logits, hidden = model(x, hidden)  # (rows*S, t, V)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-            loss = (loss.view(rows, S, t).double() * valid.view(rows, S, t)).sum(dim=(1, 2))
-            sums += loss.cpu().numpy()
-            progress({"stage": "cross-entropy", "done": int(min(N, S * (j + t))), "total": N})
+        with autocast(device, amp):
+            hidden = model.init_hidden(R, device) if R else None
+            if rows == 2 and R:
+                hidden = cat_hidden([hidden, _warm_states(model, ids, starts, warmup, T, device, id_map)])
+            for j in range(0, Ls if R else 0, T):
+                t = min(T, Ls - j)
+                pos = starts[:, None] + j + np.arange(t)[None, :]  # (R, t)
+                valid = torch.from_numpy(pos < N).to(device)  # the last stream may end early
+                x = torch.from_numpy(_inputs(ids, pos, id_map)).to(device)
+                y = torch.from_numpy(_targets(ids, pos, id_map)).to(device)
+                if rows == 2:
+                    x, y, valid = x.repeat(2, 1), y.repeat(2, 1), valid.repeat(2, 1)  # (2R, t)
+                logits, hidden = model(x, hidden)  # (rows*R, t, V)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                loss = (loss.view(rows, R, t).double() * valid.view(rows, R, t)).sum(dim=(1, 2))
+                sums += loss.cpu().numpy()
+                progress({"stage": "cross-entropy", "done": int(min(N, Ls * lo + R * (j + t))), "total": N})
     finally:
         model.train(was_training)
+    if reduce is not None:
+        sums = np.array(reduce(sums.tolist()), dtype=np.float64)
     mean = sums / N
     return CrossEntropy(
         symbols=N, cold=Score(float(mean[0])), warm=Score(float(mean[1])) if rows == 2 else None,
@@ -287,14 +289,6 @@ def cross_entropy(
 # --- data in the model's vocabulary ---------------------------------------------------------------------------------
 
 
-def vocab_map(data_vocab: Vocab, model_vocab: Vocab) -> np.ndarray | None:
-    """A data id -> model id table (unknown symbols -> <unk>), or None when the vocabularies are equal."""
-    if data_vocab == model_vocab:
-        return None
-    index = {s: i for i, s in enumerate(model_vocab.symbols)}
-    return np.array([EOT_ID, UNK_ID] + [index.get(s, UNK_ID) for s in data_vocab.symbols[2:]], dtype=np.int64)
-
-
 def dataset_data(dataset: Dataset, model_vocab: Vocab, split: str = "val") -> EvalData:
     """One split of a prepared dataset, mapped into the model's vocabulary."""
     if split not in ("train", "val"):
@@ -302,7 +296,7 @@ def dataset_data(dataset: Dataset, model_vocab: Vocab, split: str = "val") -> Ev
     ids = dataset.train if split == "train" else dataset.val
     if len(ids) == 0:
         raise DatasetError(f"the {split} split of {dataset.path} is empty; give other text with --data")
-    id_map = vocab_map(dataset.vocab, model_vocab)
+    id_map = vocab_map(dataset.vocab, model_vocab, map_unknown=True)
     documents = unknown = 0
     unk_counts: Counter = Counter()
     for a in range(0, len(ids), COUNT_CHUNK):

@@ -42,8 +42,11 @@ from poetgen.training.distributed import Local, context, mark_reported, rank_see
 from poetgen.errors import TrainingError
 from poetgen.model.rnn import CharRNN, Hidden, ModelConfig, detach_hidden, hidden_to
 from poetgen.training.runs import METRICS, rewind_metrics, run_lock
-from poetgen.data.batches import LN2, StreamBatches, evaluate, stream_layout, vocab_map
-from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
+from poetgen.data.batches import StreamBatches, stream_layout, vocab_map
+from poetgen.data.vocab import Vocab
+from poetgen.evaluation.scoring import cross_entropy
+from poetgen.evaluation.units import LN2
+from poetgen.generation.sample import SampleOptions, generate
 
 
 class StopFlag(Protocol):
@@ -232,34 +235,6 @@ def make_plan(
     )
 
 
-@torch.no_grad()
-def sample_text(
-    model: torch.nn.Module, vocab: Vocab, length: int, device: torch.device, seed: int, temperature: float = 0.8
-) -> str:
-    """A short sample from end-of-text for the progress display. Uses its own generator: the training RNG stream
-    (dropout masks) is not disturbed, so showing samples never changes the run."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    out: list[int] = []
-    x = torch.tensor([[EOT_ID]], device=device)
-    hidden = None
-    try:
-        for _ in range(length):
-            logits, hidden = model(x, hidden)  # (1, 1, V)
-            probs = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
-            probs[UNK_ID] = 0.0  # never show <unk>
-            i = int(torch.multinomial(probs, 1, generator=gen))
-            if i == EOT_ID and out:
-                break
-            if i != EOT_ID:
-                out.append(i)
-            x = torch.tensor([[i]], device=device)
-    finally:
-        model.train(was_training)
-    return vocab.decode(out)
-
-
 # --- schedule -------------------------------------------------------------------------------------------------
 
 
@@ -376,7 +351,7 @@ def train(
                         f"{fp_data[:12]} != {fp_run[:12]}); resume needs the same data, or fine-tune with --init-from"
                     )
                 _check_world_size(resume, ctx.world_size, run_dir)
-            id_map = vocab_map(dataset.vocab, vocab, map_unknown) if source is not None else None
+            id_map = vocab_map(dataset.vocab, vocab, map_unknown=map_unknown) if source is not None else None
             plan = make_plan(config, dataset, len(vocab), world_size=ctx.world_size,
                              local_rank=ctx.local_rank if ctx.distributed else None)
             device = torch.device(plan.device)
@@ -491,8 +466,6 @@ class _Loop:
         """DDP (a collective: it copies rank 0's weights to all ranks), then torch.compile when asked for."""
         model = self.ctx.wrap(self.raw_model, self.device)
         self.model = torch.compile(model) if self.c.compile else model
-        # Evaluation runs on each rank's own rows only, outside DDP (no gradient, nothing to synchronise).
-        self.eval_model = self.raw_model if self.ctx.distributed else self.model
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def _train_state(self) -> dict:
@@ -541,17 +514,19 @@ class _Loop:
 
     # --- evaluation -------------------------------------------------------------------------------------------
     def _evaluate(self) -> bool:
-        """Evaluate the whole validation split; returns True when early stopping should end the run."""
+        """Score the whole validation split; returns True when early stopping should end the run.
+
+        The figure is `poetgen eval`'s cold cross-entropy (same scorer, same streams): every symbol once. It runs on
+        the raw model: outside DDP (each rank scores its own streams, no gradient to synchronise) and outside
+        torch.compile (the scorer's shapes are not training's; a compiled module would recompile for them)."""
         s = self.state
         t0 = time.perf_counter()
         ctx = self.ctx
-        loss = evaluate(self.eval_model, self.dataset.val, self.c.batch_size, self.c.seq_len, self.device,
-                        self.id_map, self.amp, rank=ctx.rank, world_size=ctx.world_size,
-                        reduce=ctx.sum if ctx.distributed else None)
+        loss = cross_entropy(self.raw_model, self.dataset.val, warmup=0, id_map=self.id_map, amp=self.amp,
+                             rank=ctx.rank, world_size=ctx.world_size,
+                             reduce=ctx.sum if ctx.distributed else None).cold.nats
         self.eval_seconds = time.perf_counter() - t0
         s.evals += 1
-        if loss is None:
-            return False
         if not math.isfinite(loss):
             raise self._error(self._nan_message(f"validation loss became {loss}"))
         s.last_val_loss = loss
@@ -567,9 +542,15 @@ class _Loop:
         if improved:
             self.best_path = self._save(self.run_dir / BEST, "best")
         if self.c.sample_every and s.evals % self.c.sample_every == 0 and ctx.is_main:
-            text = sample_text(self.raw_model, self.vocab, self.c.sample_length, self.device, seed=s.step)
-            self.cb.on_sample(s.step, text)
+            self.cb.on_sample(s.step, self._sample(seed=s.step))
         return bool(self.c.patience and s.bad_evals >= self.c.patience)
+
+    def _sample(self, seed: int) -> str:
+        """A short sample for the progress display, by `poetgen sample`'s own code. Its numpy generator is seeded by
+        the step, so the training RNG stream (dropout masks) is not disturbed: showing samples never changes the run.
+        <unk> is shown as U+FFFD."""
+        options = SampleOptions(temperature=0.8, length=self.c.sample_length, seed=seed)
+        return generate(self.raw_model, self.vocab, options=options, threads=1).samples[0].generated
 
     def _error(self, message: str) -> TrainingError:
         """An error every rank raises at the same step; rank 0 reports it for all."""
@@ -605,7 +586,7 @@ class _Loop:
                  "dataset": str(self.dataset.path), "init_from": str(init_from.path) if init_from else None}
         self._log(start)
         self.cb.on_start({**start, "run_dir": str(self.run_dir)})
-        has_val = len(self.dataset.val) > 1
+        has_val = len(self.dataset.val) > 0
 
         session_t0, session_step0 = time.perf_counter(), s.step
         window_t0, window_tokens = session_t0, 0
