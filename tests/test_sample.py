@@ -405,7 +405,7 @@ def test_draws_follow_the_distribution():
     assert abs(Counter(s.text for s in hot.samples)["c"] / 20000 - 1 / 3) < 0.015  # flat, <eot>/<unk> still out
 
 
-@pytest.mark.parametrize("V", [5, 300, 1000, 6000])
+@pytest.mark.parametrize("V", [5, 300, 1000, pytest.param(6000, marks=pytest.mark.slow)])  # 6000: a 480 MB array
 def test_two_level_draw_follows_the_weights_and_never_picks_a_zero(V):
     """_draw over 20,000 rows: each symbol's share within 1.5 points of its weight; zero weights never, even a
     lone positive weight far below the others (1e-30) in a block of its own, and block edges."""
