@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from poetgen.checkpoint.torch_io import (
+    CHECKPOINT_VERSION,
     FORMAT_VERSION,
     find_checkpoint,
     load_checkpoint,
@@ -39,7 +40,7 @@ def test_minimal_round_trip_gives_identical_outputs(tmp_path, cell):
     loaded, ckpt = load_model(path)
     assert not loaded.training
     assert ckpt.vocab == VOCAB and ckpt.model_config == m.config
-    assert ckpt.format_version == FORMAT_VERSION and ckpt.poetgen_version
+    assert ckpt.format_version == CHECKPOINT_VERSION and ckpt.poetgen_version
     idx = torch.randint(0, len(VOCAB), (2, 7))
     torch.testing.assert_close(loaded(idx)[0], m(idx)[0], rtol=0, atol=0)
 

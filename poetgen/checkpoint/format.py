@@ -1,16 +1,21 @@
-"""Reading and checking a checkpoint file without torch: the part of poetgen.checkpoint.torch_io that `poetgen sample` needs
-on the CPU (``import torch`` alone takes seconds).
+"""Reading and checking a checkpoint file without torch: the part of poetgen.checkpoint.torch_io that `poetgen
+sample` needs on the CPU (``import torch`` alone takes seconds).
 
-poetgen.checkpoint.torch_io (saving, loading into torch) builds on these functions, so both readers refuse exactly the same
-files with the same CheckpointError messages:
+poetgen.checkpoint.torch_io (saving, loading into torch) builds on these functions, so both readers refuse exactly
+the same files with the same CheckpointError messages:
 
-    find_checkpoint(path_or_runs_dir) -> Path
+    find_checkpoint(path_or_runs_dir) -> Path    a file, a run directory, a runs directory, or a shipped model's name
+    default_checkpoint(runs_dir) -> (Path, note)  what sample and eval use without -c: the newest run, else the
+                                                 shipped model (poetgen.checkpoint.shipped) and a note saying so
     read_verified(path) -> (blob, metadata)     a complete poetgen safetensors file, before any tensor is decoded
     parse_checkpoint(path, tensors, meta, config_class) -> Parsed    every value a stranger may have written
-    read_model(path) -> ModelFile                the model's numpy weights, config and vocabulary (for poetgen.model.runtime)
+    read_model(path) -> ModelFile                the model's numpy weights, config and vocabulary (for the runtime)
+    dequantize(path, tensors, to_float32)        a compact model's int8 / fp16 weights as float32 (both readers)
     expected_shapes(config) -> {name: shape}     the state_dict shapes of CharRNN(config)
 
-Nothing is ever unpickled, so reading cannot run code. The file layout is described in poetgen.checkpoint.torch_io.
+Nothing is ever unpickled, so reading cannot run code. The file layout is described in poetgen.checkpoint.torch_io;
+format version 2 adds the compact model files of poetgen.checkpoint.compact (int8 weights with a ``scale/<name>``
+tensor each, fp16 weights), which both readers turn back into float32 on load.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +32,12 @@ from poetgen.errors import CheckpointError, PoetgenError
 from poetgen.data.vocab import Vocab
 
 FORMAT = "poetgen-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this poetgen reads
+# save_checkpoint still writes version 1: training checkpoints have not changed, so older poetgens keep reading
+# them. Compact model files are version 2, so that an older poetgen refuses them ("upgrade poetgen") instead of
+# taking int8 weights for floats.
+CHECKPOINT_VERSION = 1
+MODEL_VERSION = 2
 SUFFIX = ".ckpt"
 BEST = "best.ckpt"
 LAST = "last.ckpt"
@@ -50,33 +61,70 @@ def _newest_mtime(run_dir: Path) -> float:
     return max((p.stat().st_mtime for p in run_dir.glob(f"*{SUFFIX}")), default=0.0)
 
 
+def _runs(p: Path) -> list[Path]:
+    return [d for d in p.iterdir() if d.is_dir() and _run_checkpoint(d) is not None]
+
+
 def find_checkpoint(path_or_runs_dir: str | Path = "checkpoints") -> Path:
     """A file -> itself; a run dir -> its best.ckpt, else last.ckpt, else its newest step-*.ckpt; a runs dir ->
-    that rule applied to the run whose checkpoints were written most recently."""
+    that rule applied to the run whose checkpoints were written most recently; a bare name that is no existing
+    path (``tang``) -> the shipped model of that name (poetgen.checkpoint.shipped)."""
+    from poetgen.checkpoint import shipped
+
     p = Path(path_or_runs_dir)
     if p.is_file():
         return p
     if not p.exists():
+        name = str(path_or_runs_dir)
+        if shipped.is_model_name(name):
+            model = shipped.shipped_model(name)
+            if model is not None:
+                return model.path
+            names = shipped.shipped_names()
+            if names:
+                raise CheckpointError(f"checkpoint not found: {p} (nor a shipped model: {', '.join(names)})")
         raise CheckpointError(f"checkpoint not found: {p}")
     found = _run_checkpoint(p)
     if found is not None:
         return found
-    runs = [d for d in p.iterdir() if d.is_dir() and _run_checkpoint(d) is not None]
+    runs = _runs(p)
     if not runs:
         raise CheckpointError(f"no checkpoint in {p} (train one with `poetgen train`)")
     newest = max(runs, key=_newest_mtime)
     return _run_checkpoint(newest)  # type: ignore[return-value]
 
 
+def default_checkpoint(runs_dir: str | Path = "checkpoints") -> tuple[Path, str | None]:
+    """What `sample` and `eval` read when no checkpoint is named: ``find_checkpoint(runs_dir)`` when it holds a
+    run, else the shipped model ``tang`` with a note for stderr saying so (None when a run was found). With neither,
+    find_checkpoint's own error."""
+    from poetgen.checkpoint import shipped
+
+    p = Path(runs_dir)
+    if p.is_file() or (p.is_dir() and (_run_checkpoint(p) is not None or _runs(p))):
+        return find_checkpoint(p), None
+    model = shipped.shipped_model(shipped.DEFAULT_MODEL)
+    if model is None:
+        return find_checkpoint(p), None  # raises: not found / no checkpoint
+    about = model.card.get("summary")
+    note = (f"Using the shipped model {model.name}{f' ({about})' if isinstance(about, str) and about else ''}: "
+            f"there is no run in {p}. Train your own with `poetgen train`, or name a checkpoint with -c.")
+    return model.path, note
+
+
 # --- the file ---------------------------------------------------------------------------------------------------
 
 
 def read_verified(path: Path) -> tuple[bytes, dict]:
-    """Read the file and check it is a complete poetgen safetensors checkpoint, before any tensor is decoded."""
+    """Read the file and check it is a complete poetgen safetensors checkpoint, before any tensor is decoded (and,
+    for a model with a model card beside it, that its SHA-256 is the card's)."""
+    from poetgen.checkpoint.shipped import verify_card
+
     try:
         blob = path.read_bytes()
     except OSError as e:
         raise _unreadable(path, e) from None
+    verify_card(path, blob)
     return blob, _verify(path, blob, len(blob))
 
 
@@ -150,6 +198,88 @@ def decode_tensors(path: Path, blob: bytes, load: Callable[[bytes], dict]) -> di
         return load(blob)
     except Exception as e:  # safetensors raises its own error type; the file is damaged either way
         raise CheckpointError(f"{path} is damaged: {e}") from None
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, blob: bytes, *, fs: Any = os) -> Path:
+    """Write ``blob`` to ``path`` atomically: a temporary file in the same directory, fsync, ``os.replace``, fsync
+    of the directory; a crash at any moment leaves the previous file intact. ``fs``: the ``os`` module to use."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    try:
+        with fs.fdopen(fd, "wb") as f:
+            fs.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
+            f.write(blob)
+            f.flush()
+            fs.fsync(f.fileno())
+        fs.replace(tmp, path)
+    except BaseException as e:
+        try:
+            fs.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):  # a full disk, an I/O error: the user's problem to fix, not a crash
+            kept = f"; the previous {path.name} is intact" if path.exists() else ""
+            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
+        raise
+    # Make the rename itself durable (not possible on every platform, e.g. Windows).
+    try:
+        dfd = fs.open(path.parent, fs.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        fs.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        fs.close(dfd)
+    return path
+
+
+def _dtype(t: Any) -> str:
+    """"int8", "float16", ... for a numpy array or a torch tensor ("torch.int8")."""
+    return str(t.dtype).rsplit(".", 1)[-1]
+
+
+def dequantize(path: Path, tensors: dict[str, Any], to_float32: Callable[[Any], Any]) -> dict[str, Any]:
+    """The tensors with every model weight in float32: an int8 ``model/<name>`` (rows, columns) times its float32
+    ``scale/<name>`` (rows,), row by row (poetgen.checkpoint.compact's per-row symmetric quantization); a float16
+    one converted. The ``scale/`` tensors are dropped; anything else passes unchanged. ``to_float32`` converts one
+    array or tensor to a new float32 one (numpy and torch alike), which is then scaled in place."""
+    out = {k: t for k, t in tensors.items() if not k.startswith("scale/")}
+    for key, s in tensors.items():
+        if key.startswith("scale/"):
+            name = key[len("scale/") :]
+            q = tensors.get(f"model/{name}")
+            if q is None or _dtype(q) != "int8" or len(q.shape) != 2:
+                raise CheckpointError(f"{path} is damaged: it has a scale for {name}, which is no int8 matrix")
+            if _dtype(s) != "float32" or tuple(s.shape) != (q.shape[0],):
+                raise CheckpointError(f"{path} is damaged: the scale of {name} is not {q.shape[0]} float32 numbers")
+    for key, t in out.items():
+        if not key.startswith("model/"):
+            continue
+        kind = _dtype(t)
+        if kind == "int8":
+            scale = tensors.get(f"scale/{key[len('model/') :]}")
+            if scale is None:
+                raise CheckpointError(f"{path} is damaged: int8 weights {key[len('model/') :]} without their scale")
+            w = to_float32(t)
+            w *= scale[:, None]
+            out[key] = w
+        elif kind == "float16":
+            out[key] = to_float32(t)
+    return out
 
 
 # --- the contents -----------------------------------------------------------------------------------------------
@@ -297,28 +427,35 @@ class ModelFile:
     model_config: Any  # poetgen.model.config.ModelConfig
     vocab: Vocab
     weights: dict[str, Any]  # state_dict name -> float32 numpy array (tied names share one array)
+    format_version: int = CHECKPOINT_VERSION
+    data: dict = field(default_factory=dict)  # the file's JSON metadata (train_config, dataset_meta, card, ...)
 
 
 def read_model(path: str | Path) -> ModelFile:
     """The model of a checkpoint (or of a run directory's best one) as numpy arrays, checked exactly as
     poetgen.checkpoint.torch_io.load_checkpoint checks it. Only the model's tensors are read (not the optimizer's)."""
+    import numpy as np
     from safetensors import safe_open
 
     from poetgen.model.config import ModelConfig
 
+    from poetgen.checkpoint.shipped import verify_card
+
     path = find_checkpoint(path)
+    verify_card(path)
     meta = read_header(path)
     try:
         with safe_open(str(path), framework="numpy") as f:  # checks every header entry against the file
-            tensors = {k: f.get_tensor(k) if k.startswith("model/") else _Spec(tuple(f.get_slice(k).get_shape()),
-                                                                                f.get_slice(k).get_dtype())
+            tensors = {k: f.get_tensor(k) if k.startswith(("model/", "scale/"))
+                       else _Spec(tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
                        for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type; the file is damaged either way
         raise CheckpointError(f"{path} is damaged: {e}") from None
+    tensors = dequantize(path, tensors, lambda a: a.astype(np.float32))
     parsed = parse_checkpoint(path, tensors, meta, ModelConfig)
     if parsed.rng_state is not None and parsed.rng_state["torch"].dtype != "U8":
         raise CheckpointError(f"{path} is damaged: its saved torch RNG state is not one")
-    return ModelFile(path, parsed.model_config, parsed.vocab, parsed.model_state)
+    return ModelFile(path, parsed.model_config, parsed.vocab, parsed.model_state, parsed.format_version, parsed.data)
 
 
 @dataclass

@@ -12,11 +12,15 @@ Interface (stable; sample/eval rely on it)::
     load_model(path, device="cpu") -> (CharRNN in eval mode on device, Checkpoint)
     find_checkpoint(path_or_runs_dir="checkpoints") -> Path
         a file -> itself; a run dir -> its best.ckpt, else last.ckpt, else its newest step-*.ckpt;
-        a runs dir -> that rule applied to the run whose checkpoints were written most recently.
+        a runs dir -> that rule applied to the run whose checkpoints were written most recently;
+        a bare name that is no existing path (``tang``) -> that shipped model (poetgen.checkpoint.shipped).
+    default_checkpoint(runs_dir="checkpoints") -> (Path, note or None)   the newest run, else the shipped model
     restore_rng(checkpoint)      # put back the torch / CUDA / Python RNG states saved with it
     CheckpointError (poetgen.errors) for a missing, truncated, foreign, pickled or newer-format file.
 
-``load_checkpoint`` and ``load_model`` accept a run directory too (resolved with ``find_checkpoint``).
+``load_checkpoint`` and ``load_model`` accept a run directory too (resolved with ``find_checkpoint``), and a compact
+model file (poetgen.checkpoint.compact): its int8 / fp16 weights come back as float32, with no optimizer, scheduler
+or RNG state, so it serves sampling, eval and ``--init-from`` (a fresh optimizer) but not ``--resume``.
 
 File layout: the safetensors tensors are ``model/<name>`` (weights; a tied matrix is stored once, its alias
 recorded), ``optim/<param index>/<key>`` (optimizer state tensors), ``rng/torch`` and ``rng/cuda/<i>`` (uint8 RNG
@@ -34,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,12 +48,16 @@ from torch import nn
 from poetgen import __version__
 from poetgen.checkpoint.format import (  # noqa: F401  (the torch-free half; re-exported names are this API's)
     BEST,
+    CHECKPOINT_VERSION,
     FORMAT,
     FORMAT_VERSION,
     LAST,
     STEP_GLOB,
     SUFFIX,
+    atomic_write,
     decode_tensors,
+    default_checkpoint,
+    dequantize,
     expected_shapes,
     find_checkpoint,
     parse_checkpoint,
@@ -147,7 +154,7 @@ def save_checkpoint(
         data_json = json.dumps(data, ensure_ascii=False, allow_nan=True)
     except TypeError as e:
         raise CheckpointError(f"checkpoint data must be plain JSON values: {e}") from None
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "data": data_json}
+    metadata = {"format": FORMAT, "format_version": str(CHECKPOINT_VERSION), "data": data_json}
 
     from safetensors.torch import save as st_save
 
@@ -159,46 +166,9 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path: Path, blob: bytes) -> Path:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):  # a full disk, an I/O error: the user's problem to fix, not a crash
-            kept = f"; the previous {path.name} is intact" if path.exists() else ""
-            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
-        raise
-    # Make the rename itself durable (not possible on every platform, e.g. Windows).
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-    return path
+    # Through this module's ``os``: benchmarks/slow_writes.py swaps it for one that writes slowly (crash trials).
+    return atomic_write(path, blob, fs=os)
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -212,7 +182,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     blob, meta = read_verified(path)
     from safetensors.torch import load as st_load
 
-    p = parse_checkpoint(path, decode_tensors(path, blob, st_load), meta, ModelConfig)
+    tensors = dequantize(path, decode_tensors(path, blob, st_load), lambda t: t.float())
+    p = parse_checkpoint(path, tensors, meta, ModelConfig)
     if p.rng_state is not None:
         t = p.rng_state["torch"]
         if t.dtype != torch.uint8 or t.shape != torch.get_rng_state().shape:
