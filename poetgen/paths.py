@@ -8,6 +8,7 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_CORPUS_NAME = "poems.jsonl"
 ENV_CACHE = "POETGEN_CACHE_DIR"
+RUNS_DIR = Path("checkpoints")  # where `train` creates runs and `sample` / `eval` look for the newest, by default
 
 
 def cache_dir() -> Path:
@@ -24,7 +25,3 @@ def bundled_corpus() -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def default_runs_dir() -> Path:
-    return Path("checkpoints")

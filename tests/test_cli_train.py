@@ -199,7 +199,7 @@ def test_terminal_progress_rendering():
 
     from rich.console import Console
 
-    from poetgen.cli.app import _TrainRenderer
+    from poetgen.cli.train import _TrainRenderer
     from poetgen.training.loop import Plan
 
     buf = io.StringIO()

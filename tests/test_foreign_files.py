@@ -279,7 +279,7 @@ def test_a_tiny_file_claiming_a_billion_layers_is_refused_without_listing_them(t
     from safetensors.numpy import save
 
     from poetgen.checkpoint import format as checkpoint_file
-    from poetgen.model.runtime import load_runtime
+    from poetgen.generation.engines import load_runtime
     from poetgen.data.vocab import Vocab
 
     vocab, layers = Vocab(["<eot>", "<unk>", "a", "b"]), 10**9

@@ -17,7 +17,9 @@ import torch
 from poetgen.model import config as model_config
 from poetgen.checkpoint.torch_io import load_checkpoint, save_checkpoint
 from poetgen.errors import CheckpointError, ConfigError
-from poetgen.model.runtime import Runtime, ThreadTuner, blas_threads, load_runtime
+from poetgen.generation.engines import load_runtime
+from poetgen.generation.threads import ThreadTuner, blas_threads
+from poetgen.model.runtime import Runtime
 from poetgen.model.rnn import CharRNN, ModelConfig
 from poetgen.poetry.forms import check_poem
 from poetgen.data.vocab import Vocab
@@ -247,7 +249,7 @@ def test_torch_free_model_config_accepts_and_refuses(i):
 
 
 def test_blas_threads_are_restored():
-    from poetgen.model.runtime import _openblas
+    from poetgen.generation.threads import _openblas
 
     found = _openblas()
     if found is None:
@@ -325,7 +327,7 @@ def test_thread_tuner_with_one_choice_never_switches(monkeypatch):
 
 
 def test_thread_tuner_restores_the_blas_threads(monkeypatch):
-    from poetgen.model.runtime import _openblas
+    from poetgen.generation.threads import _openblas
 
     found = _openblas()
     if found is None:
@@ -355,7 +357,7 @@ def test_sample_process_on_cpu_never_imports_torch(saved, tmp_path):
         " file=sys.stderr)\n"
     )
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    from poetgen.model.runtime import torch_gpu_build
+    from poetgen.generation.engines import torch_gpu_build
 
     for device in ("cpu",) if torch_gpu_build() else ("cpu", "auto"):
         r = subprocess.run([sys.executable, "-c", script, device], capture_output=True, text=True, env=env,

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poetgen.errors import SampleError
+from poetgen.generation.constraints import FormConstraint
 from poetgen.poetry.forms import (
     FORMS,
-    FormConstraint,
     check_poem,
     detect_form,
     is_han,

@@ -15,7 +15,7 @@ How one call runs (``generate``):
    state; the prefix is never re-run. A row that draws <eot> is finished and dropped from the batch, so the others
    run on a smaller batch.
 
-The model behind the steps (an *engine*) is either poetgen.model.runtime's numpy Runtime (the CPU: a CharRNN on the CPU
+The model behind the steps (an *engine*, poetgen.generation.engines) is either the numpy Runtime (the CPU: a CharRNN on the CPU
 is converted to one) or a torch module on its device (CUDA, MPS, or any module with ``forward(idx, hidden)``),
 whose scores are copied to numpy each step. Decoding is the same numpy code for both.
 
@@ -32,13 +32,16 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from poetgen.errors import SampleError
-from poetgen.poetry.forms import ConstraintState, FormConstraint, is_han
 from poetgen.data.vocab import EOT_ID, Vocab, format_symbols
+from poetgen.errors import SampleError
+from poetgen.generation.constraints import BatchConstraint, ConstraintState, FormConstraint
+from poetgen.generation.engines import engine_for
+from poetgen.generation.threads import ThreadTuner
+from poetgen.poetry.forms import is_han
 
 DEFAULT_LENGTH = 500
 MAX_CELLS = 2**28  # symbols in one call (12 bytes each in the output buffers: 3.2 GB)
@@ -108,7 +111,17 @@ class SampleResult:
     notes: list[str] = field(default_factory=list)  # e.g. "converted the prime to traditional: ..."
     seconds: float = 0.0  # generation time, prefix included
     steps: int = 0  # forward steps after the prefix
-    threads: int = 1  # numpy's BLAS threads at the end of the call (see poetgen.model.runtime.ThreadTuner)
+    threads: int = 1  # numpy's BLAS threads at the end of the call (see poetgen.generation.threads.ThreadTuner)
+
+    def records(self, checkpoint: str | None = None) -> list[dict]:
+        """One JSON-ready record per sample (what `poetgen sample --json` prints, a line each): the prime, the text,
+        the settings (and the checkpoint) shared by all, the seed, the mean log-probability, tokens, ended."""
+        settings = {k: v for k, v in self.options.items() if k != "seed"}
+        if checkpoint is not None:
+            settings["checkpoint"] = checkpoint
+        return [{"prime": s.prime, "text": s.text, "settings": settings, "seed": self.seed,
+                 "mean_logprob": round(s.mean_logprob, 6), "tokens": s.tokens, "ended": s.ended}
+                for s in self.samples]
 
 
 # --- scripts ----------------------------------------------------------------------------------------------------
@@ -166,137 +179,7 @@ def to_model_script(vocab: Vocab, text: str, what: str, script: str | None, note
     return text
 
 
-# --- engines ----------------------------------------------------------------------------------------------------
-
-
-class Engine(Protocol):
-    """What decoding needs from a model (poetgen.model.runtime.Runtime has exactly this)."""
-
-    def prefix(self, prefixes: list[list[int]]) -> np.ndarray:
-        """Start one row per prefix: -> scores (U, V) after each whole prefix."""
-
-    def select(self, index: np.ndarray) -> None:
-        """Keep the rows ``index`` (K,) of the state, in that order (rows may repeat)."""
-
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """tokens (B,) -> scores (B, V) (float32; the caller may change them in place)."""
-
-
-class TorchEngine:
-    """A torch module with ``forward(idx (B, T), hidden) -> (scores (B, T, V), hidden)`` on its own device, behind the
-    Engine interface. Call inside ``torch.inference_mode()`` with the module in eval mode."""
-
-    def __init__(self, model: Any):
-        import torch
-
-        self.torch, self.model = torch, model
-        self.device = next(model.parameters()).device
-        self.hidden: Any = None
-
-    def _scores(self, logits: Any) -> np.ndarray:
-        return logits.float().cpu().numpy()
-
-    def prefix(self, prefixes: list[list[int]]) -> np.ndarray:
-        """Each distinct prefix length is one batched call."""
-        torch = self.torch
-        by_length: dict[int, list[int]] = {}
-        for u, ids in enumerate(prefixes):
-            by_length.setdefault(len(ids), []).append(u)
-        order: list[int] = []
-        logits_parts, hidden_parts = [], []
-        for _, members in sorted(by_length.items()):
-            idx = torch.tensor([prefixes[u] for u in members], dtype=torch.long, device=self.device)  # (G, T)
-            logits, hidden = self.model(idx)  # (G, T, V)
-            logits_parts.append(logits[:, -1])
-            hidden_parts.append(hidden)
-            order.extend(members)
-        if isinstance(hidden_parts[0], tuple):
-            self.hidden = tuple(torch.cat([h[i] for h in hidden_parts], dim=1) for i in range(len(hidden_parts[0])))
-        else:
-            self.hidden = torch.cat(hidden_parts, dim=1)
-        inverse = np.empty(len(order), dtype=np.intp)
-        inverse[np.array(order)] = np.arange(len(order))
-        self.select(inverse)
-        return self._scores(torch.cat(logits_parts))[inverse]
-
-    def select(self, index: np.ndarray) -> None:
-        from poetgen.model.rnn import select_hidden
-
-        self.hidden = select_hidden(self.hidden, self.torch.as_tensor(np.asarray(index, dtype=np.int64),
-                                                                      device=self.device))
-
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        idx = self.torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)[:, None]  # (B, 1)
-        logits, self.hidden = self.model(idx, self.hidden)  # (B, 1, V)
-        return self._scores(logits[:, -1])
-
-
-def _engine_for(model: Any) -> tuple[Any, Callable[[], Any]]:
-    """-> (engine, a context manager factory to run decoding in). A CharRNN on the CPU becomes a numpy Runtime."""
-    from contextlib import nullcontext
-
-    if hasattr(model, "step") and hasattr(model, "prefix") and hasattr(model, "select"):
-        return model, nullcontext
-    import torch
-
-    from poetgen.model.rnn import CharRNN
-
-    raw = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
-    if isinstance(raw, CharRNN) and next(raw.parameters()).device.type == "cpu":
-        from poetgen.model.runtime import Runtime
-
-        return Runtime.from_state(raw.config, raw.state_dict()), nullcontext
-
-    class _EvalMode:
-        """Dropout would draw from the global RNG: no longer the seed alone would decide the output."""
-
-        def __enter__(self):
-            self.was_training, self.mode = model.training, torch.inference_mode()
-            model.eval()
-            self.mode.__enter__()
-
-        def __exit__(self, *exc):
-            self.mode.__exit__(*exc)
-            model.train(self.was_training)
-
-    return TorchEngine(model), _EvalMode
-
-
 # --- decoding ---------------------------------------------------------------------------------------------------
-
-
-class _Constraint:
-    """FormConstraint's masks stepped for a whole batch at once (numpy arrays, rows = active samples)."""
-
-    def __init__(self, c: FormConstraint, states: list[ConstraintState]):
-        self.table = c.table  # (P + 2, V) bool
-        self.rhyme_pos = c.rhyme_pos  # (P + 2,) bool
-        self.char_groups = c.char_groups  # (V,) int64 bit sets
-        self.rhyme = c.rhyme
-        self.last = c.length + 1
-        self.pos = np.array([s.pos for s in states], dtype=np.intp)  # (B,)
-        self.groups = np.array([s.groups for s in states], dtype=np.int64)  # (B,)
-        self.at_rhyme: np.ndarray | None = None
-
-    def allowed(self) -> np.ndarray:
-        allowed = self.table[self.pos]  # (B, V)
-        self.at_rhyme = None
-        if self.rhyme:
-            at = self.rhyme_pos[self.pos]  # (B,)
-            if at.any():
-                rhyming = allowed & ((self.char_groups[None, :] & self.groups[:, None]) != 0)  # (B, V)
-                at = at & rhyming.any(1)  # an empty rhyme mask falls back to the plain one
-                allowed = np.where(at[:, None], rhyming, allowed)
-                self.at_rhyme = at
-        return allowed
-
-    def advance(self, token: np.ndarray) -> None:
-        if self.at_rhyme is not None:
-            self.groups = np.where(self.at_rhyme, self.groups & self.char_groups[token], self.groups)
-        self.pos = np.minimum(self.pos + 1, self.last)
-
-    def keep(self, index: np.ndarray) -> None:
-        self.pos, self.groups = self.pos[index], self.groups[index]
 
 
 def _penalizable(vocab: Vocab) -> np.ndarray:
@@ -400,7 +283,7 @@ def generate(
     torch module with ``forward(idx, hidden) -> (scores, hidden)`` (run on its device in eval mode, then put back
     in the mode it was in). ``on_text`` receives the first sample as it is written: its prime, then each new
     character (converted to the output script one character at a time). ``threads``: numpy's BLAS threads for the
-    call; None (the default) lets poetgen.model.runtime.ThreadTuner pick between one and more by timing the steps, since
+    call; None (the default) lets poetgen.generation.threads.ThreadTuner pick between one and more by timing the steps, since
     which is faster depends on the batch and on what else the machine is doing.
     """
     o = options or SampleOptions()
@@ -436,11 +319,9 @@ def generate(
         raise SampleError(f"{rows:,} sample(s) of up to {max_new:,} symbols are too many to hold at once (at most "
                           f"{MAX_CELLS:,} symbols in all); lower --length or --num-samples")
 
-    engine, context = _engine_for(model)
+    engine, context = engine_for(model)
     if hasattr(engine, "use_table") and rows * max_new >= len(vocab):
         engine.use_table()  # a gather instead of layer 0's input matmul; its build pays off from ~V row-steps
-    from poetgen.model.runtime import ThreadTuner
-
     tuner = ThreadTuner(choices=None if threads is None else (threads,))
     with context(), tuner:
         return _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text,
@@ -465,7 +346,7 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
 
     batch_constraint = None
     if constraint is not None:
-        batch_constraint = _Constraint(constraint, [s for s in starts for _ in range(n)])
+        batch_constraint = BatchConstraint(constraint, [s for s in starts for _ in range(n)])
     penalize = o.repetition_penalty != 1.0
     if penalize:
         log_penalty = np.float32(np.log(o.repetition_penalty))

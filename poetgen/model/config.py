@@ -10,12 +10,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from poetgen.training.config import check_type
 from poetgen.errors import ConfigError
 
 CELLS = ("rnn", "lstm", "gru")
 
-HEADS = ("full", "adaptive")
+HEADS = ("full", "adaptive")  # what a model has
+HEAD_CHOICES = (*HEADS, "auto")  # what a user may ask for: auto resolves by vocabulary size (AUTO_HEAD_MIN_VOCAB)
 # head = "auto" picks the adaptive softmax from this vocabulary size on (see auto_cutoffs, benchmarks/bench_adaptive.py).
 AUTO_HEAD_MIN_VOCAB = 4096
 
@@ -33,6 +33,19 @@ def auto_cutoffs(vocab_size: int) -> tuple[int, ...]:
     if 4 * shortlist < vocab_size - shortlist // 2:  # a last cluster big enough to be worth its own projection
         cutoffs.append(4 * shortlist)
     return tuple(cutoffs)
+
+
+def check_type(name: str, value: object, type_name: object) -> None:
+    """Refuse a value of the wrong type. ``type_name`` is a dataclass annotation string: int, float, str, bool or
+    tuple[int, ...] (a list or tuple of ints: the adaptive head's cutoffs)."""
+    if str(type_name) == "tuple[int, ...]":
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise ConfigError(f"{name} must be a list of integers, got {type(value).__name__} {value!r}")
+        return
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(type_name)]
+    # bool is an int subclass: True must not pass as a layer count, nor 1 as a flag.
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+        raise ConfigError(f"{name} must be {type_name}, got {type(value).__name__} {value!r}")
 
 
 @dataclass
@@ -70,7 +83,7 @@ class ModelConfig:
 
     def _check_head(self) -> None:
         """Resolve head = auto and empty cutoffs to concrete values (what a checkpoint records), then check."""
-        if self.head not in (*HEADS, "auto"):
+        if self.head not in HEAD_CHOICES:
             raise ConfigError(f"head must be full, adaptive or auto, got {self.head!r}")
         if self.head == "auto":
             self.head = "adaptive" if self.cutoffs or self.vocab_size >= AUTO_HEAD_MIN_VOCAB else "full"

@@ -28,15 +28,9 @@ samples), and reports nothing but arrays: the decoding itself lives in poetgen.g
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import glob
-import os
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +40,20 @@ F32 = np.float32
 # The layer-0 lookup table costs V x E x G multiply-adds to build and V x G floats to hold; it pays off once the
 # call runs more row-steps than the vocabulary has symbols (see ``Runtime.use_table``), and never past this size.
 MAX_TABLE_BYTES = 256 * 2**20
+
+
+def length_groups(prefixes: list[list[int]]) -> tuple[list[list[int]], np.ndarray]:
+    """Rows of equal prefix length, to run as one batch each: -> (groups of row indexes, shortest first;
+    ``inverse`` (U,) such that ``np.concatenate(per-group results)[inverse]`` is in the order given). Shared by the
+    numpy Runtime and generation's TorchEngine."""
+    by_length: dict[int, list[int]] = {}
+    for u, ids in enumerate(prefixes):
+        by_length.setdefault(len(ids), []).append(u)
+    groups = [members for _, members in sorted(by_length.items())]
+    order = np.array([u for members in groups for u in members], dtype=np.intp)
+    inverse = np.empty(len(order), dtype=np.intp)
+    inverse[order] = np.arange(len(order))
+    return groups, inverse
 
 
 @dataclass
@@ -59,7 +67,7 @@ class _Layer:
 class Runtime:
     """A CharRNN's forward pass in numpy float32, with the recurrent state of B rows carried between calls.
 
-    Build it with ``load_runtime(checkpoint)`` or ``Runtime.from_state(config, state_dict)``. Then::
+    Build it with ``poetgen.generation.engines.load_runtime(checkpoint)`` or ``Runtime.from_state(config, state_dict)``. Then::
 
         scores = rt.prefix([[0, 5, 9], [0, 7]])   # (2, V): state now holds 2 rows, each after its whole prefix
         rt.select(np.array([0, 0, 1]))            # rows 0, 0, 1 (repeat, reorder or drop rows)
@@ -217,22 +225,16 @@ class Runtime:
         the order given."""
         if not prefixes or any(len(p) == 0 for p in prefixes):
             raise ValueError("every prefix needs at least one id")
-        by_length: dict[int, list[int]] = {}
-        for u, ids in enumerate(prefixes):
-            by_length.setdefault(len(ids), []).append(u)
-        order: list[int] = []
+        groups, inverse = length_groups(prefixes)
         parts: list[tuple[list[np.ndarray], list[np.ndarray | None], np.ndarray]] = []
-        for _, members in sorted(by_length.items()):
+        for members in groups:
             scores = self.feed(np.array([prefixes[u] for u in members], dtype=np.intp), fresh=True)
             parts.append(([lay.X for lay in self.layers], [lay.c for lay in self.layers], scores.copy()))
-            order.extend(members)
-        inverse = np.empty(len(order), dtype=np.intp)
-        inverse[np.array(order)] = np.arange(len(order))
         for i, layer in enumerate(self.layers):
             layer.X = np.concatenate([p[0][i] for p in parts])[inverse]
             if layer.c is not None:
                 layer.c = np.concatenate([p[1][i] for p in parts])[inverse]  # type: ignore[misc]
-        self._buffers(len(order))
+        self._buffers(len(inverse))
         return np.concatenate([p[2] for p in parts])[inverse]
 
     def feed(self, ids: np.ndarray, fresh: bool = False) -> np.ndarray:
@@ -352,171 +354,3 @@ def _adaptive_head(config: Any, state: dict[str, np.ndarray]):
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
-
-
-def load_runtime(path: str | Path) -> Runtime:
-    """A checkpoint (or a run directory's best one) as a Runtime, with ``vocab``, ``config`` and ``path`` set.
-
-    Validated as ``poetgen.checkpoint.torch_io.load_checkpoint`` does (the same checks, no torch); only the model's tensors
-    are decoded."""
-    from poetgen.checkpoint.format import read_model
-
-    ckpt = read_model(path)
-    return Runtime(ckpt.model_config, ckpt.weights, ckpt.vocab, ckpt.path)
-
-
-# --- engines and threads --------------------------------------------------------------------------------------
-
-
-def torch_gpu_build() -> bool:
-    """True when the installed torch is a CUDA (or ROCm) build, found without importing it (seconds)."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("torch")
-    except (ImportError, ValueError):
-        return False
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    for root in spec.submodule_search_locations:
-        lib = Path(root) / "lib"
-        if any(lib.glob("libtorch_cuda*")) or any(lib.glob("torch_cuda*")) or any(lib.glob("libtorch_hip*")):
-            return True
-    return False
-
-
-@functools.lru_cache(maxsize=1)
-def _openblas() -> tuple[Any, Any] | None:
-    """(set_num_threads, get_num_threads) of the OpenBLAS numpy uses, or None (another BLAS, or not found)."""
-    base = Path(np.__file__).parent
-    candidates = [*glob.glob(str(base.parent / "numpy.libs" / "*openblas*")),
-                  *glob.glob(str(base / ".dylibs" / "*openblas*"))]
-    for path in candidates:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for setter, getter in (("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
-                               ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
-                               ("openblas_set_num_threads", "openblas_get_num_threads")):
-            if hasattr(lib, setter) and hasattr(lib, getter):
-                fs, fg = getattr(lib, setter), getattr(lib, getter)
-                fs.argtypes, fs.restype, fg.restype = [ctypes.c_int], None, ctypes.c_int
-                return fs, fg
-    return None
-
-
-@contextmanager
-def blas_threads(n: int | None) -> Iterator[None]:
-    """Run numpy's matrix products on ``n`` threads inside the block (None: leave them as they are).
-
-    Fixed counts are for callers that know; sampling picks its count with ``ThreadTuner``. Where the BLAS is not
-    OpenBLAS this does nothing (OMP_NUM_THREADS still applies)."""
-    found = _openblas() if n is not None else None
-    if found is None:
-        yield
-        return
-    set_threads, get_threads = found
-    before = get_threads()
-    set_threads(int(n))  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        set_threads(before)
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-class ThreadTuner:
-    """Picks numpy's BLAS thread count for a loop of like steps by timing the steps themselves.
-
-    Whether more threads help depends on what else the machine is doing, not only on the sizes: a 64-row step of an
-    LSTM 256x2 ran 1.6x faster on 2 OpenBLAS threads than on one with the cores idle, and 2.1x slower beside one
-    busy process (OpenBLAS's threads spin while they wait, and a step stalls whenever one of them loses its core;
-    measured 2026-11-29). Even one stream can gain: with 6,000 symbols its output layer is a product big enough to
-    share (1.36x on 2 idle cores).
-
-    So one thread runs first, and now and then the other count is tried for ``trial`` steps (the first step after a
-    switch is not counted: threads wake up). It takes over if its mean time per row is lower by 5%; a trial is
-    cut short at its first step 3x slower than the current count (a stall: contention), and every lost trial
-    doubles the wait before the next (from ``every`` steps up to 64x that), so a busy machine pays for a few
-    stalled steps per call at most. While running, the current count's time is followed (a moving average); if
-    it grows past 1.5x what the other count last measured, the other is tried at once. Use::
-
-        with ThreadTuner() as tuner:
-            for ...:
-                tuner.tick(rows)   # before each step; rows: the batch this step runs
-    """
-
-    def __init__(self, choices: tuple[int, ...] | None = None, trial: int = 4, every: int = 32):
-        if choices is None:
-            choices = (1, min(usable_cores(), 4)) if _openblas() is not None and usable_cores() > 1 else (1,)
-        self.choices = tuple(dict.fromkeys(choices))
-        self.trial, self.every = trial, every
-        self.current = self.incumbent = self.choices[0]
-        self.measured: dict[int, float] = {}  # seconds per row: a moving average for the incumbent, the last trial
-        self.trying: list[float] | None = None  # per-row times of the running trial
-        self.wait = every
-        self.countdown = trial  # steps before the first trial: the incumbent's own estimate first
-        self.last: tuple[float, int] | None = None  # (time, rows) at the previous tick
-        self.skip = True  # the step after a switch is not counted
-        self.switches = 0  # thread count changes (for tests and reports)
-        self._blas = blas_threads(self.current)
-
-    def __enter__(self) -> ThreadTuner:
-        self._blas.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._blas.__exit__(*exc)
-
-    def _set(self, n: int) -> None:
-        if n != self.current:
-            self.current, self.skip = n, True
-            self.switches += 1
-            found = _openblas()
-            if found is not None:
-                found[0](n)
-
-    def _other(self) -> int:
-        return next(c for c in self.choices if c != self.incumbent)
-
-    def tick(self, rows: int) -> None:
-        """Call before each step with the rows it runs."""
-        now = time.perf_counter()
-        last, self.last = self.last, (now, rows)
-        if len(self.choices) == 1 or last is None:
-            return
-        per_row = (now - last[0]) / max(last[1], 1)
-        counted, self.skip = not self.skip, False
-        if self.trying is not None:  # a trial of the other count is running
-            if not counted:
-                return
-            self.trying.append(per_row)
-            base = self.measured.get(self.incumbent, float("inf"))
-            if per_row > 3 * base or len(self.trying) >= self.trial:
-                mean = sum(self.trying) / len(self.trying)
-                self.measured[self.current] = mean
-                self.trying = None
-                if mean < 0.95 * base:
-                    self.incumbent, self.wait = self.current, self.every
-                else:
-                    self.wait = min(2 * self.wait, 64 * self.every)
-                    self._set(self.incumbent)
-                self.countdown = self.wait
-            return
-        if counted:
-            old = self.measured.get(self.incumbent)
-            self.measured[self.incumbent] = per_row if old is None else 0.8 * old + 0.2 * per_row
-        self.countdown -= 1
-        other = self._other()
-        slower = self.measured.get(self.incumbent, 0.0) > 1.5 * self.measured.get(other, float("inf"))
-        if self.countdown <= 0 or slower:
-            self.trying = []
-            self._set(other)

@@ -6,27 +6,9 @@ config file), then the TOML config file, then command-line flags. Unknown keys a
 With no preset named anywhere, ``auto`` applies, by the --max-time budget: ``quick`` under QUICK_BELOW seconds,
 ``short`` under SHORT_BELOW, else (and with no time budget) ``small``; on a training split under AUTO_MIN_TOKENS
 characters always ``small``. The seconds are the reference machine's: the budget is first scaled by this machine's
-measured speed against it (poetgen.training.loop.machine_speed; the CLI passes it to resolve_config). All were found by
-measurement on a 2-core CPU (Tiny Shakespeare, exact validation loss; the runs are in benchmarks/RESULTS.md,
-"training recipe search"): the shorter the budget, the narrower the LSTM that
-wins, because the wider ones learn more per character but cannot see enough characters in time. At 85 s the 2x128
-`quick` model reached 1.708 nats/char against 1.726 for 2x256; at 130 s 2x256 (`short`) reached 1.641 against 1.659
-for `quick` (which saturates); at 280 s `short` 1.529, `quick` 1.662 and 2x384 (`small`) 1.589; at 420 s `short` 1.494
-and `small` 1.496; at ten minutes `small` 1.465. All decay the learning rate to zero by the end of the budget (cosine), which gains
-~0.01-0.02 nats over a floor.
-
-Presets (parameter counts for a 65-symbol English corpus / an 8,800-symbol Tang corpus, adaptive head):
-
-    ========  =====  ======  =====  =====  =======  =====  =======  ======  =============
-    preset    cell   layers  hidden embed  dropout  batch  seq_len  lr     parameters
-    ========  =====  ======  =====  =====  =======  =====  =======  ======  =============
-    tiny      lstm   1       128    64     0.0      32     64       3e-3   0.1 M / 0.9 M
-    quick     lstm   2       128    64     0.0      50     50       2e-2   0.2 M / 1.1 M
-    short     lstm   2       256    64     0.0      32     64       1.5e-2 0.9 M / 2.0 M
-    small     lstm   2       384    64     0.1      64     64       1e-2   1.9 M / 3.3 M
-    medium    lstm   2       512    256    0.2      64     128      1.5e-3 3.7 M / 7.1 M
-    large     lstm   3       1024   512    0.3      64     256      1e-3   23 M / 30 M
-    ========  =====  ======  =====  =====  =======  =====  =======  ======  =============
+measured speed against it (poetgen.training.loop.machine_speed). The presets and thresholds were found by measurement
+(benchmarks/RESULTS.md, "training recipe search"; the README's table): the shorter the budget, the narrower the LSTM
+that wins. ``PRESETS`` below is the one definition; the CLI's help text is made from it (``describe_preset``).
 
 A config file is flat TOML whose keys are the field names below (``batch_size`` or ``batch-size``)::
 
@@ -46,8 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from poetgen.errors import ConfigError
+from poetgen.model.config import HEAD_CHOICES, check_type
 
-DEVICES_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 PRECISIONS = ("auto", "fp32", "bf16")
 # The budget when neither max_steps, max_epochs nor max_time is set: 10 epochs, but at least 500 steps (a small
 # corpus such as the bundled one has only a few batches per epoch).
@@ -63,20 +45,6 @@ MODEL_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "tie_weights", "
 # Changing these on --resume would change what a step means (data position, shapes): refused.
 FIXED_ON_RESUME = ("cell", "layers", "hidden", "embed", "tie_weights", "head", "cutoffs", "div_value", "batch_size",
                    "seq_len")
-HEADS = ("full", "adaptive", "auto")  # output layer; poetgen.model.rnn resolves auto and empty cutoffs for a vocabulary
-
-
-def check_type(name: str, value: object, type_name: object) -> None:
-    """Refuse a value of the wrong type. ``type_name`` is a dataclass annotation string: int, float, str, bool or
-    tuple[int, ...] (a list or tuple of ints: the adaptive head's cutoffs)."""
-    if str(type_name) == "tuple[int, ...]":
-        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-            raise ConfigError(f"{name} must be a list of integers, got {type(value).__name__} {value!r}")
-        return
-    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}[str(type_name)]
-    # bool is an int subclass: True must not pass as a layer count, nor 1 as a flag.
-    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
-        raise ConfigError(f"{name} must be {type_name}, got {type(value).__name__} {value!r}")
 
 
 @dataclass
@@ -158,8 +126,8 @@ class TrainConfig:
 
     def _check_head(self) -> None:
         """What can be checked without the vocabulary; the model config checks the cutoffs against its size."""
-        if self.head not in HEADS:
-            raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.head not in HEAD_CHOICES:
+            raise ConfigError(f"head must be one of {', '.join(HEAD_CHOICES)}, got {self.head!r}")
         c = self.cutoffs
         if c and (c[0] < 1 or any(b <= a for a, b in zip(c, c[1:]))):
             raise ConfigError(f"cutoffs must be rising positive integers (the shortlist size, then the start of each "
@@ -195,6 +163,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": dict(layers=3, hidden=1024, embed=512, dropout=0.3, seq_len=256, lr=1e-3, warmup_steps=500,
                   eval_every=1000),
 }
+
+
+
+def describe_preset(name: str) -> str:
+    """A preset in a few words, from PRESETS itself: ``2×256, embed 64, batch 32×64, lr 0.015`` (what the CLI's help
+    shows, so help and presets cannot drift apart)."""
+    c = TrainConfig(**PRESETS[name])
+    return (f"{c.cell.upper() if c.cell != 'lstm' else 'LSTM'} {c.layers}×{c.hidden}, embed {c.embed}, "
+            f"batch {c.batch_size}×{c.seq_len}, lr {c.lr:g}, dropout {c.dropout:g}")
+
+
+def preset_help() -> str:
+    """The help text of ``--preset``: auto's rule with its thresholds, then every preset described."""
+    auto = (f"auto (the default: by --max-time in the reference machine's seconds, scaled by a one-second speed "
+            f"probe: quick under {QUICK_BELOW:g} s, short under {SHORT_BELOW / 60:g} min, else small; small for a "
+            f"corpus under {AUTO_MIN_TOKENS:,} characters)")
+    return " | ".join([auto, *(f"{n} ({describe_preset(n)})" for n in PRESETS)]) + "."
 
 
 def normalise_keys(d: dict, where: str) -> dict[str, Any]:

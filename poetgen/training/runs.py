@@ -30,6 +30,7 @@ from poetgen.checkpoint.torch_io import BEST, LAST, Checkpoint, find_checkpoint,
 from poetgen.training.config import FIXED_ON_RESUME, MODEL_FIELDS, TrainConfig, normalise_keys, resolve_config, with_overrides
 from poetgen.data.dataset import Dataset, load_dataset
 from poetgen.errors import CheckpointError, ConfigError, TrainingError
+from poetgen.paths import RUNS_DIR
 
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
@@ -202,7 +203,7 @@ def setup_run(
     overrides: dict[str, Any] | None = None,
     resume: str | None = None,
     init_from: str | None = None,
-    runs_dir: str | Path = "checkpoints",
+    runs_dir: str | Path = RUNS_DIR,
     name: str | None = None,
     on_progress: Callable[[dict], None] | None = None,
     speed: Callable[[dict[str, Any]], float] | None = None,

@@ -1,0 +1,126 @@
+"""Everything `poetgen eval` measures, as one call: the cross-entropy of each model (poetgen.evaluation.scoring), and
+the poem metrics (poetgen.evaluation.poems) of poems each model writes and of a file of poems, with the copy rate
+against the training split of the model's own dataset (its index built once per dataset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from poetgen.errors import DatasetError
+
+# What the poem metrics' tones and rhymes are measured by, said wherever they are shown.
+TONE_NOTE = ("tones and rhymes are the modern-Mandarin approximation (pypinyin readings, tones 1-2 level, "
+             "中华新韵 groups), not the Tang-era 平水韵")
+
+
+@dataclass
+class EvalRequest:
+    checkpoints: Sequence[str] = ()  # files or run directories
+    data: Sequence[str] | None = None  # text to score instead of each checkpoint's validation split
+    split: str = "val"
+    streams: int = 32
+    warmup: int = 1000
+    encoding: str | None = None
+    doc_sep: str = "file"
+    text_fields: Sequence[str] | None = None
+    loss: bool = True  # score the models (False: only poem metrics)
+    poems: Path | None = None  # a JSONL file of poems to measure
+    samples: int = 0  # poems to generate per model and measure
+    form: str | None = None
+    rhyme: bool = False
+    prime: str | None = None
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    device: str = "auto"
+    threads: int | None = None
+
+
+@dataclass
+class EvalOutcome:
+    models: list = field(default_factory=list)  # poetgen.evaluation.scoring.EvalReport, one per checkpoint
+    poems: list = field(default_factory=list)  # (label, poetgen.evaluation.poems.PoemReport)
+    generated: list[dict] = field(default_factory=list)  # {"text", "form", "checkpoint"} per generated poem
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "models": [r.to_dict() for r in self.models],
+            "poems": [{"source": label, **r.to_dict()} for label, r in self.poems],
+            "tone_note": TONE_NOTE if self.poems else None,
+        }
+
+
+class _CopyIndexes:
+    """The copy-rate index of a checkpoint's training split, built once per dataset; None when the dataset is gone."""
+
+    def __init__(self, notes: list[str]):
+        self.notes, self.built = notes, {}
+
+    def __call__(self, ckpt: Any):
+        from poetgen.evaluation.poems import TrainingIndex
+        from poetgen.evaluation.scoring import checkpoint_dataset
+
+        try:
+            ds = checkpoint_dataset(ckpt.dataset_meta)
+        except DatasetError as e:
+            self.notes.append(f"no copy rate for {ckpt.path}: {e}")
+            return None
+        key = str(ds.path.resolve())
+        if key not in self.built:
+            self.built[key] = TrainingIndex(ds.train, ds.vocab)
+        return self.built[key]
+
+
+def run_eval(r: EvalRequest, on_progress: Callable[[dict], None] | None = None) -> EvalOutcome:
+    """Load each checkpoint once (torch, on ``r.device``), score it unless ``r.loss`` is off, generate and measure
+    ``r.samples`` poems from it, then measure ``r.poems``. Notes (a missing dataset, the seed drawn) come back in
+    ``EvalOutcome.notes``."""
+    from poetgen.evaluation.poems import Poem, evaluate_poems, read_poems
+
+    out = EvalOutcome()
+    index_for = _CopyIndexes(out.notes)
+    loaded = []
+    if r.checkpoints:
+        import torch
+
+        from poetgen.checkpoint.torch_io import find_checkpoint, load_model
+        from poetgen.evaluation.scoring import evaluate_model
+        from poetgen.model.devices import resolve_device
+
+        if r.threads is not None:
+            torch.set_num_threads(r.threads)
+        device = resolve_device(r.device)
+        for c in r.checkpoints:
+            model, ckpt = load_model(find_checkpoint(c), device)
+            loaded.append((model, ckpt))
+            if r.loss:
+                out.models.append(evaluate_model(
+                    model, ckpt, r.data, split=r.split, streams=r.streams, warmup=r.warmup, encoding=r.encoding,
+                    doc_sep=r.doc_sep, text_fields=r.text_fields, on_progress=on_progress,
+                ))
+    if r.samples:
+        from poetgen.generation.sample import SampleOptions, generate
+        from poetgen.poetry.forms import parse_form
+
+        declared = parse_form(r.form).name if r.form else None
+        for model, ckpt in loaded:
+            options = SampleOptions(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, num_samples=r.samples,
+                                    seed=r.seed, form=r.form, rhyme=r.rhyme)
+            result = generate(model, ckpt.vocab, [r.prime or ""], options)
+            if r.seed is None:
+                out.notes.append(f"seed of the samples of {ckpt.path}: {result.seed}")
+            texts = [s.text for s in result.samples]
+            out.generated.extend({"text": t, "form": declared, "checkpoint": str(ckpt.path)} for t in texts)
+            report = evaluate_poems([Poem(t, declared) for t in texts], index_for(ckpt))
+            out.poems.append((f"{r.samples} samples of {ckpt.path}", report))
+    if r.poems is not None:
+        index = index_for(loaded[0][1]) if loaded else None
+        out.poems.append((str(r.poems), evaluate_poems(read_poems(r.poems), index)))
+    for report in out.models:
+        out.notes.extend(f"{report.checkpoint}: {n}" for n in report.notes)
+    return out
