@@ -170,6 +170,7 @@ def test_nan_loss_exits_1_with_advice(cwd, tiny_dataset, monkeypatch):
     assert load_checkpoint(cwd / "checkpoints" / "n" / "last.ckpt").train_state["step"] == 6
 
 
+@pytest.mark.slow  # a training in a subprocess, interrupted
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_loadable_checkpoint_and_exits(cwd, tiny_dataset, sig, code):
     env = {**os.environ, "POETGEN_CACHE_DIR": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
