@@ -130,8 +130,8 @@ def verify_card(path: Path, blob: bytes | None = None) -> None:
     if actual == expected.lower():
         return
     if _is_shipped(path):
-        fix = ("reinstall poetgen to get a good copy (pip install --force-reinstall poetgen; in a clone, "
-               f"`git checkout -- {path.name}` in {path.parent})")
+        fix = ("reinstall poetgen to get a good copy (pip install --force-reinstall poetgen; in a git clone, "
+               f"git checkout -- {path})")
     else:
         fix = "copy or export the model again"
     raise CheckpointError(
