@@ -176,7 +176,6 @@ def test_ranks_share_the_streams_of_one_process_with_the_whole_batch():
         assert torch.equal(torch.cat([r.get(j) for r in ranks]), one.get(j))
 
 
-
 def test_ranks_share_the_validation_streams_and_all_return_the_single_process_figures():
     import numpy as np
 
