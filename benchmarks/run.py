@@ -78,6 +78,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import math
 import platform
 import re
 import shlex
@@ -321,7 +322,7 @@ def group_tang(r: Runner, g: GroupResult) -> None:
     rb = ratio(p["val_bits"], book["val_bits"])
     g.rows.append(Row("tang", f"Tang, --max-time {label}: val bits/char", "<= 0.85 x anchor", p["val_bits"],
                       book["val_bits"], anchor, status(rb is not None and rb <= 0.85), rb,
-                      note=f"unigram {book['unigram_nats'] / 0.6931471805599453:.3f} bits; book {book['epochs']:.2f} "
+                      note=f"unigram {book['unigram_nats'] / math.log(2):.3f} bits; book {book['epochs']:.2f} "
                            f"epochs, poetgen {p['epoch']:.2f}"))
     rc = ratio(speed["chars_per_sec_median"], book["real_chars_per_sec"])
     head = (speed.get("config") or {}).get("head", "?")

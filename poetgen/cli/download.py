@@ -41,7 +41,7 @@ def download(
     from poetgen.data.download import download_corpus
 
     console = stderr_console(quiet)
-    with _downloadprogress(console) as on_progress:
+    with _download_progress(console) as on_progress:
         report = download_corpus(
             corpus, dest=dest, mirror=mirror, files=files or None, retries=retries, timeout=timeout,
             on_progress=on_progress,
@@ -82,7 +82,7 @@ class _download_progress:
         bar.start()
         tasks: dict = {}
 
-        def onprogress(event: dict) -> None:
+        def on_progress(event: dict) -> None:
             if not tasks:
                 tasks["files"] = bar.add_task("files", total=event["files"], detail=f"0/{event['files']}")
                 tasks["file"] = bar.add_task("", total=None, detail="")

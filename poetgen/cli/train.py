@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from poetgen.cli.common import fail, fmt_bytes, fmt_time, handles_errors, print_json, status, stderr_console
+from poetgen.evaluation.units import LN2
 from poetgen.model.config import AUTO_HEAD_MIN_VOCAB
 from poetgen.paths import RUNS_DIR
 from poetgen.training.config import FIELD_NAMES, preset_help
@@ -193,7 +194,7 @@ def _report_training(result, ctx, json_out: bool, quiet: bool) -> None:
         )
         raise typer.Exit(code)
     if not quiet:
-        val = (f", best val {result.best_val_loss:.4f} nats ({result.best_val_loss / 0.6931471805599453:.3f} bits/char)"
+        val = (f", best val {result.best_val_loss:.4f} nats ({result.best_val_loss / LN2:.3f} bits/char)"
                if result.best_val_loss is not None else "")
         typer.echo(
             f"Done ({result.status.replace('_', ' ')}) at step {result.step}{val}. "
