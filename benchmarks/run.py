@@ -77,8 +77,8 @@ BUDGETS = {
 import argparse
 import datetime as dt
 import json
-import os
 import math
+import os
 import platform
 import re
 import shlex
