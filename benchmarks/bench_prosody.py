@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from poetgen.poetry.prosody import check_poem, check_rhyme, rhyme_book  # noqa: E402
+from poetgen.poetry.prosody import check_prosody, check_rhyme, rhyme_book  # noqa: E402
 
 HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _REGULAR = {
@@ -81,7 +81,7 @@ def main() -> None:
         gu = san = nd = unknown_rhyme = 0
         s246 = sfull = 0.0
         for text in poems:
-            c = check_poem(text, book)
+            c = check_prosody(text, book)
             if name == "pingshui":
                 forms[c.form] += 1
             n += 1
@@ -112,7 +112,7 @@ def main() -> None:
     say(f"`python benchmarks/bench_prosody.py`: the {len(poems):,} regular poems of the shared 全唐诗 "
           f"({', '.join(f'{f} {k:,}' for f, k in forms.most_common())}; 4 or 8 lines of 5 or 7 Han characters, "
           "punctuated only with ，/。), converted to simplified characters with OpenCC t2s, checked by "
-          "`poetgen.poetry.prosody.check_poem` under each rhyme book. A character in several groups or tones counts "
+          "`poetgen.poetry.prosody.check_prosody` under each rhyme book. A character in several groups or tones counts "
           "as any of them; characters a book does not know are left out of the tone figures and fail a rhyme.\n")
     print("| | pingshui (平水韵) | xinyun (中华新韵) |")
     print("| --- | ---: | ---: |")

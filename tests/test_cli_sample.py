@@ -15,7 +15,7 @@ from poetgen.checkpoint.torch_io import save_checkpoint
 from poetgen.cli.app import app
 from poetgen.model.rnn import CharRNN, ModelConfig
 from poetgen.data.normalize import convert_script
-from poetgen.poetry.forms import check_poem, poem_layout
+from poetgen.poetry.forms import check_constrained, poem_layout
 from poetgen.data.vocab import Vocab
 
 TEXT = (
@@ -67,7 +67,7 @@ def test_form_output_is_poems_separated_by_blank_lines(ckpt):
     for poem in poems:
         lines = poem.split("\n")
         assert len(lines) == 2 and all(re.fullmatch(r"\w{5}，\w{5}。", line) for line in lines)
-        assert check_poem(poem.replace("\n", ""), 4, 5) == []
+        assert check_constrained(poem.replace("\n", ""), 4, 5) == []
     assert f"Checkpoint: {ckpt}" in r.stderr
 
 
@@ -141,7 +141,7 @@ def test_output_file(ckpt, tmp_path):
     poems = out.read_text(encoding="utf-8").rstrip("\n").split("\n\n")
     assert len(poems) == 2
     for poem in poems:
-        assert check_poem(poem.replace("\n", ""), 4, 5, acrostic="春夏秋冬") == []
+        assert check_constrained(poem.replace("\n", ""), 4, 5, acrostic="春夏秋冬") == []
     assert "Wrote 2 sample(s)" in r.stderr
 
 
@@ -156,7 +156,7 @@ def test_rhyme_through_the_cli(ckpt):
     r = run("-c", ckpt, "--form", "五绝", "--rhyme", "-n", 20, "--seed", 2, "--json")
     assert r.exit_code == 0, r.output
     for line in r.stdout.splitlines():
-        assert check_poem(json.loads(line)["text"], 4, 5, rhyme=True) == []
+        assert check_constrained(json.loads(line)["text"], 4, 5, rhyme=True) == []
 
 
 def test_prime_script_conversion(trad_ckpt):

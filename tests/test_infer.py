@@ -21,7 +21,7 @@ from poetgen.generation.engines import load_runtime
 from poetgen.generation.threads import ThreadTuner, blas_threads
 from poetgen.model.runtime import Runtime
 from poetgen.model.rnn import CharRNN, ModelConfig
-from poetgen.poetry.forms import check_poem
+from poetgen.poetry.forms import check_constrained
 from poetgen.data.vocab import Vocab
 
 TEXT = "床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
@@ -366,7 +366,7 @@ def test_sample_process_on_cpu_never_imports_torch(saved, tmp_path):
         poems = r.stdout.rstrip("\n").split("\n\n")
         assert len(poems) == 4
         for poem in poems:
-            assert check_poem(poem.replace("\n", ""), 4, 5) == [], poem
+            assert check_constrained(poem.replace("\n", ""), 4, 5) == [], poem
     again = subprocess.run([sys.executable, "-c", script, "cpu"], capture_output=True, text=True, env=env,
                            timeout=120, encoding="utf-8")
     assert again.stdout == r.stdout  # same seed, same poems

@@ -10,9 +10,9 @@ import pytest
 
 from poetgen.errors import CorpusError
 from poetgen.evaluation.poems import (
-    Poem, TrainingIndex, check_format, check_poem, evaluate_poems, match_tones, read_poems, tone_patterns, tones,
+    Poem, TrainingIndex, evaluate_poems, match_tones, measure_poem, read_poems, tone_patterns, tones,
 )
-from poetgen.poetry.forms import FORMS
+from poetgen.poetry.forms import FORMS, form_problems
 from poetgen.data.vocab import EOT_ID, Vocab
 
 # 王之涣《登鹳雀楼》: a correct 五绝, even lines ending in 流 liú / 楼 lóu (尤 group, level tones).
@@ -40,7 +40,7 @@ def test_the_four_standard_patterns_of_each_form():
 
 
 def test_a_correct_wujue_complies_rhymes_and_fits_its_tone_pattern():
-    c = check_poem(DENG)
+    c = measure_poem(DENG)
     assert c.form == "五绝" and not c.declared and c.format_ok and c.problems == [] and c.regular and c.rhymes
     # Modern readings: 白 bái (level, though 入声 in Tang), 日 仄, 依 山 平, 尽 仄 / 黄河 平, 入海 仄, 流 平 /
     # 欲 仄, 穷千 平, 里目 仄 / 更 gēng? pypinyin: level, 上 仄, 一 yī 平, 层楼 平.
@@ -54,29 +54,29 @@ def test_a_correct_wujue_complies_rhymes_and_fits_its_tone_pattern():
 
 def test_broken_poems_fail_format_with_a_reason():
     short_line = "白日依山尽，黄河入海流。欲穷千里目，更上一层。"
-    c = check_poem(Poem(short_line, "五绝"))
+    c = measure_poem(Poem(short_line, "五绝"))
     assert c.declared and not c.format_ok and not c.regular and c.rhymes is None and c.tone is None
     assert any("line(s) 4 not 5" in p for p in c.problems)
-    assert check_poem(short_line).form is None  # nothing to infer
-    assert not check_poem(short_line).format_ok
+    assert measure_poem(short_line).form is None  # nothing to infer
+    assert not measure_poem(short_line).format_ok
 
     swapped = "白日依山尽。黄河入海流，欲穷千里目，更上一层楼。"  # the lines are right, the marks are not
-    c = check_poem(swapped)
+    c = measure_poem(swapped)
     assert c.form == "五绝" and c.regular and not c.format_ok
     assert c.problems == ["line 1 is not followed by one of ，；：？！"]
     assert c.rhymes  # rhyme and tones are still measured on a regular poem
 
-    assert check_format(DENG + "。", FORMS["五绝"]) == ["text after the last line: '。'"]
-    assert check_format("白日依山尽，黄河入海流。", FORMS["五绝"])[0] == "2 lines, not 4"
-    assert check_poem(Poem(DENG, "七绝")).format_ok is False  # judged by the declared form
+    assert form_problems(DENG + "。", FORMS["五绝"]) == ["text after the last line: '。'"]
+    assert form_problems("白日依山尽，黄河入海流。", FORMS["五绝"])[0] == "2 lines, not 4"
+    assert measure_poem(Poem(DENG, "七绝")).format_ok is False  # judged by the declared form
     # whitespace and question marks are allowed
-    assert check_poem("白日依山尽，黄河入海流？\n欲穷千里目！更上一层楼。").format_ok
+    assert measure_poem("白日依山尽，黄河入海流？\n欲穷千里目！更上一层楼。").format_ok
 
 
 def test_known_rhyme_and_a_non_rhyme():
-    assert check_poem(DENG).rhymes and check_poem(JING).rhymes
+    assert measure_poem(DENG).rhymes and measure_poem(JING).rhymes
     no_rhyme = "白日依山尽，黄河入海流。欲穷千里目，更上一层山。"  # 流 尤 vs 山 寒
-    assert check_poem(no_rhyme).rhymes is False
+    assert measure_poem(no_rhyme).rhymes is False
 
 
 def test_a_poem_built_from_each_pattern_fits_it_exactly():

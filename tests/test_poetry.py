@@ -17,7 +17,7 @@ from poetgen.errors import SampleError
 from poetgen.generation.constraints import FormConstraint
 from poetgen.poetry.forms import (
     FORMS,
-    check_poem,
+    check_constrained,
     detect_form,
     is_han,
     is_level,
@@ -122,16 +122,16 @@ def test_rhymes_rule():
 
 
 def test_check_poem():
-    assert check_poem(JINGYESI, 4, 5) == []
-    assert check_poem(JINGYESI, 4, 5, rhyme=True) == []
-    assert check_poem(CHUNWANG, 8, 5) == []
-    assert "簪" in check_poem(CHUNWANG, 8, 5, rhyme=True)[0]  # 簪 zān no longer rhymes with 深心金 in Mandarin
-    assert check_poem(QIJUE, 4, 7, rhyme=True) == []
-    assert check_poem(DENG, 4, 5, acrostic="白黄欲更") == []
-    assert check_poem(DENG, 4, 5, acrostic="白黄欲春") != []
-    assert check_poem(JINGYESI, 4, 7) != []
-    assert check_poem(JINGYESI.replace("，", "。", 1), 4, 5) != []
-    assert check_poem("床前明月光，疑是地上霜。举头望明月，低头思故上。", 4, 5, rhyme=True) != []
+    assert check_constrained(JINGYESI, 4, 5) == []
+    assert check_constrained(JINGYESI, 4, 5, rhyme=True) == []
+    assert check_constrained(CHUNWANG, 8, 5) == []
+    assert "簪" in check_constrained(CHUNWANG, 8, 5, rhyme=True)[0]  # 簪 zān no longer rhymes with 深心金 in Mandarin
+    assert check_constrained(QIJUE, 4, 7, rhyme=True) == []
+    assert check_constrained(DENG, 4, 5, acrostic="白黄欲更") == []
+    assert check_constrained(DENG, 4, 5, acrostic="白黄欲春") != []
+    assert check_constrained(JINGYESI, 4, 7) != []
+    assert check_constrained(JINGYESI.replace("，", "。", 1), 4, 5) != []
+    assert check_constrained("床前明月光，疑是地上霜。举头望明月，低头思故上。", 4, 5, rhyme=True) != []
 
 
 # --- the constraint ---
@@ -234,7 +234,7 @@ def test_random_walks_always_give_poems(vocab, seed, form, rhyme):
     text = vocab.decode(ids[:-1])
     f = FORMS[form]
     assert re.fullmatch(poem_layout(f.lines, f.chars), text)
-    assert check_poem(text, f.lines, f.chars, rhyme=rhyme) == []
+    assert check_constrained(text, f.lines, f.chars, rhyme=rhyme) == []
 
 
 def test_import_needs_neither_torch_nor_pypinyin():

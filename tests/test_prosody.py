@@ -17,7 +17,7 @@ from poetgen.poetry.prosody import (
     RhymeBook,
     RhymeGroup,
     VocabProsody,
-    check_poem,
+    check_prosody,
     check_rhyme,
     group_chars,
     gu_ping,
@@ -215,7 +215,7 @@ class ToneNameBook(RhymeBook):
 @pytest.mark.parametrize("form", list(FORM_SHAPES))
 def test_each_pattern_written_out_is_found_and_regulated(form):
     for p in tone_patterns(form):
-        c = check_poem(list(p.lines), ToneNameBook())
+        c = check_prosody(list(p.lines), ToneNameBook())
         assert (c.pattern, c.agree_246, c.agree_full, c.regulated) == (p.name, 1.0, 1.0, True)
         assert c.rhyme.first_rhymes == p.first_rhymes and not c.nian_dui
 
@@ -224,7 +224,7 @@ def test_each_pattern_written_out_is_found_and_regulated(form):
 
 
 def test_deng_guanque_lou(ps):
-    c = check_poem(DENG_GUANQUE, ps)
+    c = check_prosody(DENG_GUANQUE, ps)
     assert (c.form, c.pattern, c.kind) == ("五绝", "仄起首句不入韵", "律绝")
     assert c.rhyme.rhymes and c.rhyme.group.label == "下平十一尤" and c.rhyme.ends == "流楼"
     assert (c.agree_246, c.checked_246) == (1.0, 8)
@@ -234,14 +234,14 @@ def test_deng_guanque_lou(ps):
 
 def test_deng_guanque_lou_under_xinyun_has_a_false_san_ping_wei(xy):
     # 一 (入声, yī today) reads level in Mandarin: 一层楼 looks like 三平尾
-    c = check_poem(DENG_GUANQUE, xy)
+    c = check_prosody(DENG_GUANQUE, xy)
     assert c.rhyme.rhymes and c.rhyme.group == RhymeGroup("尤", LEVEL)
     assert c.san_ping_wei == [4] and c.kind == "古绝"
 
 
 @pytest.mark.parametrize("book, group", [("pingshui", "上声十七筿"), ("xinyun", "豪(仄)")])
 def test_chunxiao_rhymes_oblique_and_is_rejected_by_level_rules(book, group):
-    c = check_poem(CHUNXIAO, book)
+    c = check_prosody(CHUNXIAO, book)
     assert not c.rhyme.rhymes and c.rhyme.group is None
     assert c.rhyme.oblique_group.label == group and not c.rhyme.oblique_group.level
     assert c.rhyme.reason.startswith("仄韵 (oblique rhyme): the even lines end in 鸟/少")
@@ -251,7 +251,7 @@ def test_chunxiao_rhymes_oblique_and_is_rejected_by_level_rules(book, group):
 
 
 def test_jingyesi_is_a_gujue(ps):
-    c = check_poem(JINGYESI, ps)
+    c = check_prosody(JINGYESI, ps)
     assert c.rhyme.rhymes and c.rhyme.group.name == "阳" and c.rhyme.first_rhymes and c.rhyme.ends == "光霜乡"
     assert c.pattern == "平起首句入韵" and c.agree_246 == 0.75
     assert c.gu_ping == [2]  # 疑是地上霜: 平仄仄仄平
@@ -260,19 +260,19 @@ def test_jingyesi_is_a_gujue(ps):
 
 
 def test_denggao_follows_its_pattern(ps):
-    c = check_poem(DENGGAO, ps)
+    c = check_prosody(DENGGAO, ps)
     assert (c.form, c.pattern, c.kind) == ("七律", "仄起首句入韵", "律诗")
     assert c.rhyme.rhymes and c.rhyme.group.label == "上平十灰" and c.rhyme.ends == "哀回来台杯"
     assert c.agree_246 == 1.0 and c.checked_246 == 24 and c.problems == []
 
 
 def test_denggao_under_xinyun_does_not_rhyme(xy):
-    c = check_poem(DENGGAO, xy)  # 回/杯 (ei) and 来/台 (ai) parted in Mandarin
+    c = check_prosody(DENGGAO, xy)  # 回/杯 (ei) and 来/台 (ai) parted in Mandarin
     assert not c.rhyme.rhymes and "share no level group" in c.rhyme.reason and c.kind == "古风"
 
 
 def test_shanju_qiuming_follows_its_pattern(ps):
-    c = check_poem(SHANJU, ps)
+    c = check_prosody(SHANJU, ps)
     assert (c.form, c.pattern, c.kind) == ("五律", "平起首句不入韵", "律诗")
     assert c.rhyme.rhymes and c.rhyme.group.name == "尤" and not c.rhyme.first_rhymes
     assert c.agree_246 == 1.0 and c.checked_246 == 15  # 浣 is not in the table: left out of the count
@@ -280,7 +280,7 @@ def test_shanju_qiuming_follows_its_pattern(ps):
 
 
 def test_an_unknown_rhyme_character_fails_the_rhyme_with_a_reason(ps):
-    c = check_poem(DENG_GUANQUE.replace("楼", "\U00020000"), ps)
+    c = check_prosody(DENG_GUANQUE.replace("楼", "\U00020000"), ps)
     assert not c.rhyme.rhymes and c.rhyme.unknown == "\U00020000"
     assert c.rhyme.reason == "not in the pingshui rhyme book: \U00020000"
     assert c.checked_full == 19 and c.agree_246 == 1.0
@@ -299,9 +299,9 @@ def test_rhyme_reasons(ps):
 
 def test_check_poem_refuses_other_shapes(ps):
     with pytest.raises(PoetgenError, match="not 4 or 8 lines"):
-        check_poem("床前明月光，疑是地上霜。", ps)
+        check_prosody("床前明月光，疑是地上霜。", ps)
     with pytest.raises(PoetgenError, match="not a 七绝"):
-        check_poem(DENG_GUANQUE, ps, form="七绝")
+        check_prosody(DENG_GUANQUE, ps, form="七绝")
 
 
 # --- for masks ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from poetgen.errors import SampleError
 from poetgen.model.runtime import Runtime
 from poetgen.model.rnn import CharRNN, ModelConfig
 from poetgen.data.normalize import convert_script
-from poetgen.poetry.forms import FORMS, check_poem, poem_layout, split_lines
+from poetgen.poetry.forms import FORMS, check_constrained, poem_layout, split_lines
 from poetgen.generation.sample import SampleOptions, generate, vocab_script
 from poetgen.data.vocab import EOT_ID, Vocab
 
@@ -351,7 +351,7 @@ def test_200_acrostics(trained):
                                                        num_samples=200, seed=12, temperature=1.0))
         chars = 7 if form else 5
         for s in r.samples:
-            assert check_poem(s.text, len(acrostic), chars, acrostic=acrostic) == [], s.text
+            assert check_constrained(s.text, len(acrostic), chars, acrostic=acrostic) == [], s.text
 
 
 def test_200_rhyming_poems(trained):
@@ -360,7 +360,7 @@ def test_200_rhyming_poems(trained):
         f = FORMS[form]
         r = generate(model, vocab, [""], SampleOptions(form=form, rhyme=True, num_samples=200, seed=13))
         for s in r.samples:
-            assert check_poem(s.text, f.lines, f.chars, rhyme=True) == [], s.text
+            assert check_constrained(s.text, f.lines, f.chars, rhyme=True) == [], s.text
 
 
 def test_form_with_prime_and_style(trained):
@@ -368,7 +368,7 @@ def test_form_with_prime_and_style(trained):
     o = SampleOptions(form="五绝", num_samples=20, seed=14, style="空山新雨后")
     r = generate(model, vocab, ["白日", "床前明月光，"], o)
     for s in r.samples:
-        assert check_poem(s.text, 4, 5) == [] and s.text.startswith(s.prime)
+        assert check_constrained(s.text, 4, 5) == [] and s.text.startswith(s.prime)
         assert not s.text.startswith("空山新雨后")
     plain = generate(model, vocab, ["白日", "床前明月光，"], SampleOptions(form="五绝", num_samples=20, seed=14))
     assert [s.mean_logprob for s in plain.samples] != [s.mean_logprob for s in r.samples]  # the style conditions

@@ -7,9 +7,9 @@ entering tone (入声) is lost, so even real Tang poems do not score 100% here.
 Definitions (rates are shares in [0, 1]):
 
 * **format**: the poem's form is the declared one (``--form``, or a record's ``form`` field), else the form
-  ``detect_form`` infers. A poem complies when it is exactly that form's lines of Han characters, each line
-  followed by one mark: after odd lines one of ，；：？！, after even lines one of 。？！ (whitespace ignored). A poem
-  with no declared form and none that can be inferred does not comply.
+  ``detect_form`` infers. A poem complies when it is *in form* (``poetry.forms.form_problems``: that form's lines of
+  Han characters, each followed by one mark, ，；：？！ after odd lines and 。？！ after even ones). A poem with no
+  declared form and none that can be inferred does not comply.
 * **regular poems**: those whose lines (text between punctuation) have the form's count and length, punctuation
   aside. Rhyme and tones are measured on these only, and their number is reported.
 * **rhyme**: the last characters of all even lines share a level rhyme group (``poetry.rhymes``).
@@ -41,11 +41,11 @@ from pathlib import Path
 import numpy as np
 
 from poetgen.errors import CorpusError, PoetgenError
-from poetgen.poetry.forms import FORMS, Form, detect_form, is_han, is_level, parse_form, rhymes, split_lines
+from poetgen.poetry.forms import (
+    FORMS, Form, detect_form, form_problems, is_han, is_level, parse_form, rhymes, split_lines,
+)
 from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
 
-ODD_MARKS = "，；：？！"
-EVEN_MARKS = "。？！"
 MIN_COPY_LINE = 4
 NGRAM = 7
 LEVEL, OBLIQUE = "平", "仄"
@@ -146,39 +146,14 @@ class PoemCheck:
     tone: ToneMatch | None
 
 
-def check_format(text: str, form: Form) -> list[str]:
-    """What keeps ``text`` from being exactly ``form`` (empty: it complies). See the module doc."""
-    body = "".join(text.split())
-    lines = split_lines(body)
-    problems = []
-    if len(lines) != form.lines:
-        problems.append(f"{len(lines)} lines, not {form.lines}")
-    bad = [i + 1 for i, line in enumerate(lines) if len(line) != form.chars or not all(map(is_han, line))]
-    if bad:
-        problems.append(f"line(s) {', '.join(map(str, bad))} not {form.chars} Han characters")
-    pos = 0
-    for i in range(form.lines):
-        pos += form.chars
-        marks = ODD_MARKS if i % 2 == 0 else EVEN_MARKS
-        if pos >= len(body) or body[pos] not in marks:
-            if not problems:
-                problems.append(f"line {i + 1} is not followed by one of {marks}")
-            break
-        pos += 1
-    else:
-        if pos != len(body) and not problems:
-            problems.append(f"text after the last line: {body[pos:pos + 10]!r}")
-    return problems
-
-
-def check_poem(poem: Poem | str) -> PoemCheck:
+def measure_poem(poem: Poem | str) -> PoemCheck:
     poem = Poem(poem) if isinstance(poem, str) else poem
     declared = poem.form is not None
     name = parse_form(poem.form).name if declared else detect_form(poem.text)  # type: ignore[arg-type]
     if name is None:
         return PoemCheck(None, False, False, ["not in a regular form (4 or 8 lines of 5 or 7)"], False, None, None)
     form = FORMS[name]
-    problems = check_format(poem.text, form)
+    problems = form_problems(poem.text, form)
     lines = split_lines("".join(poem.text.split()))
     regular = len(lines) == form.lines and all(len(x) == form.chars and all(map(is_han, x)) for x in lines)
     if not regular:
@@ -308,7 +283,7 @@ def evaluate_poems(poems: Iterable[Poem | str], index: TrainingIndex | None = No
     n_chars = n_pairs = repeats = 0
     failures = []
     for poem in poems:
-        c = check_poem(poem)
+        c = measure_poem(poem)
         forms[c.form or "none"] += 1
         ok += c.format_ok
         if not c.format_ok and len(failures) < examples:

@@ -45,6 +45,9 @@ from poetgen.errors import SampleError
 COMMA = "，"
 PERIOD = "。"
 SENTENCE_ENDS = "。？！"
+# The marks a line of a poem in form may end with (``form_problems``); sampling writes only COMMA and PERIOD.
+ODD_MARKS = "，；：？！"
+EVEN_MARKS = "。？！"
 
 # --- forms ----------------------------------------------------------------------------------------------------
 
@@ -126,6 +129,35 @@ def detect_form(text: str) -> str | None:
     return None
 
 
+def form_problems(text: str, form: Form) -> list[str]:
+    """What keeps ``text`` from being *in form* (empty: it is): exactly ``form.lines`` lines of ``form.chars`` Han
+    characters, each followed by one mark, one of ODD_MARKS after odd lines and of EVEN_MARKS after even ones
+    (whitespace ignored). The one definition of "in form" for real poems; what sampling writes is the narrower
+    ``check_constrained`` (only ，/。)."""
+    body = "".join(text.split())
+    lines = split_lines(body)
+    problems = []
+    if len(lines) != form.lines:
+        problems.append(f"{len(lines)} lines, not {form.lines}")
+    bad = [i + 1 for i, line in enumerate(lines) if len(line) != form.chars or not all(map(is_han, line))]
+    if bad:
+        problems.append(f"line(s) {', '.join(map(str, bad))} not {form.chars} Han characters")
+    pos = 0
+    for i in range(form.lines):
+        pos += form.chars
+        marks = ODD_MARKS if i % 2 == 0 else EVEN_MARKS
+        if pos >= len(body) or body[pos] not in marks:
+            if not problems:
+                problems.append(f"line {i + 1} is not followed by one of {marks}")
+            break
+        pos += 1
+    else:
+        if pos != len(body) and not problems:
+            problems.append(f"text after the last line: {body[pos:pos + 10]!r}")
+    return problems
+
+
+
 def poem_layout(lines: int, chars: int) -> str:
     """A regular expression for the exact structure the constraint produces (for checks and tests)."""
     han = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f\U0002f800-\U0002fa1f]"
@@ -136,9 +168,11 @@ def poem_layout(lines: int, chars: int) -> str:
     return "".join(parts)
 
 
-def check_poem(text: str, lines: int, chars: int, acrostic: str | None = None, rhyme: bool = False) -> list[str]:
-    """What is wrong with ``text`` as a constrained poem (empty list: nothing). The strict structure of the module
-    docstring, then the acrostic, then the rhyme rule."""
+def check_constrained(text: str, lines: int, chars: int, acrostic: str | None = None,
+                      rhyme: bool = False) -> list[str]:
+    """What is wrong with ``text`` as a poem written under the sampling constraint (empty list: nothing): in form
+    with exactly ，after odd lines and 。after even ones (``poem_layout``; stricter than ``form_problems``), then the
+    acrostic, then the rhyme rule."""
     if not re.fullmatch(poem_layout(lines, chars), text):
         return [f"not {lines} lines of {chars} Han characters with ，/。 in place: {text!r}"]
     body = split_lines(text)

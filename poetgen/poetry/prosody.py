@@ -26,7 +26,7 @@ them would allow 孤平 or 三平尾 — B lines fix position 1 as 平 (仄平�
 character (B7 *仄平平*仄平, D7 *平*仄仄平平). Any line that fits its template fits its pattern at 2-4-6, keeps 粘 and
 对, and has no 孤平 and no 三平尾 (tests check every filling).
 
-Checks (``check_poem``), a character fitting a tone when it *can* take it (unknown characters are left out):
+Checks (``check_prosody``), a character fitting a tone when it *can* take it (unknown characters are left out):
 
 * **rhyme** (strict, level): the last characters of the even lines — and of the first line when the chosen
   pattern rhymes it — are level and share one level group. A poem that fails says why; when its even-line ends
@@ -511,7 +511,7 @@ def poem_lines(poem: str | Sequence[str]) -> list[str]:
     return [line.strip() for line in poem]
 
 
-def check_poem(poem: str | Sequence[str], book: RhymeBook | str = "pingshui", form=None) -> ProsodyCheck:
+def check_prosody(poem: str | Sequence[str], book: RhymeBook | str = "pingshui", form=None) -> ProsodyCheck:
     """Rhyme and tones of a regular poem (4 or 8 lines of 5 or 7 characters) under ``book``; PoetgenError when the
     poem has another shape (or not that of ``form``)."""
     book = _book(book)
