@@ -59,6 +59,8 @@ class Piece:
     author: str | None = None
     poem: bool = False  # from a chinese-poetry record
     normalized: bool = False  # the reader already applied the transform
+    form: object = None  # a JSON record's `form` field as found (poem metrics judge by it; prepare ignores it)
+    where: str = ""  # the file and record or line, for messages about this document
 
 
 @dataclass
@@ -364,6 +366,9 @@ def _record_piece(record: object, where: str, options: ReadOptions, source: Sour
     """One JSON value -> one document, checked to be valid Unicode (JSON can escape a lone surrogate)."""
     piece = _record_piece_unchecked(record, where, options, source)
     if piece is not None:
+        piece.where = where
+        if isinstance(record, dict):
+            piece.form = record.get("form")
         try:
             piece.text.encode("utf-8")
         except UnicodeEncodeError as e:

@@ -32,7 +32,6 @@ Definitions (rates are shares in [0, 1]):
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -335,42 +334,26 @@ def evaluate_poems(poems: Iterable[Poem | str], index: TrainingIndex | None = No
 
 def read_poems(path: str | Path) -> list[Poem]:
     """Poems from a JSON Lines file: records with ``paragraphs`` (a list of lines, as in chinese-poetry) or
-    ``text`` (as `poetgen sample --json` writes), and an optional ``form``; a plain JSON string is a poem too."""
+    ``text`` (as `poetgen sample --json` writes), and an optional ``form``; a plain JSON string is a poem too.
+    Read by poetgen.data.corpus, as `prepare` and `eval --data` read JSON Lines (encodings, errors with the line)."""
+    from poetgen.data.corpus import ReadOptions, SourceFile, inspect, read_pieces
+
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise CorpusError(f"poems file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CorpusError(f"cannot read poems file {p}: {e}") from None
+    if not p.is_file():
+        raise CorpusError(f"poems file not found: {p}")
+    source = SourceFile(p, str(p), "jsonl", size=p.stat().st_size)
+    inspect(source)
     poems = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{p}: invalid JSON on line {lineno}: {e.msg}") from None
-        if isinstance(rec, str):
-            poems.append(Poem(rec))
-            continue
-        if not isinstance(rec, dict):
-            raise CorpusError(f"{p}: line {lineno}: expected an object with 'paragraphs' or 'text'")
-        if isinstance(rec.get("paragraphs"), list) and all(isinstance(x, str) for x in rec["paragraphs"]):
-            text = "".join(x.strip() for x in rec["paragraphs"])
-        elif isinstance(rec.get("text"), str):
-            text = rec["text"]
-        else:
-            raise CorpusError(f"{p}: line {lineno}: no 'paragraphs' (list of strings) or 'text' field")
-        form = rec.get("form")
+    for piece in read_pieces(source, ReadOptions(format="jsonl")):
+        form = piece.form
         if form is not None and not isinstance(form, str):
-            raise CorpusError(f"{p}: line {lineno}: 'form' must be a string")
+            raise CorpusError(f"{piece.where}: 'form' must be a string")
         if form:
             try:
                 form = parse_form(form).name
             except PoetgenError as e:
-                raise CorpusError(f"{p}: line {lineno}: {e}") from None
-        poems.append(Poem(text, form or None))
+                raise CorpusError(f"{piece.where}: {e}") from None
+        poems.append(Poem(piece.text, form or None))
     if not poems:
         raise CorpusError(f"{p} holds no poems")
     return poems
