@@ -102,14 +102,16 @@ def test_data_source_with_unknown_characters(setup, tmp_path: Path):
     assert json.loads(r.stdout)["models"][0]["symbols"] == 50
 
 
-def test_errors(setup, tmp_path: Path):
+def test_errors(setup, tmp_path: Path, monkeypatch):
     r = run(tmp_path / "missing.ckpt")
     assert r.exit_code == 1 and r.stderr.startswith("Error: checkpoint not found")
     r = run(setup["gone"])
     assert r.exit_code == 1 and "Error:" in r.stderr and "is gone" in r.stderr and "--data" in r.stderr
     r = run(setup["ckpts"][0], "--data", tmp_path / "nothing.txt")
     assert r.exit_code == 1 and r.stderr.startswith("Error: no such file or directory")
-    assert run().exit_code == 2
+    monkeypatch.setenv("POETGEN_SHIPPED_DIR", str(tmp_path / "no-shipped-models"))  # and no run in ./checkpoints
+    r = run()
+    assert r.exit_code == 1 and r.stderr.startswith("Error: no checkpoint in checkpoints"), r.stderr
     assert run(setup["ckpts"][0], "--split", "test").exit_code == 2
     assert run("--poems", tmp_path / "p.jsonl", "--samples", "2").exit_code == 2
     assert run("--poems", tmp_path / "p.jsonl", "--data", tmp_path).exit_code == 2

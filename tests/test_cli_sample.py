@@ -80,6 +80,7 @@ def test_default_checkpoint_is_found_and_named(ckpt, monkeypatch):
 
 def test_no_checkpoint_is_a_clean_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POETGEN_SHIPPED_DIR", str(tmp_path / "none"))  # no shipped model to fall back to either
     r = run("--length", 5)
     assert r.exit_code == 1 and r.stderr.startswith("Error:") and "Traceback" not in r.output
 

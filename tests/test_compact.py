@@ -313,3 +313,48 @@ def test_fine_tune_from_the_shipped_model(shipped, trained, tmp_path):
     assert rec.losses[1] < 1.0  # starts from the trained weights (a fresh model starts near ln 40 = 3.7)
     tuned = load_checkpoint(tmp_path / "runs" / "ft" / "last.ckpt")
     assert tuned.model_config == read_model("tang").model_config and tuned.train_state["step"] == 3
+
+
+def test_sample_and_eval_fall_back_to_the_shipped_model_and_say_so(shipped, trained, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from poetgen.cli.app import app
+
+    runner = CliRunner()
+    monkeypatch.chdir(tmp_path)  # no ./checkpoints
+    r = runner.invoke(app, ["sample", "--form", "五绝", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.startswith("Using the shipped model tang (a tiny test model)") and "-c" in r.stderr
+    assert len(r.stdout.strip().splitlines()) == 2  # one 五绝, a couplet per line
+    named = runner.invoke(app, ["sample", "-c", "tang", "--form", "五绝", "--seed", "1"])
+    assert named.exit_code == 0 and named.stdout == r.stdout
+    assert named.stderr.startswith(f"Checkpoint: {shipped / 'tang.safetensors'}")
+    # eval with nothing named scores the shipped model; its dataset is not on this machine unless --data is given
+    r = runner.invoke(app, ["eval", "--data", str(trained[0].path), "--json"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.startswith("Using the shipped model tang")
+    assert json.loads(r.stdout)["models"][0]["checkpoint"] == str(shipped / "tang.safetensors")
+
+
+
+def test_models_command_lists_and_shows_cards_and_refuses_a_damaged_file(shipped):
+    from typer.testing import CliRunner
+
+    from poetgen.cli.app import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0 and r.stdout.startswith("tang: a tiny test model (")
+    r = runner.invoke(app, ["models", "tang", "--json"])
+    card = json.loads(r.stdout)
+    assert r.exit_code == 0 and card["name"] == "tang" and card["verified"] is True
+    assert card["sha256"] == file_sha256(shipped / "tang.safetensors")
+    r = runner.invoke(app, ["models", "tang"])
+    assert r.exit_code == 0 and f"sha256: {card['sha256']}" in r.stdout.splitlines()
+    r = runner.invoke(app, ["models", "song"])
+    assert r.exit_code == 1 and r.stderr == "Error: no shipped model named 'song' (shipped: tang)\n"
+    blob = bytearray((shipped / "tang.safetensors").read_bytes())
+    blob[-1] ^= 1
+    (shipped / "tang.safetensors").write_bytes(bytes(blob))
+    r = runner.invoke(app, ["models", "tang"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "damaged" in r.stderr

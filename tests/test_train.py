@@ -310,10 +310,13 @@ def test_devices_precision_and_compile(ds, tmp_path, monkeypatch):
 
 def test_max_time_stops_on_the_clock_with_decayed_rate(ds, tmp_path):
     rec = Recorder()
-    lrs = []
-    rec.on_step = lambda info: lrs.append(info["lr"])
+    lrs, clock = [], []
+    rec.on_step = lambda info: (lrs.append(info["lr"]), clock.append(info["elapsed"]))
     r = train(TrainConfig(max_time=1.0, **{**SMALL, "warmup_steps": 0}), ds, tmp_path / "t", callbacks=rec)
-    assert r.status == "time_limit" and r.step > 2 and 1.0 <= r.elapsed < 3.0
+    assert r.status == "time_limit" and r.step > 2 and r.step == len(clock)
+    # Going on while under budget and stopping once the budget (with the final evaluation's time reserved) is used:
+    # no upper bound on the wall clock, which a loaded machine could break.
+    assert clock[-2] < 1.0 <= r.elapsed and clock[-1] <= r.elapsed
     assert lrs[0] == pytest.approx(2e-2, rel=0.05) and lrs[-1] < lrs[0] / 2  # the cosine follows the clock
     assert r.best_val_loss is not None  # the final evaluation ran
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from poetgen.errors import CheckpointError, PoetgenError
+from poetgen.paths import RUNS_DIR
 from poetgen.data.vocab import Vocab
 
 FORMAT = "poetgen-checkpoint"
@@ -65,7 +66,7 @@ def _runs(p: Path) -> list[Path]:
     return [d for d in p.iterdir() if d.is_dir() and _run_checkpoint(d) is not None]
 
 
-def find_checkpoint(path_or_runs_dir: str | Path = "checkpoints") -> Path:
+def find_checkpoint(path_or_runs_dir: str | Path = RUNS_DIR) -> Path:
     """A file -> itself; a run dir -> its best.ckpt, else last.ckpt, else its newest step-*.ckpt; a runs dir ->
     that rule applied to the run whose checkpoints were written most recently; a bare name that is no existing
     path (``tang``) -> the shipped model of that name (poetgen.checkpoint.shipped)."""
@@ -94,7 +95,7 @@ def find_checkpoint(path_or_runs_dir: str | Path = "checkpoints") -> Path:
     return _run_checkpoint(newest)  # type: ignore[return-value]
 
 
-def default_checkpoint(runs_dir: str | Path = "checkpoints") -> tuple[Path, str | None]:
+def default_checkpoint(runs_dir: str | Path = RUNS_DIR) -> tuple[Path, str | None]:
     """What `sample` and `eval` read when no checkpoint is named: ``find_checkpoint(runs_dir)`` when it holds a
     run, else the shipped model ``tang`` with a note for stderr saying so (None when a run was found). With neither,
     find_checkpoint's own error."""

@@ -145,3 +145,22 @@ def _is_shipped(path: Path) -> bool:
         return path.resolve().parent == shipped_dir().resolve()
     except OSError:
         return False
+
+
+def describe_shipped(name: str | None = None) -> list[dict]:
+    """The model cards of the shipped models (of ``name`` alone when given), each with its ``name``, ``path`` and
+    ``verified`` (the file's SHA-256 matched the card's). An unknown name is a CheckpointError naming the others."""
+    if name is not None:
+        model = shipped_model(name)
+        if model is None:
+            known = ", ".join(shipped_names()) or "none"
+            raise CheckpointError(f"no shipped model named {name!r} (shipped: {known})")
+        models = [model]
+    else:
+        models = list_shipped()
+    out = []
+    for m in models:
+        verify_card(m.path)
+        out.append({**m.card, "name": m.name, "path": str(m.path), "verified": True})
+    return out
+

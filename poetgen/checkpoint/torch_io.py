@@ -10,11 +10,11 @@ Interface (stable; sample/eval rely on it)::
                    format_version: int, optimizer_state: dict | None, scheduler_state: dict | None,
                    rng_state: dict | None, tensors: dict[str, Tensor])
     load_model(path, device="cpu") -> (CharRNN in eval mode on device, Checkpoint)
-    find_checkpoint(path_or_runs_dir="checkpoints") -> Path
+    find_checkpoint(path_or_runs_dir=RUNS_DIR) -> Path
         a file -> itself; a run dir -> its best.ckpt, else last.ckpt, else its newest step-*.ckpt;
         a runs dir -> that rule applied to the run whose checkpoints were written most recently;
         a bare name that is no existing path (``tang``) -> that shipped model (poetgen.checkpoint.shipped).
-    default_checkpoint(runs_dir="checkpoints") -> (Path, note or None)   the newest run, else the shipped model
+    default_checkpoint(runs_dir=RUNS_DIR) -> (Path, note or None)   the newest run, else the shipped model
     restore_rng(checkpoint)      # put back the torch / CUDA / Python RNG states saved with it
     CheckpointError (poetgen.errors) for a missing, truncated, foreign, pickled or newer-format file.
 

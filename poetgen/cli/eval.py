@@ -17,7 +17,8 @@ from poetgen.evaluation.report import TONE_NOTE
 @handles_errors
 def eval_(
     checkpoints: Optional[List[str]] = typer.Argument(
-        None, help="Checkpoint files or run directories; several give one comparison table."
+        None, help="Checkpoint files, run directories or shipped model names (tang); several give one comparison "
+        "table. None: the newest run in ./checkpoints, else the shipped model (unless --poems is given)."
     ),
     data: Optional[List[str]] = typer.Option(
         None, "--data", "-d",
@@ -74,11 +75,9 @@ def eval_(
 
         poetgen eval checkpoints/tang-lstm --samples 50 --form 五绝 --seed 1
     """
-    if not checkpoints and poems is None:
-        raise typer.BadParameter("give at least one CHECKPOINT, or --poems FILE")
-    if samples and not checkpoints:
+    if samples and not checkpoints and poems is not None:
         raise typer.BadParameter("--samples needs a CHECKPOINT to generate from")
-    if data and not checkpoints:
+    if data and not checkpoints and poems is not None:
         raise typer.BadParameter("--data is scored by a model: give a CHECKPOINT")
     if no_loss and not samples and poems is None:
         raise typer.BadParameter("--no-loss leaves nothing to measure: add --samples N or --poems FILE")
@@ -87,15 +86,20 @@ def eval_(
     if rhyme and not form:
         raise typer.BadParameter("--rhyme needs --form")
 
+    from poetgen.checkpoint.format import default_checkpoint
     from poetgen.evaluation.report import EvalRequest, run_eval
 
+    note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    if not checkpoints and poems is None:  # the newest run, else the shipped model
+        path, fallback = default_checkpoint()
+        checkpoints = [str(path)]
+        note(fallback or f"Checkpoint: {path}")
     request = EvalRequest(
         checkpoints or (), data, split, streams, warmup, encoding, doc_sep, split_csv(text_field) or None,
         not no_loss, poems, samples, form, rhyme, prime, temperature, top_k, top_p, seed, device, threads,
     )
     with progress(stderr_console(quiet), "Scoring") as on_progress:
         outcome = run_eval(request, on_progress=on_progress)
-    note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     if save_samples is not None and outcome.generated:
         save_samples.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in outcome.generated),
                                 encoding="utf-8")

@@ -41,7 +41,8 @@ def poem_display(text: str) -> str:
 def sample(
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", "-c",
-        help="Checkpoint file or run directory. Default: the best checkpoint of the newest run in ./checkpoints.",
+        help="Checkpoint file, run directory, or the name of a shipped model (tang). Default: the best checkpoint of "
+        "the newest run in ./checkpoints, else the shipped model.",
     ),
     prime: Optional[str] = typer.Option(None, "--prime", "-p", help="Text to start from; `-` reads it from stdin."),
     primes_file: Optional[Path] = typer.Option(
@@ -111,13 +112,13 @@ def sample(
         raise typer.BadParameter(f"--threads must be at least 1, got {threads}")
     primes = _read_primes(prime, primes_file)
     # On the CPU, sampling runs on numpy (poetgen.generation.engines) and never imports torch, which alone takes seconds.
-    from poetgen.checkpoint.format import find_checkpoint
+    from poetgen.checkpoint.format import default_checkpoint, find_checkpoint
     from poetgen.generation.engines import open_model
     from poetgen.generation.sample import SampleOptions, generate
 
     note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
-    path = find_checkpoint(checkpoint if checkpoint is not None else "checkpoints")
-    note(f"Checkpoint: {path}")
+    path, fallback = (find_checkpoint(checkpoint), None) if checkpoint is not None else default_checkpoint()
+    note(fallback or f"Checkpoint: {path}")
     options = SampleOptions(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, length=length,
         num_samples=num_samples, seed=seed, form=form, acrostic=acrostic, line_length=line_length, rhyme=rhyme,
