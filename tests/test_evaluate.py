@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from helpers import make_dataset
 from poetgen.data.dataset import load_dataset
 from poetgen.errors import DatasetError
+from poetgen.data.dataset import recorded_dataset
 from poetgen.evaluation.scoring import (
-    LOGIT_BUDGET, Score, checkpoint_dataset, choose_window, cross_entropy, dataset_data, source_data,
+    LOGIT_BUDGET, Score, choose_window, cross_entropy, dataset_data, source_data,
 )
 from poetgen.model.rnn import CharRNN, ModelConfig
 from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
@@ -183,6 +184,6 @@ def test_raw_sources_are_read_as_documents_in_the_model_vocabulary(tmp_path: Pat
 
 def test_a_checkpoint_whose_dataset_is_gone_says_so_and_suggests_data(tmp_path: Path):
     with pytest.raises(DatasetError, match="is gone.*--data"):
-        checkpoint_dataset({"path": str(tmp_path / "nowhere")})
+        recorded_dataset({"path": str(tmp_path / "nowhere")})
     with pytest.raises(DatasetError, match="--data"):
-        checkpoint_dataset({})
+        recorded_dataset({})

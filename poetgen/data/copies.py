@@ -86,3 +86,16 @@ class TrainingIndex:
         i = np.searchsorted(self.ngrams, h)
         found = (i < len(self.ngrams)) & (self.ngrams[np.minimum(i, len(self.ngrams) - 1)] == h)
         return int(found.sum()), checked
+
+
+def training_copies(dataset_meta: dict | None) -> TrainingIndex | None:
+    """The index of the training split a model was trained on, when that dataset is on this machine (the path its
+    checkpoint recorded); None when it is not (a shipped model's, or a dataset since deleted)."""
+    from poetgen.data.dataset import recorded_dataset
+    from poetgen.errors import DatasetError
+
+    try:
+        ds = recorded_dataset(dataset_meta or {})
+    except DatasetError:
+        return None
+    return TrainingIndex(ds.train, ds.vocab)

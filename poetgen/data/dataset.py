@@ -93,3 +93,15 @@ def load_dataset(path: str | Path) -> Dataset:
             )
         arrays[split] = arr
     return Dataset(path=p, vocab=vocab, meta=meta, train=arrays["train"], val=arrays["val"])
+
+
+def recorded_dataset(dataset_meta: dict) -> Dataset:
+    """The dataset a model was trained on, by the path its checkpoint recorded (``dataset_meta``), or
+    DatasetError saying it is not there (a shipped model's never is)."""
+    recorded = dataset_meta.get("path")
+    if not recorded:
+        raise DatasetError("the checkpoint does not record its dataset; give the text to evaluate with --data")
+    if not is_dataset_dir(recorded):
+        raise DatasetError(f"the checkpoint's dataset {recorded} is gone; give the text to evaluate with --data")
+    dataset = load_dataset(recorded)
+    return dataset

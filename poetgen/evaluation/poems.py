@@ -37,16 +37,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from poetgen.errors import CorpusError, PoetgenError
 from poetgen.poetry.forms import (
     FORMS, Form, detect_form, form_problems, is_han, is_level, parse_form, rhymes, split_lines,
 )
-from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
+from poetgen.data.copies import MIN_COPY_LINE, NGRAM, TrainingIndex  # noqa: F401  (re-exported)
 
-MIN_COPY_LINE = 4
-NGRAM = 7
 LEVEL, OBLIQUE = "平", "仄"
 
 # --- tone patterns --------------------------------------------------------------------------------------------
@@ -162,81 +159,6 @@ def measure_poem(poem: Poem | str) -> PoemCheck:
 
 
 # --- copying from the training text -----------------------------------------------------------------------------
-
-_P = np.uint64(1_000_003)
-
-
-def _ngram_hashes(ids: np.ndarray, n: int = NGRAM) -> tuple[np.ndarray, np.ndarray]:
-    """A 64-bit polynomial hash of every n-gram of ``ids`` (wrapping uint64 arithmetic), and whether it holds no
-    <eot> and no <unk> (the others never count as copied)."""
-    ids = np.asarray(ids, dtype=np.uint64)
-    m = max(len(ids) - n + 1, 0)
-    h = np.zeros(m, dtype=np.uint64)
-    ok = np.ones(m, dtype=bool)
-    for k in range(n if m else 0):
-        part = ids[k : k + m]
-        with np.errstate(over="ignore"):
-            h = h * _P + part + np.uint64(1)
-        ok &= (part != EOT_ID) & (part != UNK_ID)
-    return h, ok
-
-
-def _sorted_unique(a: np.ndarray) -> np.ndarray:
-    """np.unique by sorting (numpy's hash-based unique is ~10x slower on millions of uint64 hashes)."""
-    a = np.sort(a)
-    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) else a
-
-
-def _is_separator(ch: str) -> bool:
-    return not split_lines(ch)
-
-
-class TrainingIndex:
-    """The lines and 7-grams of a training text, to tell copied lines and 7-grams from new ones.
-
-    Lines are kept as a set of strings; 7-grams as a sorted array of 64-bit hashes (8 bytes each), so the index of
-    the whole 全唐诗 fits in tens of MB. Built from the id stream ``chunk`` ids at a time: the 7-grams starting in a
-    chunk read 6 ids past its end, and a line cut by the chunk's end is carried to the next.
-    """
-
-    def __init__(self, ids: np.ndarray, vocab: Vocab, chunk: int = 1 << 20):
-        self.vocab = vocab
-        symbols = np.array(["\n", "\ufffd"] + vocab.symbols[2:], dtype=object)
-        self.lines: set[str] = set()
-        hashes = []
-        carry = ""
-        n = len(ids)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            part = np.asarray(ids[start : min(n, stop + NGRAM - 1)], dtype=np.int64)
-            h, ok = _ngram_hashes(part)
-            hashes.append(_sorted_unique(h[: stop - start][ok[: stop - start]]))
-            text = carry + "".join(symbols[part[: stop - start]])
-            cut = len(text)
-            while cut > 0 and not _is_separator(text[cut - 1]):
-                cut -= 1
-            carry = text[cut:] if stop < n else ""
-            self.lines.update(x for x in split_lines(text if stop == n else text[:cut])
-                              if len(x) >= MIN_COPY_LINE and "\ufffd" not in x)
-        self.ngrams = _sorted_unique(np.concatenate(hashes)) if hashes else np.zeros(0, dtype=np.uint64)
-
-    def copied_lines(self, text: str) -> tuple[int, int]:
-        """(copied, checked) lines of ``text``."""
-        lines = [x for x in split_lines(text) if len(x) >= MIN_COPY_LINE]
-        return sum(x in self.lines for x in lines), len(lines)
-
-    def copied_ngrams(self, text: str) -> tuple[int, int]:
-        """(copied, checked) 7-grams of ``text`` (whitespace removed)."""
-        body = "".join(text.split())
-        checked = max(len(body) - NGRAM + 1, 0)
-        if not checked or not len(self.ngrams):
-            return 0, checked
-        h, ok = _ngram_hashes(np.array(self.vocab.encode(body, on_unknown="unk"), dtype=np.int64))
-        h = h[ok]
-        i = np.searchsorted(self.ngrams, h)
-        found = (i < len(self.ngrams)) & (self.ngrams[np.minimum(i, len(self.ngrams) - 1)] == h)
-        return int(found.sum()), checked
-
 
 # --- all poems ----------------------------------------------------------------------------------------------------
 

@@ -62,11 +62,11 @@ class _CopyIndexes:
         self.notes, self.built = notes, {}
 
     def __call__(self, ckpt: Any):
-        from poetgen.evaluation.poems import TrainingIndex
-        from poetgen.evaluation.scoring import checkpoint_dataset
+        from poetgen.data.copies import TrainingIndex
+        from poetgen.data.dataset import recorded_dataset
 
         try:
-            ds = checkpoint_dataset(ckpt.dataset_meta)
+            ds = recorded_dataset(ckpt.dataset_meta)
         except DatasetError as e:
             self.notes.append(f"no copy rate for {ckpt.path}: {e}")
             return None

@@ -46,7 +46,7 @@ from torch import nn
 
 from poetgen.checkpoint.torch_io import Checkpoint
 from poetgen.data.batches import vocab_map
-from poetgen.data.dataset import Dataset, is_dataset_dir, load_dataset
+from poetgen.data.dataset import Dataset, is_dataset_dir, load_dataset, recorded_dataset
 from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab, format_symbols
 from poetgen.errors import DatasetError
 from poetgen.evaluation.units import LN2
@@ -411,17 +411,6 @@ def source_data(
     )
 
 
-def checkpoint_dataset(dataset_meta: dict) -> Dataset:
-    """The dataset a checkpoint was trained on (its recorded path), or DatasetError saying it is gone."""
-    recorded = dataset_meta.get("path")
-    if not recorded:
-        raise DatasetError("the checkpoint does not record its dataset; give the text to evaluate with --data")
-    if not is_dataset_dir(recorded):
-        raise DatasetError(f"the checkpoint's dataset {recorded} is gone; give the text to evaluate with --data")
-    dataset = load_dataset(recorded)
-    return dataset
-
-
 def open_data(
     data: Sequence[str] | None,
     model_vocab: Vocab,
@@ -435,7 +424,7 @@ def open_data(
     """What `eval` scores: the checkpoint's own dataset split (no ``data``), a dataset directory's split, or raw
     sources normalised as the checkpoint's dataset was."""
     if not data:
-        dataset = checkpoint_dataset(dataset_meta)
+        dataset = recorded_dataset(dataset_meta)
         result = dataset_data(dataset, model_vocab, split)
         fp = dataset_meta.get("fingerprint")
         if fp and dataset.fingerprint and fp != dataset.fingerprint:

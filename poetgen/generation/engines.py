@@ -9,7 +9,7 @@ never imports torch.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -138,6 +138,7 @@ class OpenedModel:
     vocab: Vocab
     path: Path
     device: str  # "cpu" (numpy) or the torch device it runs on
+    dataset_meta: dict = field(default_factory=dict)  # what the checkpoint recorded of its training data
 
 
 def open_model(path: str | Path, device: str = "auto", threads: int | None = None) -> OpenedModel:
@@ -157,6 +158,9 @@ def open_model(path: str | Path, device: str = "auto", threads: int | None = Non
             if threads is not None:
                 torch.set_num_threads(threads)
             model, ckpt = load_model(path, torch_device)
-            return OpenedModel(model, ckpt.vocab, path, str(torch_device))
-    runtime = load_runtime(path)
-    return OpenedModel(runtime, runtime.vocab, path, "cpu")
+            return OpenedModel(model, ckpt.vocab, path, str(torch_device), ckpt.dataset_meta)
+    from poetgen.checkpoint.format import read_model
+
+    mf = read_model(path)
+    return OpenedModel(Runtime(mf.model_config, mf.weights, mf.vocab, mf.path), mf.vocab, path, "cpu",
+                       mf.data.get("dataset_meta") or {})
