@@ -123,15 +123,19 @@ def test_rhymes_rule():
 
 def test_check_poem():
     assert check_constrained(JINGYESI, 4, 5) == []
-    assert check_constrained(JINGYESI, 4, 5, rhyme=True) == []
+    assert check_constrained(JINGYESI, 4, 5, rhyme=True, book="xinyun") == []
     assert check_constrained(CHUNWANG, 8, 5) == []
-    assert "簪" in check_constrained(CHUNWANG, 8, 5, rhyme=True)[0]  # 簪 zān no longer rhymes with 深心金 in Mandarin
+    # 簪 zān no longer rhymes with 深心金 in Mandarin; in the 平水韵 all four are 下平十二侵
+    assert "簪" in check_constrained(CHUNWANG, 8, 5, rhyme=True, book="xinyun")[0]
+    assert check_constrained(CHUNWANG, 8, 5, rhyme=True) == []
+    assert check_constrained(QIJUE, 4, 7, rhyme=True, book="xinyun") == []
     assert check_constrained(QIJUE, 4, 7, rhyme=True) == []
     assert check_constrained(DENG, 4, 5, acrostic="白黄欲更") == []
     assert check_constrained(DENG, 4, 5, acrostic="白黄欲春") != []
     assert check_constrained(JINGYESI, 4, 7) != []
     assert check_constrained(JINGYESI.replace("，", "。", 1), 4, 5) != []
     assert check_constrained("床前明月光，疑是地上霜。举头望明月，低头思故上。", 4, 5, rhyme=True) != []
+    assert "oblique" in check_constrained(DENG.replace("楼", "月"), 4, 5, rhyme=True)[0]  # 月: 入声
 
 
 # --- the constraint ---
@@ -202,11 +206,14 @@ def test_vocabulary_that_cannot_write_poems():
     with pytest.raises(SampleError, match="'。'"):
         FormConstraint(Vocab.from_counts(Counter("床前明月光，")), "五绝")
     with pytest.raises(SampleError, match="level"):
+        FormConstraint(Vocab.from_counts(Counter("月是上下，。")), "五绝", rhyme=True, rhyme_book="xinyun")
+    with pytest.raises(SampleError, match="level"):
         FormConstraint(Vocab.from_counts(Counter("月是上下，。")), "五绝", rhyme=True)
 
 
 def test_rhyme_masks(vocab):
-    c = FormConstraint(vocab, "五绝", rhyme=True)
+    """The modern rule (xinyun), as it was before the 平水韵 became the default."""
+    c = FormConstraint(vocab, "五绝", rhyme=True, rhyme_book="xinyun")
     state = walk(c, "床前明月光，疑是地上")
     allowed = [vocab.symbols[i] for i in np.flatnonzero(c.allowed(state))]
     assert "霜" in allowed and "月" not in allowed and "上" not in allowed
@@ -220,11 +227,12 @@ def test_rhyme_masks(vocab):
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), form=st.sampled_from(list(FORMS)), rhyme=st.booleans())
-def test_random_walks_always_give_poems(vocab, seed, form, rhyme):
+@given(seed=st.integers(0, 2**32 - 1), form=st.sampled_from(list(FORMS)), rhyme=st.booleans(),
+       book=st.sampled_from(["pingshui", "xinyun"]))
+def test_random_walks_always_give_poems(vocab, seed, form, rhyme, book):
     """Any path the automaton allows is a correct poem: it is the structure, not luck."""
     rng = random.Random(seed)
-    c = FormConstraint(vocab, form, rhyme=rhyme)
+    c = FormConstraint(vocab, form, rhyme=rhyme, rhyme_book=book)
     state, ids = c.start(), []
     while not c.done(state):
         token = rng.choice(list(np.flatnonzero(c.allowed(state))))
@@ -234,7 +242,7 @@ def test_random_walks_always_give_poems(vocab, seed, form, rhyme):
     text = vocab.decode(ids[:-1])
     f = FORMS[form]
     assert re.fullmatch(poem_layout(f.lines, f.chars), text)
-    assert check_constrained(text, f.lines, f.chars, rhyme=rhyme) == []
+    assert check_constrained(text, f.lines, f.chars, rhyme=rhyme, book=book) == []
 
 
 def test_import_needs_neither_torch_nor_pypinyin():
@@ -246,7 +254,11 @@ def test_import_needs_neither_torch_nor_pypinyin():
 def test_rhyme_on_a_traditional_vocabulary():
     """pypinyin reads traditional characters, so a traditional model rhymes too."""
     trad = Vocab.from_counts(Counter("牀前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。黃河遠上白雲間，一片孤城萬仞山。"))
-    c = FormConstraint(trad, "五绝", rhyme=True)
+    c = FormConstraint(trad, "五绝", rhyme=True, rhyme_book="xinyun")
     state = walk(c, "牀前明月光，疑是地上霜。舉頭望明月，低頭思故")
     allowed = {trad.symbols[i] for i in np.flatnonzero(c.allowed(state))}
     assert allowed == {"光", "霜", "鄉", "牀", "黃"}  # 唐 and level; not 上 (shàng, oblique) nor 間 (寒)
+    # the 平水韵 table is traditional: 下平七阳 holds the same five, and 望 (阳 and 漾) too; 上 is oblique there too
+    c = FormConstraint(trad, "五绝", rhyme=True)
+    state = walk(c, "牀前明月光，疑是地上霜。舉頭望明月，低頭思故")
+    assert {trad.symbols[i] for i in np.flatnonzero(c.allowed(state))} == {"光", "霜", "鄉", "牀", "黃", "望"}

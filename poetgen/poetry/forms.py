@@ -8,7 +8,8 @@ Forms: 五绝 (4 lines of 5), 七绝 (4 of 7), 五律 (8 of 5), 七律 (8 of 7).
 every line K Han characters, `，` after odd lines, `。` after even lines (and after the last line, when an
 acrostic gives an odd number of lines), then the end-of-text symbol.
 
-Rhyme (``rhyme=True``) — an approximation in *modern Mandarin*, not the Middle Chinese of the 平水韵:
+Modern-Mandarin tones and rhyme (the ``xinyun`` book of poetgen.poetry.prosody; sampling and eval default to the
+Tang-era 平水韵, ``pingshui``, which is prosody's own) — an approximation, not the Middle Chinese of the 平水韵:
 
 * Readings come from pypinyin (it knows traditional characters too), as its heteronym list (多音字), most
   common reading first.
@@ -25,9 +26,8 @@ Rhyme (``rhyme=True``) — an approximation in *modern Mandarin*, not the Middle
   narrowing set: the first even line may end in any level character with a rhyme group; each later even line must
   end in a character sharing a group with the set so far, and the set becomes the intersection.
 
-That mask can never become empty once the vocabulary has one level-toned character (the characters already
-chosen are in the set), and the constraint refuses a vocabulary without any. Should a row's mask still come out
-empty (a prime that cannot rhyme), the rhyme requirement is dropped for that step, never the structure.
+How sampling plans its masks so that no step is ever left without a character is told in
+poetgen.generation.constraints.
 
 Nothing here needs torch; pypinyin is imported only when rhyme is asked for (it takes ~0.3 s to load).
 """
@@ -169,10 +169,11 @@ def poem_layout(lines: int, chars: int) -> str:
 
 
 def check_constrained(text: str, lines: int, chars: int, acrostic: str | None = None,
-                      rhyme: bool = False) -> list[str]:
+                      rhyme: bool = False, book: str = "pingshui") -> list[str]:
     """What is wrong with ``text`` as a poem written under the sampling constraint (empty list: nothing): in form
     with exactly ，after odd lines and 。after even ones (``poem_layout``; stricter than ``form_problems``), then the
-    acrostic, then the rhyme rule."""
+    acrostic, then the rhyme rule of ``book`` (``pingshui`` or ``xinyun``; see poetry.prosody.check_rhyme): the even
+    lines' ends are level and share a level group (the first line is free)."""
     if not re.fullmatch(poem_layout(lines, chars), text):
         return [f"not {lines} lines of {chars} Han characters with ，/。 in place: {text!r}"]
     body = split_lines(text)
@@ -182,10 +183,11 @@ def check_constrained(text: str, lines: int, chars: int, acrostic: str | None = 
             if line[0] != head:
                 problems.append(f"line {i + 1} starts with {line[0]!r}, not {head!r}")
     if rhyme:
-        ends = [line[-1] for line in body[1::2]]
-        if not rhymes(ends):
-            groups = {c: sorted(level_rhyme_groups(c)) for c in ends}
-            problems.append(f"even lines end in {groups}: no common level rhyme group")
+        from poetgen.poetry.prosody import check_rhyme
+
+        check = check_rhyme(body, book, first=False)
+        if not check.rhymes:
+            problems.append(f"no rhyme ({book}): {check.reason}")
     return problems
 
 
