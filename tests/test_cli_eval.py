@@ -130,7 +130,7 @@ def test_generated_samples_in_form_and_saved(setup, tmp_path: Path):
     p = out["poems"][0]
     assert p["poems"] == 6 and p["format_rate"] == 1.0 and p["forms"] == {"五绝": 6} and p["regular"] == 6
     assert p["copy_line_rate"] is not None and p["copy_lines_checked"] == 24
-    assert "modern-Mandarin" in out["tone_note"]
+    assert "平水韵" in out["tone_note"]
     lines = saved.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 6 and json.loads(lines[0])["form"] == "五绝"
     # the same seed gives the same poems; re-measuring the saved file gives the same figures
@@ -151,9 +151,29 @@ def test_poems_file_without_a_checkpoint(tmp_path: Path):
     assert "format compliance: 66.7%" in r.stdout and "rhyme rate: 100.0%" in r.stdout
     assert f"source: {f}" in r.stdout and "poems: 3 (五绝 2, none 1)" in r.stdout
     assert "copied lines: - (no training text to compare with)" in r.stdout
-    assert "modern-Mandarin approximation" in r.stdout
+    assert "note: tones and rhymes by the 平水韵" in r.stdout and "regulated (律绝 / 律诗): 50.0%" in r.stdout
+    assert "三平尾: 0.0%" in r.stdout  # 一层楼: 一 is 入声
     out = json.loads(run("--poems", f, "--json").stdout)
     assert out["poems"][0]["poems"] == 3 and out["poems"][0]["copy_line_rate"] is None
+    assert out["poems"][0]["book"] == "pingshui" and "平水韵" in out["tone_note"]
+    x = run("--poems", f, "--rhyme-book", "xinyun")
+    assert x.exit_code == 0 and "modern-Mandarin approximation" in x.stdout and "三平尾: 50.0%" in x.stdout
+
+
+def test_bundled_poems_are_the_reference_beside_samples(setup):
+    from helpers import REPO
+
+    bundled = REPO / "data" / "poems.jsonl"
+    r = run(setup["ckpts"][0], "--no-loss", "--samples", 20, "--form", "五绝", "--tones", "--rhyme", "--seed", 1,
+            "--poems", bundled, "--json")
+    assert r.exit_code == 0, r.output
+    generated, reference = json.loads(r.stdout)["poems"]
+    assert generated["regulated_rate"] == 1.0 and generated["rhyme_rate"] == 1.0 and generated["tone_246"] == 1.0
+    assert reference["source"] == str(bundled) and reference["regular"] > 300
+    assert 0.5 < reference["regulated_rate"] < 0.9 and reference["rhyme_rate"] > 0.8  # real poems are not all 律
+    plain = run(setup["ckpts"][0], "--no-loss", "--samples", 5, "--form", "五绝", "--seed", 1, "--poems", bundled)
+    assert plain.exit_code == 0 and plain.stdout.count("source: ") == 2 and "粘对 violations: " in plain.stdout
+    assert run(setup["ckpts"][0], "--no-loss", "--samples", 5, "--tones").exit_code == 2  # needs --form
 
 
 def test_help_says_tones_are_an_approximation():

@@ -160,6 +160,41 @@ def test_rhyme_through_the_cli(ckpt):
         assert check_constrained(json.loads(line)["text"], 4, 5, rhyme=True) == []
 
 
+def test_tones_and_rhyme_through_the_cli(ckpt):
+    from poetgen.poetry.prosody import check_prosody
+
+    r = run("-c", ckpt, "--form", "五绝", "--tones", "--rhyme", "-n", 20, "--seed", 2, "--json", "-t", 1.5)
+    assert r.exit_code == 0, r.output
+    for line in r.stdout.splitlines():
+        record = json.loads(line)
+        check = check_prosody(record["text"], "pingshui", "五绝")
+        assert check.regulated, (record["text"], check.problems)
+        assert record["settings"]["rhyme_book"] == "pingshui" and record["settings"]["tones"] is True
+    r = run("-c", ckpt, "--form", "五绝", "--tones", "--pattern", "仄起首句入韵", "--rhyme", "--rhyme-group", "阳",
+            "-n", 5, "--seed", 2, "--json")
+    assert r.exit_code == 0, r.output
+    for line in r.stdout.splitlines():
+        check = check_prosody(json.loads(line)["text"], "pingshui", "五绝")
+        assert check.regulated and check.rhyme.group.label == "下平七阳"
+    x = run("-c", ckpt, "--form", "五绝", "--rhyme", "--rhyme-book", "xinyun", "-n", 10, "--seed", 2, "--json")
+    assert x.exit_code == 0, x.output
+    for line in x.stdout.splitlines():
+        assert check_constrained(json.loads(line)["text"], 4, 5, rhyme=True, book="xinyun") == []
+
+
+def test_prosody_flag_errors(ckpt):
+    r = run("-c", ckpt, "--form", "五绝", "--tones", "--pattern", "平起")
+    assert r.exit_code == 1 and "valid patterns: 仄起首句不入韵, 仄起首句入韵, 平起首句不入韵, 平起首句入韵" in r.output
+    r = run("-c", ckpt, "--form", "五绝", "--rhyme", "--rhyme-group", "卍")
+    assert r.exit_code == 1 and "level groups: 东 冬 江 支" in " ".join(r.output.split())
+    r = run("-c", ckpt, "--form", "五绝", "--rhyme", "--rhyme-book", "guangyun")
+    assert r.exit_code == 1 and "pingshui, xinyun" in r.output
+    r = run("-c", ckpt, "--tones")
+    assert r.exit_code == 1 and "--tones needs --form" in r.output
+    r = run("-c", ckpt, "--form", "五绝", "--tones", "--prime", "明月", "--pattern", "平起首句入韵")
+    assert r.exit_code == 1 and "'月' (仄) at line 1, character 2 breaks the tone pattern" in r.output
+
+
 def test_prime_script_conversion(trad_ckpt):
     r = run("-c", trad_ckpt, "--prime", "举头", "--length", 5, "--seed", 0)
     assert r.exit_code == 0, r.output

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from poetgen.errors import CorpusError
-from poetgen.evaluation.poems import (
-    Poem, TrainingIndex, evaluate_poems, match_tones, measure_poem, read_poems, tone_patterns, tones,
-)
+from poetgen.evaluation.poems import Poem, TrainingIndex, evaluate_poems, measure_poem, read_poems
+from poetgen.poetry.prosody import tone_patterns
 from poetgen.poetry.forms import FORMS, form_problems
 from poetgen.data.vocab import EOT_ID, Vocab
 
@@ -21,35 +20,18 @@ DENG = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。
 JING = "床前明月光，疑是地上霜。举头望明月，低头思故乡。"
 
 
-def test_the_four_standard_patterns_of_each_form():
-    five = {p.name: "，".join(p.lines) for p in tone_patterns("五绝")}
-    assert five == {
-        "仄起首句不入韵": "仄仄平平仄，平平仄仄平，平平平仄仄，仄仄仄平平",
-        "仄起首句入韵": "仄仄仄平平，平平仄仄平，平平平仄仄，仄仄仄平平",
-        "平起首句不入韵": "平平平仄仄，仄仄仄平平，仄仄平平仄，平平仄仄平",
-        "平起首句入韵": "平平仄仄平，仄仄仄平平，仄仄平平仄，平平仄仄平",
-    }
-    seven = {p.name: "，".join(p.lines) for p in tone_patterns("七绝")}
-    assert seven["平起首句入韵"] == "平平仄仄仄平平，仄仄平平仄仄平，仄仄平平平仄仄，平平仄仄仄平平"
-    assert seven["仄起首句入韵"] == "仄仄平平仄仄平，平平仄仄仄平平，平平仄仄平平仄，仄仄平平仄仄平"
-    assert len(seven) == 4
-    lv = {p.name: p.lines for p in tone_patterns("五律")}
-    assert lv["仄起首句不入韵"] == ("仄仄平平仄", "平平仄仄平", "平平平仄仄", "仄仄仄平平") * 2
-    assert lv["平起首句入韵"][:2] == ("平平仄仄平", "仄仄仄平平") and lv["平起首句入韵"][4] == "平平平仄仄"
-    assert all(len(p.lines) == 8 and all(len(x) == 7 for x in p.lines) for p in tone_patterns("七律"))
-
-
 def test_a_correct_wujue_complies_rhymes_and_fits_its_tone_pattern():
     c = measure_poem(DENG)
     assert c.form == "五绝" and not c.declared and c.format_ok and c.problems == [] and c.regular and c.rhymes
-    # Modern readings: 白 bái (level, though 入声 in Tang), 日 仄, 依 山 平, 尽 仄 / 黄河 平, 入海 仄, 流 平 /
-    # 欲 仄, 穷千 平, 里目 仄 / 更 gēng? pypinyin: level, 上 仄, 一 yī 平, 层楼 平.
-    assert tones("白日依山尽") == "平仄平平仄" and tones("更上一层楼") == "平仄平平平"
-    # Best pattern 仄起首句不入韵 (仄仄平平仄 平平仄仄平 平平平仄仄 仄仄仄平平): positions 2 and 4 all agree (8/8);
-    # all positions: 白, 欲, 更 and 一 disagree -> 16/20.
+    # 平水韵: 白 日 入 欲 目 一 are 入声 (oblique); best pattern 仄起首句不入韵 (仄仄平平仄 平平仄仄平 平平平仄仄
+    # 仄仄仄平平): positions 2 and 4 all agree (8/8); all positions: only 更 (平, line 4 wants 仄) disagrees -> 19/20.
     assert c.tone.pattern == "仄起首句不入韵"
     assert (c.tone.agree_246, c.tone.checked_246) == (1.0, 8)
-    assert (c.tone.agree_full, c.tone.checked_full) == (0.8, 20)
+    assert (c.tone.agree_full, c.tone.checked_full) == (0.95, 20)
+    assert c.tone.regulated and not c.tone.nian_dui and not c.tone.gu_ping and not c.tone.san_ping_wei
+    # Modern readings (xinyun) make 一 level, so 一层楼 is a false 三平尾 and 白 欲 disagree as well: 16/20.
+    x = measure_poem(DENG, "xinyun")
+    assert (x.tone.agree_full, x.tone.san_ping_wei, x.tone.regulated) == (0.8, [4], False)
 
 
 def test_broken_poems_fail_format_with_a_reason():
@@ -80,12 +62,11 @@ def test_known_rhyme_and_a_non_rhyme():
 
 
 def test_a_poem_built_from_each_pattern_fits_it_exactly():
-    level, oblique = "天风山花", "月雨水树"  # modern tones 1-2 / 3-4
-    assert tones(level) == "平平平平" and tones(oblique) == "仄仄仄仄"
+    level, oblique = "天风山花", "月雨水树"  # 平 / 仄 in the 平水韵, one tone each
     for form in ("五绝", "七律"):
         for p in tone_patterns(form):
             lines = ["".join((level if t == "平" else oblique)[i % 4] for i, t in enumerate(line)) for line in p.lines]
-            m = match_tones(lines, form)
+            m = measure_poem("，".join(lines) + "。").tone
             # 首句入韵 and 不入韵 agree at positions 2-4-6 (仄仄平平仄 / 仄仄仄平平): the full figure decides
             assert (m.pattern, m.agree_246, m.agree_full) == (p.name, 1.0, 1.0)
 
@@ -138,6 +119,11 @@ def test_report_over_a_mix_of_poems():
     assert r.copy_lines_checked == 12 and r.copy_line_rate == pytest.approx(1 / 12)
     assert r.examples == [{"text": broken, "form": None, "problems": ["not in a regular form (4 or 8 lines of 5 or 7)"]}]
     assert r.tone_246 is not None and 0 < r.tone_full <= 1 and sum(r.patterns.values()) == 2
+    # 登鹳雀楼 is regulated; the copied poem has 失对 in lines 1-2 (前 and 河 both 平)
+    assert r.book == "pingshui" and r.regulated_rate == 0.5 and r.nian_dui_rate == 0.5
+    assert (r.gu_ping_rate, r.san_ping_wei_rate, r.tone_full_perfect_rate) == (0.0, 0.0, 0.0)
+    x = evaluate_poems([DENG, broken, copied], index, book="xinyun")
+    assert x.book == "xinyun" and x.san_ping_wei_rate == 1.0 and x.regulated_rate == 0.0
     assert json.loads(json.dumps(r.to_dict()))["poems"] == 3
 
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from poetgen.cli.common import handles_errors, pct, print_json, progress, split_csv, stderr_console
-from poetgen.evaluation.report import TONE_NOTE
+from poetgen.evaluation.report import tone_note
 
 
 # --- eval -------------------------------------------------------------------------------------------------------
@@ -47,6 +47,14 @@ def eval_(
         None, "--form", "-f", help="Form of the generated poems (五绝 七绝 五律 七律); also the declared form they are judged by."
     ),
     rhyme: bool = typer.Option(False, "--rhyme", help="Generate with the rhyme constraint (needs --form)."),
+    rhyme_book: str = typer.Option(
+        "pingshui", "--rhyme-book", metavar="pingshui|xinyun",
+        help="The rhyme book the poems are measured by (and generated --rhyme poems rhyme by): pingshui, the 平水韵 "
+        "of Tang verse; xinyun, 中华新韵 by modern Mandarin readings.",
+    ),
+    tones: bool = typer.Option(
+        False, "--tones", help="Generate with the regulated tone patterns (格律), as `sample --tones` (needs --form)."
+    ),
     prime: Optional[str] = typer.Option(None, "--prime", "-p", help="Text every generated sample starts from."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k likeliest symbols only."),
@@ -68,8 +76,9 @@ def eval_(
 
     Poem metrics (on --samples N generated poems or a --poems file): format compliance, rhyme rate, 平仄 agreement
     with the regulated-verse patterns (2-4-6 positions and all positions), copy rate of lines and 7-grams against
-    the training split, distinct-1/-2 and repeated characters. Tones and rhymes are the modern-Mandarin
-    approximation (pypinyin, 中华新韵), not the Tang-era 平水韵.
+    the training split, distinct-1/-2 and repeated characters; also 粘对 violations, 孤平, 三平尾 and regulated
+    verse. Tones and rhymes by --rhyme-book: the Tang-era 平水韵 (default) or the modern-Mandarin approximation
+    (pypinyin, 中华新韵). Real poems are the reference: add --poems data/poems.jsonl to print them beside the samples.
 
     Example:
 
@@ -85,6 +94,10 @@ def eval_(
         raise typer.BadParameter(f"--split must be val or train, not {split!r}")
     if rhyme and not form:
         raise typer.BadParameter("--rhyme needs --form")
+    if tones and not form:
+        raise typer.BadParameter("--tones needs --form")
+    if rhyme_book not in ("pingshui", "xinyun"):
+        raise typer.BadParameter(f"--rhyme-book must be pingshui or xinyun, not {rhyme_book!r}")
 
     from poetgen.checkpoint.format import default_checkpoint
     from poetgen.evaluation.report import EvalRequest, run_eval
@@ -96,7 +109,8 @@ def eval_(
         note(fallback or f"Checkpoint: {path}")
     request = EvalRequest(
         checkpoints or (), data, split, streams, warmup, encoding, doc_sep, split_csv(text_field) or None,
-        not no_loss, poems, samples, form, rhyme, prime, temperature, top_k, top_p, seed, device, threads,
+        not no_loss, poems, samples, form, rhyme, rhyme_book, tones, prime, temperature, top_k, top_p, seed, device,
+        threads,
     )
     with progress(stderr_console(quiet), "Scoring") as on_progress:
         outcome = run_eval(request, on_progress=on_progress)
@@ -112,7 +126,7 @@ def eval_(
     if outcome.models:
         _print_model_table(outcome.models)
     if outcome.poems:
-        _print_poem_reports(outcome.poems)
+        _print_poem_reports(outcome.poems, tone_note(rhyme_book))
 
 
 def _print_model_table(reports) -> None:
@@ -160,6 +174,11 @@ def _poem_rows(r) -> list:
         ("平仄 agreement 2-4-6", pct(r.tone_246)),
         ("平仄 agreement all positions", pct(r.tone_full)),
         ("2-4-6 all right", pct(r.tone_perfect_rate)),
+        ("all positions right", pct(r.tone_full_perfect_rate)),
+        ("粘对 violations", pct(r.nian_dui_rate)),
+        ("孤平", pct(r.gu_ping_rate)),
+        ("三平尾", pct(r.san_ping_wei_rate)),
+        ("regulated (律绝 / 律诗)", pct(r.regulated_rate)),
         ("copied lines", f"{pct(r.copy_line_rate)} of {r.copy_lines_checked:,}" if r.copy_line_rate is not None
          else "- (no training text to compare with)"),
         ("copied 7-grams", f"{pct(r.copy_ngram_rate)} of {r.copy_ngrams_checked:,}" if r.copy_ngram_rate is not None
@@ -169,7 +188,7 @@ def _poem_rows(r) -> list:
     ]
 
 
-def _print_poem_reports(reports) -> None:
+def _print_poem_reports(reports, note: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -179,7 +198,7 @@ def _print_poem_reports(reports) -> None:
             typer.echo(f"source: {label}")
             for k, v in _poem_rows(r):
                 typer.echo(f"{k}: {v}")
-        typer.echo(f"note: {TONE_NOTE}")
+        typer.echo(f"note: {note}")
         return
     table = Table(title="Poem metrics")
     table.add_column("")
@@ -189,4 +208,4 @@ def _print_poem_reports(reports) -> None:
     for i, (k, _) in enumerate(rows[0]):
         table.add_row(k, *(row[i][1] for row in rows))
     out.print(table)
-    out.print(f"Note: {TONE_NOTE}.")
+    out.print(f"Note: {note}.")

@@ -1,8 +1,9 @@
 """Poem metrics: is it in form, does it rhyme, does it follow the tone patterns, is it copied, is it varied.
 
-Every tone and rhyme reading comes from :mod:`poetgen.poetry.forms` and is the *modern-Mandarin approximation*
-(pypinyin readings, tones 1-2 level, the 14 groups of 中华新韵), not the Middle Chinese of the Tang poets: the old
-entering tone (入声) is lost, so even real Tang poems do not score 100% here.
+Tones and rhymes are read in a rhyme book of :mod:`poetgen.poetry.prosody` and judged by its checker
+(``check_prosody``): ``pingshui`` (the default: the 平水韵 of Tang verse, 上/去/入 oblique) or ``xinyun`` (中华新韵 by
+modern Mandarin readings, where the old entering tone reads as level, so real Tang poems score far lower).
+Calibration on the 全唐诗 is in benchmarks/RESULTS.md ("Prosody calibration").
 
 Definitions (rates are shares in [0, 1]):
 
@@ -12,15 +13,18 @@ Definitions (rates are shares in [0, 1]):
   declared form and none that can be inferred does not comply.
 * **regular poems**: those whose lines (text between punctuation) have the form's count and length, punctuation
   aside. Rhyme and tones are measured on these only, and their number is reported.
-* **rhyme**: the last characters of all even lines share a level rhyme group (``poetry.rhymes``).
-* **tones (平仄)**: each line is compared with the regulated-verse patterns built from the four basic five-character
-  lines A 仄仄平平仄, B 平平仄仄平, C 平平平仄仄, D 仄仄仄平平 (seven-character lines put the two opposite tones in front,
-  e.g. A7 平平仄仄平平仄). A quatrain is A B C D or C D A B (the 律诗 repeats it); when the first line rhymes
-  (首句入韵) it takes the level-ending line instead: D B C D or B D A B. The four patterns per form are named by
-  the tone of the first line's second character (平起 / 仄起) and 首句入韵 / 首句不入韵. Two figures, both for the
-  pattern that fits best (first by the 2-4-6 figure, then the full one): ``tone_246`` — agreement at positions
-  2, 4 (and 6) of each line, where the rule is strict (一三五不论，二四六分明); ``tone_full`` — agreement at every
-  position. Characters without a reading are left out of both.
+* **rhyme** (``rhyme_rate``): the last characters of all even lines are level and share a level group of the book
+  (the first line free, as ``sample --rhyme`` writes without ``--tones``).
+* **tones (平仄)**, against the best-fitting of the form's four regulated patterns (``prosody.tone_patterns``:
+  平起 / 仄起 x 首句入韵 / 首句不入韵; best first by the 2-4-6 figure, then the full one): ``tone_246`` — mean agreement
+  at positions 2, 4 (and 6), where the rule is strict (一三五不论，二四六分明); ``tone_full`` — mean agreement at every
+  position (full-pattern agreement); ``tone_perfect_rate`` / ``tone_full_perfect_rate`` — poems that fit at every
+  2-4-6 position / at every position. A character that can take either tone fits both; characters the book does
+  not know are left out.
+* **粘对, 孤平, 三平尾** (``nian_dui_rate``, ``gu_ping_rate``, ``san_ping_wei_rate``): poems with a 失粘/失对 at the
+  lines' second characters, with 孤平 in a level-ending line, with three level-only characters at a line's end.
+* **regulated** (``regulated_rate``): rhymes (with the first line when the best pattern rhymes it), 2-4-6 all fit,
+  and no 粘对, 孤平 or 三平尾 fault: a 律绝 / 律诗.
 * **copy**: a line (of 4 or more characters) is copied when it occurs as a whole line in the training text; a
   7-gram is any 7 consecutive symbols of the poem, punctuation included, and is copied when the training text
   holds it (within one document).
@@ -36,91 +40,15 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 
 from poetgen.errors import CorpusError, PoetgenError
-from poetgen.poetry.forms import (
-    FORMS, Form, detect_form, form_problems, is_han, is_level, parse_form, rhymes, split_lines,
-)
+from poetgen.poetry.forms import FORMS, detect_form, form_problems, is_han, parse_form, split_lines
 from poetgen.data.copies import MIN_COPY_LINE, NGRAM, TrainingIndex  # noqa: F401  (re-exported)
 
-LEVEL, OBLIQUE = "平", "仄"
-
-# --- tone patterns --------------------------------------------------------------------------------------------
-
-_BASE5 = {"A": "仄仄平平仄", "B": "平平仄仄平", "C": "平平平仄仄", "D": "仄仄仄平平"}
-_CYCLES = (("A", "B", "C", "D"), ("C", "D", "A", "B"))
-_RHYMING_FIRST = {"A": "D", "C": "B"}  # the first line, when it rhymes, ends level instead
-
-
-def _line_pattern(name: str, chars: int) -> str:
-    five = _BASE5[name]
-    if chars == 5:
-        return five
-    flip = {LEVEL: OBLIQUE, OBLIQUE: LEVEL}
-    return flip[five[0]] * 2 + five
-
-
-@dataclass(frozen=True)
-class TonePattern:
-    name: str  # e.g. "仄起首句不入韵"
-    lines: tuple[str, ...]  # one 平/仄 string per line
-
-
-def tone_patterns(form: Form | str) -> list[TonePattern]:
-    """The four standard patterns of a regulated form (平起 / 仄起 x 首句入韵 / 不入韵)."""
-    form = parse_form(form) if isinstance(form, str) else form
-    out = []
-    for cycle in _CYCLES:
-        for first_rhymes in (False, True):
-            names = list(cycle) * (form.lines // 4)
-            if first_rhymes:
-                names[0] = _RHYMING_FIRST[names[0]]
-            lines = tuple(_line_pattern(n, form.chars) for n in names)
-            start = "平起" if lines[0][1] == LEVEL else "仄起"
-            out.append(TonePattern(f"{start}首句{'入韵' if first_rhymes else '不入韵'}", lines))
-    return out
-
-
-def tones(line: str) -> str:
-    """平 / 仄 per character (modern Mandarin reading), ? for a character without a reading."""
-    from poetgen.poetry.forms import readings
-
-    return "".join((LEVEL if is_level(c) else OBLIQUE) if readings(c) else "?" for c in line)
-
-
-@dataclass
-class ToneMatch:
-    pattern: str
-    agree_246: float
-    agree_full: float
-    checked_246: int
-    checked_full: int
-
-
-def match_tones(lines: Sequence[str], form: Form | str) -> ToneMatch:
-    """The best-fitting standard pattern for ``lines`` (already of the form's shape) and its agreement."""
-    form = parse_form(form) if isinstance(form, str) else form
-    actual = [tones(line) for line in lines]
-    strict = set(range(1, form.chars - 1, 2))  # 0-based 1, 3 (5) for 五言; 1, 3, 5 for 七言
-    best: ToneMatch | None = None
-    for p in tone_patterns(form):
-        hit246 = n246 = hit = n = 0
-        for got, want in zip(actual, p.lines):
-            for i, (g, w) in enumerate(zip(got, want)):
-                if g == "?":
-                    continue
-                n += 1
-                hit += g == w
-                if i in strict:
-                    n246 += 1
-                    hit246 += g == w
-        m = ToneMatch(p.name, hit246 / n246 if n246 else 0.0, hit / n if n else 0.0, n246, n)
-        if best is None or (m.agree_246, m.agree_full) > (best.agree_246, best.agree_full):
-            best = m
-    assert best is not None
-    return best
-
+if TYPE_CHECKING:
+    from poetgen.poetry.prosody import ProsodyCheck
 
 # --- one poem ---------------------------------------------------------------------------------------------------
 
@@ -138,11 +66,13 @@ class PoemCheck:
     format_ok: bool
     problems: list[str]
     regular: bool  # lines fit the form, punctuation aside
-    rhymes: bool | None  # None when not regular
-    tone: ToneMatch | None
+    rhymes: bool | None  # even-line ends level and in one level group; None when not regular
+    tone: ProsodyCheck | None  # poetry.prosody's check (best pattern, agreements, 粘对, 孤平, 三平尾)
 
 
-def measure_poem(poem: Poem | str) -> PoemCheck:
+def measure_poem(poem: Poem | str, book: str = "pingshui") -> PoemCheck:
+    from poetgen.poetry.prosody import check_prosody, check_rhyme
+
     poem = Poem(poem) if isinstance(poem, str) else poem
     declared = poem.form is not None
     name = parse_form(poem.form).name if declared else detect_form(poem.text)  # type: ignore[arg-type]
@@ -154,8 +84,8 @@ def measure_poem(poem: Poem | str) -> PoemCheck:
     regular = len(lines) == form.lines and all(len(x) == form.chars and all(map(is_han, x)) for x in lines)
     if not regular:
         return PoemCheck(name, declared, False, problems, False, None, None)
-    return PoemCheck(name, declared, not problems, problems, True, rhymes([x[-1] for x in lines[1::2]]),
-                     match_tones(lines, form))
+    return PoemCheck(name, declared, not problems, problems, True, check_rhyme(lines, book, first=False).rhymes,
+                     check_prosody(lines, book, name))
 
 
 # --- copying from the training text -----------------------------------------------------------------------------
@@ -185,14 +115,23 @@ class PoemReport:
     distinct_1: float | None
     distinct_2: float | None
     repeated_char_rate: float | None
+    book: str = "pingshui"  # the rhyme book tones and rhymes were measured by
+    tone_full_perfect_rate: float | None = None  # poems whose every position fits their best pattern
+    nian_dui_rate: float | None = None  # poems with a 粘/对 violation (second characters)
+    gu_ping_rate: float | None = None  # poems with 孤平 in a line
+    san_ping_wei_rate: float | None = None  # poems with 三平尾 in a line
+    regulated_rate: float | None = None  # rhyme (first line too when the pattern rhymes it) and tones all regulated
     examples: list[dict] = field(default_factory=list)  # a few failing poems with their problems
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def evaluate_poems(poems: Iterable[Poem | str], index: TrainingIndex | None = None, examples: int = 3) -> PoemReport:
+def evaluate_poems(poems: Iterable[Poem | str], index: TrainingIndex | None = None, examples: int = 3,
+                   book: str = "pingshui") -> PoemReport:
+    """The metrics of ``poems``, tones and rhymes under ``book`` (``pingshui`` or ``xinyun``)."""
     poems = [Poem(p) if isinstance(p, str) else p for p in poems]
+    full = nian_dui = gu_ping = san_ping_wei = regulated = 0
     forms: Counter = Counter()
     patterns: Counter = Counter()
     ok = regular = rhymed = perfect = 0
@@ -204,7 +143,7 @@ def evaluate_poems(poems: Iterable[Poem | str], index: TrainingIndex | None = No
     n_chars = n_pairs = repeats = 0
     failures = []
     for poem in poems:
-        c = measure_poem(poem)
+        c = measure_poem(poem, book)
         forms[c.form or "none"] += 1
         ok += c.format_ok
         if not c.format_ok and len(failures) < examples:
@@ -217,6 +156,11 @@ def evaluate_poems(poems: Iterable[Poem | str], index: TrainingIndex | None = No
             t246.append(c.tone.agree_246)
             tfull.append(c.tone.agree_full)
             perfect += c.tone.checked_246 > 0 and c.tone.agree_246 == 1.0
+            full += c.tone.checked_full > 0 and c.tone.agree_full == 1.0
+            nian_dui += bool(c.tone.nian_dui)
+            gu_ping += bool(c.tone.gu_ping)
+            san_ping_wei += bool(c.tone.san_ping_wei)
+            regulated += c.tone.regulated
         if index is not None:
             a, b = index.copied_lines(poem.text)
             copied_l, checked_l = copied_l + a, checked_l + b
@@ -233,6 +177,10 @@ def evaluate_poems(poems: Iterable[Poem | str], index: TrainingIndex | None = No
             pairs.update(zip(han, han[1:]))
             n_pairs += max(len(han) - 1, 0)
     n = len(poems)
+
+    def share(k: int) -> float | None:
+        return k / regular if regular else None
+
     return PoemReport(
         poems=n,
         forms=dict(forms.most_common()),
@@ -250,6 +198,12 @@ def evaluate_poems(poems: Iterable[Poem | str], index: TrainingIndex | None = No
         distinct_1=len(chars) / n_chars if n_chars else None,
         distinct_2=len(pairs) / n_pairs if n_pairs else None,
         repeated_char_rate=repeats / n_chars if n_chars else None,
+        book=book,
+        tone_full_perfect_rate=share(full),
+        nian_dui_rate=share(nian_dui),
+        gu_ping_rate=share(gu_ping),
+        san_ping_wei_rate=share(san_ping_wei),
+        regulated_rate=share(regulated),
         examples=failures,
     )
 
