@@ -77,8 +77,25 @@ def sample(
     ),
     rhyme: bool = typer.Option(
         False, "--rhyme",
-        help="Even lines end in level-toned (平) characters of one rhyme group. Approximation: modern Mandarin "
-        "readings from pypinyin, tones 1-2 as level, the 14 groups of 中华新韵 — not the Tang-era 平水韵.",
+        help="Even lines end in level-toned (平) characters of one rhyme group of the rhyme book (with --tones, the "
+        "first line too when its pattern rhymes it); the first rhyme drawn fixes the group.",
+    ),
+    rhyme_book: str = typer.Option(
+        "pingshui", "--rhyme-book", metavar="pingshui|xinyun",
+        help="pingshui: the 平水韵 of Tang verse (106 groups; 上, 去 and the entering 入 tone oblique). xinyun: today's "
+        "rule, 中华新韵 (modern Mandarin readings from pypinyin, tones 1-2 level, 14 groups).",
+    ),
+    rhyme_group: Optional[str] = typer.Option(
+        None, "--rhyme-group", metavar="G", help="Rhyme in this level group: 东 or 上平一东 (pingshui), 唐 (xinyun)."
+    ),
+    tones: bool = typer.Option(
+        False, "--tones",
+        help="格律: follow one of the four regulated tone patterns of 五绝 七绝 五律 七律 (2-4-6 fixed, 粘对, no 孤平, "
+        "no 三平尾), the one the model's first choices lead to.",
+    ),
+    pattern: Optional[str] = typer.Option(
+        None, "--pattern", metavar="NAME",
+        help="With --tones, this pattern: 仄起首句不入韵, 仄起首句入韵, 平起首句不入韵 or 平起首句入韵.",
     ),
     output_script: Optional[str] = typer.Option(
         None, "--output-script", help="Print in simplified or traditional characters (OpenCC)."
@@ -102,7 +119,7 @@ def sample(
 
     Example:
 
-        poetgen sample --form 七绝 --acrostic 春夏秋冬 --rhyme -n 5 --seed 1
+        poetgen sample --form 七绝 --acrostic 春夏秋冬 --tones --rhyme -n 5 --seed 1
     """
     if stream and (json_out or num_samples != 1 or primes_file is not None):
         raise typer.BadParameter("--stream prints one sample as text: use it without --json, -n or --primes-file")
@@ -122,7 +139,8 @@ def sample(
     options = SampleOptions(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, length=length,
         num_samples=num_samples, seed=seed, form=form, acrostic=acrostic, line_length=line_length, rhyme=rhyme,
-        style=style, output_script=output_script,
+        rhyme_book=rhyme_book, rhyme_group=rhyme_group, tones=tones, pattern=pattern, style=style,
+        output_script=output_script,
     )
     options.validate()  # before the load: a bad value is reported at once
     opened = open_model(path, device, threads)

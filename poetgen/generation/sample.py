@@ -61,7 +61,11 @@ class SampleOptions:
     form: str | None = None  # 五绝 七绝 五律 七律 or an alias
     acrostic: str | None = None  # one character per line
     line_length: int | None = None  # 5 or 7, for an acrostic without a form (default 7)
-    rhyme: bool = False
+    rhyme: bool = False  # even-line ends level and in one rhyme group of rhyme_book
+    rhyme_book: str = "pingshui"  # pingshui (平水韵, of Tang verse) or xinyun (中华新韵, modern Mandarin)
+    rhyme_group: str | None = None  # the rhyme group (东 or 上平一东); None: the first rhyme drawn fixes it
+    tones: bool = False  # follow one of the form's four regulated tone patterns (格律)
+    pattern: str | None = None  # that pattern by name (仄起首句入韵 ...); None: the model's first choices pick it
     style: str | None = None  # hidden prefix
     output_script: str | None = None  # None (as the model writes), "simplified" or "traditional"
 
@@ -88,6 +92,29 @@ class SampleOptions:
             raise SampleError("--line-length applies to --acrostic (a form fixes its own line length)")
         if self.rhyme and not (self.form or self.acrostic):
             raise SampleError("--rhyme needs --form or --acrostic: it rhymes the ends of the even lines of a poem")
+        self._validate_prosody()
+
+    def _validate_prosody(self) -> None:
+        from poetgen.poetry.prosody import BOOK_NAMES, rhyme_book, tone_pattern
+
+        if self.rhyme_book not in BOOK_NAMES:
+            raise SampleError(f"rhyme book must be one of {', '.join(BOOK_NAMES)}, got {self.rhyme_book!r}")
+        if self.rhyme_group is not None:
+            if not self.rhyme:
+                raise SampleError("--rhyme-group applies to --rhyme")
+            book = rhyme_book(self.rhyme_book)
+            if not book.group(self.rhyme_group).level:
+                raise SampleError(f"--rhyme-group {self.rhyme_group} is an oblique group of the {book.name} book; "
+                                  f"level groups: {' '.join(book.level_group_names())}")
+        if self.tones and not (self.form or self.acrostic):
+            raise SampleError("--tones needs --form (五绝 七绝 五律 七律), or an --acrostic of 4 or 8 characters")
+        if self.pattern is not None:
+            if not self.tones:
+                raise SampleError("--pattern applies to --tones")
+            if self.form:
+                from poetgen.poetry.forms import parse_form
+
+                tone_pattern(parse_form(self.form), self.pattern)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -299,7 +326,8 @@ def generate(
     constraint = None
     starts: list[ConstraintState] = []
     if o.form or acrostic:
-        constraint = FormConstraint(vocab, o.form, acrostic, o.rhyme, o.line_length)
+        constraint = FormConstraint(vocab, o.form, acrostic, o.rhyme, o.line_length, rhyme_book=o.rhyme_book,
+                                    rhyme_group=o.rhyme_group, tones=o.tones, pattern=o.pattern)
         for p in primes_model:
             state = constraint.start()
             for ch in p:
