@@ -9,7 +9,9 @@ size) and 6,000 (about a simplified Tang corpus'), full softmax; at 6,000 also w
 
 * poetgen, free text: ``generate`` on the numpy engine (what `poetgen sample` runs on the CPU), temperature 1,
   <eot> masked so every row runs the full length; characters per second for 1 and for 64 parallel samples,
-  decoding included, prefix included. Also 五绝 --rhyme (a poem and its <eot> per row) at vocabulary 6,000.
+  decoding included, prefix included. Also 五绝 --rhyme (a poem and its <eot> per row) at vocabulary 6,000, and
+  the cost of --tones --rhyme (平水韵) per poem against --form alone for 五绝 and 七律: whole generate calls of 64
+  poems, one BLAS thread, trials alternating, median (issue 16: at most 1.3x).
 * anchor: the loop a user writes first, in torch — Embedding -> nn.LSTM -> Linear, softmax of logits / 1.0,
   torch.multinomial, one forward call per character with the state carried (``plain_loop``).
 * whole processes: `poetgen sample` calls (start-up, checkpoint load, sampling, output) on a saved 6,000-symbol
@@ -95,6 +97,25 @@ def poetgen_rate(engine, vocab: Vocab, batch: int, options: SampleOptions, repea
     return best, threads
 
 
+PROSODY_LIMIT = 1.3  # issue 16: --tones --rhyme costs at most 1.3x plain --form per poem
+
+
+def prosody_cost(runtime: Runtime, vocab: Vocab, form: str, batch: int, trials: int) -> tuple[float, float]:
+    """Milliseconds per poem of ``generate`` with ``--form`` alone and with ``--tones --rhyme`` (pingshui), whole
+    calls (masks built, prefix, decoding), trials alternating so both see the same machine; -> (plain, prosody)
+    medians. A warm-up call of each first (the vocabulary's rhyme-book lookup is cached per process)."""
+    kinds = {"plain": {}, "prosody": {"tones": True, "rhyme": True}}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for trial in range(trials + 1):
+        for kind, extra in (kinds.items() if trial % 2 else reversed(kinds.items())):
+            o = SampleOptions(form=form, num_samples=batch, seed=trial, temperature=1.0, **extra)
+            t = time.perf_counter()
+            generate(runtime, vocab, [""], o, threads=1)
+            if trial:
+                times[kind].append((time.perf_counter() - t) * 1000 / batch)
+    return statistics.median(times["plain"]), statistics.median(times["prosody"])
+
+
 def plain_loop(V: int, batch: int, length: int, repeats: int) -> tuple[float, int]:
     """The anchor: characters per second of a per-step nn.LSTM sampling loop, best of ``repeats`` at each of
     torch's thread counts 1 and its default; -> (rate, threads)."""
@@ -162,6 +183,11 @@ def measure(quick: bool = False) -> list[dict]:
                 cps, threads = poetgen_rate(runtime, vocab, batch, SampleOptions(form="五绝", rhyme=True), repeats)
                 row(f"五绝 --rhyme, vocab {V:,}, {batch} stream{'s' * (batch > 1)}", cps, "chars/s",
                     vocab=V, streams=batch, threads=threads)
+            for form in ("五绝", "七律"):
+                plain, prosody = prosody_cost(runtime, vocab, form, 64, 5 if quick else 11)
+                row(f"{form} --tones --rhyme vs --form, vocab {V:,}, 64 poems, ms/poem (limit {PROSODY_LIMIT}x)",
+                    prosody, "ms/poem", plain, f"--form {form} alone (same run, alternating trials, median)",
+                    vocab=V, streams=64, limit=PROSODY_LIMIT, ok=prosody <= PROSODY_LIMIT * plain)
             adaptive = make_model(V, head="adaptive")
             rt = Runtime.from_state(adaptive.config, adaptive.state_dict())
             for batch, length in lengths.items():
