@@ -97,6 +97,17 @@ def sample(
         None, "--pattern", metavar="NAME",
         help="With --tones, this pattern: 仄起首句不入韵, 仄起首句入韵, 平起首句不入韵 or 平起首句入韵.",
     ),
+    best_of: int = typer.Option(
+        1, "--best-of", metavar="N",
+        help="Draw N candidates per sample (one batch) and keep the likeliest (mean log-probability per character), "
+        "after dropping those that copy a line of the training text (when it is on this machine) or repeat "
+        "characters within a line more than Tang verse does.",
+    ),
+    beam: int = typer.Option(
+        0, "--beam", metavar="K",
+        help="Beam search with K hypotheses per prime under the same constraints (deterministic; -n up to K best, "
+        "by mean log-probability per character); 0 = sample.",
+    ),
     output_script: Optional[str] = typer.Option(
         None, "--output-script", help="Print in simplified or traditional characters (OpenCC)."
     ),
@@ -121,8 +132,9 @@ def sample(
 
         poetgen sample --form 七绝 --acrostic 春夏秋冬 --tones --rhyme -n 5 --seed 1
     """
-    if stream and (json_out or num_samples != 1 or primes_file is not None):
-        raise typer.BadParameter("--stream prints one sample as text: use it without --json, -n or --primes-file")
+    if stream and (json_out or num_samples != 1 or primes_file is not None or best_of > 1 or beam):
+        raise typer.BadParameter("--stream prints one sample as it is drawn: use it without --json, -n, "
+                                 "--primes-file, --best-of or --beam")
     if output_script is not None and output_script not in ("simplified", "traditional"):
         raise typer.BadParameter(f"--output-script must be simplified or traditional, not {output_script!r}")
     if threads is not None and threads < 1:
@@ -140,20 +152,21 @@ def sample(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, length=length,
         num_samples=num_samples, seed=seed, form=form, acrostic=acrostic, line_length=line_length, rhyme=rhyme,
         rhyme_book=rhyme_book, rhyme_group=rhyme_group, tones=tones, pattern=pattern, style=style,
-        output_script=output_script,
+        output_script=output_script, best_of=best_of, beam=beam,
     )
     options.validate()  # before the load: a bad value is reported at once
     opened = open_model(path, device, threads)
+    copies = opened.training_copies() if best_of > 1 or beam else None
     with _Writer(output, stream) as writer:
         result = generate(opened.model, opened.vocab, primes, options, on_text=writer.piece if stream else None,
-                          threads=threads)
+                          threads=threads, copies=copies)
         for n in result.notes:
             note(f"Note: {n}")
         writer.finish(result.records(str(path)) if json_out else None,
                       None if stream or json_out else [s.text for s in result.samples])
     if output is not None:
         note(f"Wrote {len(result.samples)} sample(s) to {output}")
-    if seed is None:
+    if seed is None and not beam:
         note(f"Seed: {result.seed}")
 
 

@@ -140,6 +140,13 @@ class OpenedModel:
     device: str  # "cpu" (numpy) or the torch device it runs on
     dataset_meta: dict = field(default_factory=dict)  # what the checkpoint recorded of its training data
 
+    def training_copies(self) -> Any:
+        """The index of the lines of the text the model was trained on (poetgen.data.copies), or None when that
+        dataset is not on this machine (a shipped model's is not)."""
+        from poetgen.data.copies import training_copies
+
+        return training_copies(self.dataset_meta)
+
 
 def open_model(path: str | Path, device: str = "auto", threads: int | None = None) -> OpenedModel:
     """A model file ready to sample from, on ``device`` (auto: CUDA when the installed torch is a CUDA build, else the

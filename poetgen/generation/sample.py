@@ -30,7 +30,7 @@ import random
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from typing import Any
 
@@ -68,6 +68,8 @@ class SampleOptions:
     pattern: str | None = None  # that pattern by name (仄起首句入韵 ...); None: the model's first choices pick it
     style: str | None = None  # hidden prefix
     output_script: str | None = None  # None (as the model writes), "simplified" or "traditional"
+    best_of: int = 1  # draw this many candidates per sample, keep the best (poetgen.generation.search)
+    beam: int = 0  # beam search with this many hypotheses per prime instead of sampling; 0 = off
 
     def validate(self) -> None:
         if not self.temperature >= 0:
@@ -90,6 +92,12 @@ class SampleOptions:
             raise SampleError(f"line length must be 5 or 7, got {self.line_length}")
         if self.line_length is not None and not self.acrostic:
             raise SampleError("--line-length applies to --acrostic (a form fixes its own line length)")
+        if self.best_of < 1:
+            raise SampleError(f"--best-of must be at least 1, got {self.best_of}")
+        if self.beam < 0:
+            raise SampleError(f"--beam must be 0 (off) or more, got {self.beam}")
+        if self.beam and self.best_of > 1:
+            raise SampleError("--beam and --best-of are two ways to choose: give one of them")
         if self.rhyme and not (self.form or self.acrostic):
             raise SampleError("--rhyme needs --form or --acrostic: it rhymes the ends of the even lines of a poem")
         self._validate_prosody()
@@ -303,6 +311,7 @@ def generate(
     options: SampleOptions | None = None,
     on_text: Callable[[str], None] | None = None,
     threads: int | None = None,
+    copies: Any = None,
 ) -> SampleResult:
     """``options.num_samples`` samples for each prime, all in one batch (prime-major order).
 
@@ -311,7 +320,9 @@ def generate(
     in the mode it was in). ``on_text`` receives the first sample as it is written: its prime, then each new
     character (converted to the output script one character at a time). ``threads``: numpy's BLAS threads for the
     call; None (the default) lets poetgen.generation.threads.ThreadTuner pick between one and more by timing the steps, since
-    which is faster depends on the batch and on what else the machine is doing.
+    which is faster depends on the batch and on what else the machine is doing. ``copies``: the training text's
+    poetgen.data.copies.TrainingIndex, with which ``best_of`` drops candidates that copy a line (None: no check).
+    ``beam`` and ``best_of``: see poetgen.generation.search; ``on_text`` streams plain sampling only.
     """
     o = options or SampleOptions()
     o.validate()
@@ -342,7 +353,7 @@ def generate(
         max_new = need
     else:
         max_new = o.length or DEFAULT_LENGTH
-    rows = len(primes) * o.num_samples
+    rows = len(primes) * (o.beam or o.num_samples * o.best_of)
     if rows * max_new > MAX_CELLS:  # the (rows, max_new) output buffers are allocated up front
         raise SampleError(f"{rows:,} sample(s) of up to {max_new:,} symbols are too many to hold at once (at most "
                           f"{MAX_CELLS:,} symbols in all); lower --length or --num-samples")
@@ -352,8 +363,25 @@ def generate(
         engine.use_table()  # a gather instead of layer 0's input matmul; its build pays off from ~V row-steps
     tuner = ThreadTuner(choices=None if threads is None else (threads,))
     with context(), tuner:
-        return _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text,
-                       tuner)
+        if copies is None and (o.beam or o.best_of > 1):
+            notes.append("the model's training text is not on this machine, so copied lines are not refused")
+        if o.beam:
+            from poetgen.generation.search import beam_generate
+
+            return beam_generate(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes,
+                                 tuner, copies)
+        if o.best_of == 1:
+            return _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes,
+                           on_text, tuner)
+        from poetgen.generation.search import pick_best
+
+        wide = replace(o, num_samples=o.num_samples * o.best_of)
+        result = _decode(engine, vocab, primes, primes_model, style, constraint, starts, wide, max_new, notes, None,
+                         tuner)
+        result.samples, more = pick_best(result.samples, len(primes), o.num_samples, copies)
+        result.notes.extend(more)
+        result.options["num_samples"] = o.num_samples
+        return result
 
 
 def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, max_new, notes, on_text, tuner):
@@ -446,24 +474,21 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
     for r in range(B):
         ids = [i for i in out_list[r] if i >= 0]
         ended = bool(ids) and ids[-1] == EOT_ID
-        body = ids[:-1] if ended else ids
         k = len(ids)
-        prime_given = primes[r // n]
-        generated = vocab.decode(body, eot="\n")
-        prime_text = primes_model[r // n]
-        text = _convert(prime_text + generated, o.output_script)
-        samples.append(
-            Sample(
-                prime=prime_given,
-                text=text,
-                generated=text[len(prime_text):] if len(text) == len(prime_text + generated) else generated,
-                mean_logprob=sum(logps_list[r][:k]) / k if k else 0.0,
-                tokens=k,
-                ended=ended,
-            )
-        )
+        samples.append(make_sample(vocab, primes[r // n], primes_model[r // n], ids[:-1] if ended else ids,
+                                   sum(logps_list[r][:k]) / k if k else 0.0, k, ended, o.output_script))
     settings = o.to_dict() | {"top_k": top_k if o.top_k is not None else None, "length": max_new, "seed": seed}
     return SampleResult(samples, seed, settings, notes, seconds, steps, tuner.current)
+
+
+def make_sample(vocab: Vocab, prime: str, prime_model: str, body: list[int], mean_logprob: float, tokens: int,
+                ended: bool, script: str | None) -> Sample:
+    """A Sample from the generated ids (``body``: without the final <eot>), in the output ``script``."""
+    generated = vocab.decode(body, eot="\n")
+    text = _convert(prime_model + generated, script)
+    return Sample(prime=prime, text=text,
+                  generated=text[len(prime_model):] if len(text) == len(prime_model + generated) else generated,
+                  mean_logprob=mean_logprob, tokens=tokens, ended=ended)
 
 
 def _convert(text: str, script: str | None) -> str:
