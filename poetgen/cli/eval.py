@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -84,20 +83,9 @@ def eval_(
 
         poetgen eval checkpoints/tang-lstm --samples 50 --form 五绝 --seed 1
     """
-    if samples and not checkpoints and poems is not None:
-        raise typer.BadParameter("--samples needs a CHECKPOINT to generate from")
-    if data and not checkpoints and poems is not None:
-        raise typer.BadParameter("--data is scored by a model: give a CHECKPOINT")
-    if no_loss and not samples and poems is None:
-        raise typer.BadParameter("--no-loss leaves nothing to measure: add --samples N or --poems FILE")
-    if split not in ("val", "train"):
-        raise typer.BadParameter(f"--split must be val or train, not {split!r}")
-    if rhyme and not form:
-        raise typer.BadParameter("--rhyme needs --form")
-    if tones and not form:
-        raise typer.BadParameter("--tones needs --form")
-    if rhyme_book not in ("pingshui", "xinyun"):
-        raise typer.BadParameter(f"--rhyme-book must be pingshui or xinyun, not {rhyme_book!r}")
+    problem = _usage_problem(checkpoints, data, poems, samples, no_loss, split, form, rhyme, tones, rhyme_book)
+    if problem:
+        raise typer.BadParameter(problem)
 
     from poetgen.checkpoint.format import default_checkpoint
     from poetgen.evaluation.report import EvalRequest, run_eval
@@ -115,8 +103,7 @@ def eval_(
     with progress(stderr_console(quiet), "Scoring") as on_progress:
         outcome = run_eval(request, on_progress=on_progress)
     if save_samples is not None and outcome.generated:
-        save_samples.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in outcome.generated),
-                                encoding="utf-8")
+        outcome.save_generated(save_samples)
         note(f"Wrote {len(outcome.generated)} poem(s) to {save_samples}")
     if json_out:
         print_json(outcome.to_dict())
@@ -127,6 +114,23 @@ def eval_(
         _print_model_table(outcome.models)
     if outcome.poems:
         _print_poem_reports(outcome.poems, tone_note(rhyme_book))
+
+
+def _usage_problem(checkpoints, data, poems, samples, no_loss, split, form, rhyme, tones, rhyme_book) -> str | None:
+    """What makes this combination of flags meaningless (a usage error, exit 2), or None."""
+    if samples and not checkpoints and poems is not None:
+        return "--samples needs a CHECKPOINT to generate from"
+    if data and not checkpoints and poems is not None:
+        return "--data is scored by a model: give a CHECKPOINT"
+    if no_loss and not samples and poems is None:
+        return "--no-loss leaves nothing to measure: add --samples N or --poems FILE"
+    if split not in ("val", "train"):
+        return f"--split must be val or train, not {split!r}"
+    if (rhyme or tones) and not form:
+        return f"--{'rhyme' if rhyme else 'tones'} needs --form"
+    if rhyme_book not in ("pingshui", "xinyun"):
+        return f"--rhyme-book must be pingshui or xinyun, not {rhyme_book!r}"
+    return None
 
 
 def _print_model_table(reports) -> None:

@@ -59,6 +59,13 @@ class EvalOutcome:
     notes: list[str] = field(default_factory=list)
     book: str = "pingshui"
 
+    def save_generated(self, path: str | Path) -> None:
+        """The generated poems as JSON Lines (measure them again with `eval --poems`)."""
+        import json
+
+        Path(path).write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in self.generated),
+                              encoding="utf-8")
+
     def to_dict(self) -> dict:
         return {
             "models": [r.to_dict() for r in self.models],
