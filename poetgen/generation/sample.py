@@ -304,29 +304,23 @@ def _choose(scores: np.ndarray, o: SampleOptions, top_k: int, rng: np.random.Gen
     return _draw(weights, rng)
 
 
-def generate(
-    model: Any,
-    vocab: Vocab,
-    primes: Sequence[str] = ("",),
-    options: SampleOptions | None = None,
-    on_text: Callable[[str], None] | None = None,
-    threads: int | None = None,
-    copies: Any = None,
-) -> SampleResult:
-    """``options.num_samples`` samples for each prime, all in one batch (prime-major order).
+@dataclass
+class Plan:
+    """What ``generate`` settles before the model runs (``plan_samples``): the texts in the model's script, the
+    form constraint and each prime's state in it, and the most symbols a sample may take."""
 
-    ``model``: a poetgen.model.runtime.Runtime, a CharRNN (on the CPU it is run by a Runtime made from its weights), or any
-    torch module with ``forward(idx, hidden) -> (scores, hidden)`` (run on its device in eval mode, then put back
-    in the mode it was in). ``on_text`` receives the first sample as it is written: its prime, then each new
-    character (converted to the output script one character at a time). ``threads``: numpy's BLAS threads for the
-    call; None (the default) lets poetgen.generation.threads.ThreadTuner pick between one and more by timing the steps, since
-    which is faster depends on the batch and on what else the machine is doing. ``copies``: the training text's
-    poetgen.data.copies.TrainingIndex, with which ``best_of`` drops candidates that copy a line (None: no check).
-    ``beam`` and ``best_of``: see poetgen.generation.search; ``on_text`` streams plain sampling only.
-    """
-    o = options or SampleOptions()
-    o.validate()
-    primes = list(primes) or [""]
+    primes_model: list[str]  # each prime in the model's script
+    style: str  # the hidden prefix in the model's script ("" for none)
+    constraint: FormConstraint | None
+    starts: list[ConstraintState]  # per prime: its state after the prime (empty without a constraint)
+    max_new: int
+    notes: list[str]
+
+
+def plan_samples(vocab: Vocab, primes: Sequence[str], o: SampleOptions) -> Plan:
+    """Scripts, constraint and length for ``primes`` under validated options ``o``; SampleError for a prime,
+    style or acrostic the model cannot write, or a length too short for the form. Shared by ``generate`` and the
+    server's batcher (poetgen.serving), so that both refuse the same requests with the same words."""
     notes: list[str] = []
     script = vocab_script(vocab) if any(vocab.unknown(t) for t in (*primes, o.style or "", o.acrostic or "")) else None
 
@@ -353,6 +347,35 @@ def generate(
         max_new = need
     else:
         max_new = o.length or DEFAULT_LENGTH
+    return Plan(primes_model, style, constraint, starts, max_new, notes)
+
+
+def generate(
+    model: Any,
+    vocab: Vocab,
+    primes: Sequence[str] = ("",),
+    options: SampleOptions | None = None,
+    on_text: Callable[[str], None] | None = None,
+    threads: int | None = None,
+    copies: Any = None,
+) -> SampleResult:
+    """``options.num_samples`` samples for each prime, all in one batch (prime-major order).
+
+    ``model``: a poetgen.model.runtime.Runtime, a CharRNN (on the CPU it is run by a Runtime made from its weights), or any
+    torch module with ``forward(idx, hidden) -> (scores, hidden)`` (run on its device in eval mode, then put back
+    in the mode it was in). ``on_text`` receives the first sample as it is written: its prime, then each new
+    character (converted to the output script one character at a time). ``threads``: numpy's BLAS threads for the
+    call; None (the default) lets poetgen.generation.threads.ThreadTuner pick between one and more by timing the steps, since
+    which is faster depends on the batch and on what else the machine is doing. ``copies``: the training text's
+    poetgen.data.copies.TrainingIndex, with which ``best_of`` drops candidates that copy a line (None: no check).
+    ``beam`` and ``best_of``: see poetgen.generation.search; ``on_text`` streams plain sampling only.
+    """
+    o = options or SampleOptions()
+    o.validate()
+    primes = list(primes) or [""]
+    plan = plan_samples(vocab, primes, o)
+    primes_model, style, constraint, starts, max_new, notes = (plan.primes_model, plan.style, plan.constraint,
+                                                               plan.starts, plan.max_new, plan.notes)
     rows = len(primes) * (o.beam or o.num_samples * o.best_of)
     if rows * max_new > MAX_CELLS:  # the (rows, max_new) output buffers are allocated up front
         raise SampleError(f"{rows:,} sample(s) of up to {max_new:,} symbols are too many to hold at once (at most "
@@ -404,17 +427,10 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
     if constraint is not None:
         batch_constraint = BatchConstraint(constraint, [s for s in starts for _ in range(n)])
     penalize = o.repetition_penalty != 1.0
+    seen = None
     if penalize:
-        log_penalty = np.float32(np.log(o.repetition_penalty))
         penalizable = _penalizable(vocab)  # (V,)
-        seen = np.zeros((B, V), dtype=bool)  # (B, V) symbols used so far
-        for r, p in enumerate(primes_model):
-            if p:
-                seen[r * n : (r + 1) * n, vocab.encode(p)] = True
-        seen &= penalizable[None, :]
-    # Temperature 1 with nothing to mask or truncate draws from the model's own softmax: one exp serves both.
-    plain = o.temperature == 1 and not penalize and constraint is None and top_k == V and not (
-        o.top_p is not None and o.top_p < 1)
+        seen = start_seen(vocab, primes_model, n, penalizable)  # (B, V) symbols used so far
 
     out = np.full((B, max_new), -1, dtype=np.int64)  # (B, max_new); -1 after the end
     logps = np.zeros((B, max_new))  # (B, max_new) model log-probabilities
@@ -426,30 +442,19 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
     steps = 0
     active = np.arange(B)  # (b,) 0 .. b - 1
     for t in range(max_new):
-        shifted = scores - scores.max(axis=1, keepdims=True)  # (b, V)
-        weights = np.exp(shifted)
-        log_norm = np.log(weights.sum(axis=1))  # (b,) for the model's log-probability of the choice
-        if plain:
-            token = _draw(weights, rng)
-        else:
-            if penalize:
-                # A used character's probability is divided by the penalty (before renormalising): the same rule
-                # whether the scores are the full head's logits or the adaptive head's log-probabilities.
-                scores = np.where(seen, scores - log_penalty, scores)
-            if batch_constraint is not None:
-                scores = np.where(batch_constraint.allowed(), scores, np.float32(NEG_INF))
-            token = _choose(scores, o, top_k, rng)  # (b,)
+        allowed = batch_constraint.allowed() if batch_constraint is not None else None
+        token, logp = sample_step(scores, o, top_k, rng, allowed, seen)  # (b,), (b,)
         out[rows, t] = token
-        logps[rows, t] = shifted[active, token] - log_norm
+        logps[rows, t] = logp
         if streaming:
             first = int(token[0]) if rows[0] == 0 else EOT_ID
             if first == EOT_ID:
                 streaming = False
             else:
-                on_text(_convert(vocab.symbols[first] if first != 1 else "\ufffd", o.output_script))
+                on_text(symbol_text(vocab, first, o.output_script))
         if batch_constraint is not None:
             batch_constraint.advance(token)
-        if penalize:
+        if seen is not None:
             seen[active, token] |= penalizable[token]
         done = token == EOT_ID
         if done.any():
@@ -460,7 +465,7 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
             engine.select(keep)
             if batch_constraint is not None:
                 batch_constraint.keep(keep)
-            if penalize:
+            if seen is not None:
                 seen = seen[keep]
         if t == max_new - 1:
             break
@@ -473,12 +478,70 @@ def _decode(engine, vocab, primes, primes_model, style, constraint, starts, o, m
     out_list, logps_list = out.tolist(), logps.tolist()
     for r in range(B):
         ids = [i for i in out_list[r] if i >= 0]
-        ended = bool(ids) and ids[-1] == EOT_ID
-        k = len(ids)
-        samples.append(make_sample(vocab, primes[r // n], primes_model[r // n], ids[:-1] if ended else ids,
-                                   sum(logps_list[r][:k]) / k if k else 0.0, k, ended, o.output_script))
-    settings = o.to_dict() | {"top_k": top_k if o.top_k is not None else None, "length": max_new, "seed": seed}
-    return SampleResult(samples, seed, settings, notes, seconds, steps, tuner.current)
+        samples.append(row_sample(vocab, primes[r // n], primes_model[r // n], ids, logps_list[r][: len(ids)],
+                                  o.output_script))
+    return SampleResult(samples, seed, settings(o, top_k, max_new, seed), notes, seconds, steps, tuner.current)
+
+
+# --- one step, shared by generate and the server (poetgen.serving) ----------------------------------------------
+
+
+def start_seen(vocab: Vocab, primes_model: Sequence[str], n: int, penalizable: np.ndarray) -> np.ndarray:
+    """(len(primes) * n, V) bool: the characters each row has used before its first step (its prime's), for the
+    repetition penalty; ``penalizable`` is ``_penalizable(vocab)``."""
+    seen = np.zeros((len(primes_model) * n, len(vocab)), dtype=bool)
+    for r, p in enumerate(primes_model):
+        if p:
+            seen[r * n : (r + 1) * n, vocab.encode(p)] = True
+    seen &= penalizable[None, :]
+    return seen
+
+
+def sample_step(scores: np.ndarray, o: SampleOptions, top_k: int, rng: Any, allowed: np.ndarray | None = None,
+                seen: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One decoding step for rows that share the options ``o``: scores (b, V) -> (chosen ids (b,), the model's
+    log-probability of each (b,)).
+
+    ``rng`` gives the uniform numbers of the draw (``random()`` for one row, ``random(b)`` for b; none at
+    temperature 0): a numpy Generator, or anything that answers the same, e.g. one Generator per request. ``allowed``
+    (b, V) bool: the constraint's mask. ``seen`` (b, V) bool: the characters used so far, with
+    ``o.repetition_penalty`` != 1 (None otherwise)."""
+    shifted = scores - scores.max(axis=1, keepdims=True)  # (b, V)
+    weights = np.exp(shifted)
+    log_norm = np.log(weights.sum(axis=1))  # (b,) for the model's log-probability of the choice
+    # Temperature 1 with nothing to mask or truncate draws from the model's own softmax: one exp serves both.
+    plain = o.temperature == 1 and seen is None and allowed is None and top_k == scores.shape[1] and not (
+        o.top_p is not None and o.top_p < 1)
+    if plain:
+        token = _draw(weights, rng)
+    else:
+        if seen is not None:
+            # A used character's probability is divided by the penalty (before renormalising): the same rule
+            # whether the scores are the full head's logits or the adaptive head's log-probabilities.
+            scores = np.where(seen, scores - np.float32(np.log(o.repetition_penalty)), scores)
+        if allowed is not None:
+            scores = np.where(allowed, scores, np.float32(NEG_INF))
+        token = _choose(scores, o, top_k, rng)  # (b,)
+    return token, shifted[np.arange(len(token)), token] - log_norm
+
+
+def row_sample(vocab: Vocab, prime: str, prime_model: str, ids: list[int], logps: list[float],
+               script: str | None) -> Sample:
+    """A Sample from a row's generated ids (its final <eot> included when it ended) and their log-probabilities."""
+    ended = bool(ids) and ids[-1] == EOT_ID
+    k = len(ids)
+    return make_sample(vocab, prime, prime_model, ids[:-1] if ended else ids, sum(logps[:k]) / k if k else 0.0, k,
+                       ended, script)
+
+
+def settings(o: SampleOptions, top_k: int, max_new: int, seed: int) -> dict:
+    """SampleResult.options: the options with top_k clamped (when given), the length resolved and the seed."""
+    return o.to_dict() | {"top_k": top_k if o.top_k is not None else None, "length": max_new, "seed": seed}
+
+
+def symbol_text(vocab: Vocab, token: int, script: str | None) -> str:
+    """One generated symbol as streamed text (<unk> as U+FFFD), in the output script."""
+    return _convert(vocab.symbols[token] if token != 1 else "\ufffd", script)
 
 
 def make_sample(vocab: Vocab, prime: str, prime_model: str, body: list[int], mean_logprob: float, tokens: int,
