@@ -28,6 +28,7 @@ samples), and reports nothing but arrays: the decoding itself lives in poetgen.g
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,27 @@ class Runtime:
                 layer.c = np.concatenate([p[1][i] for p in parts])[inverse]  # type: ignore[misc]
         self._buffers(len(inverse))
         return np.concatenate([p[2] for p in parts])[inverse]
+
+    def append(self, prefixes: list[list[int]]) -> np.ndarray:
+        """``prefix`` for new rows added after the rows already held, whose state is kept: -> scores (U, V) of the
+        new rows. Each new row's numbers are exactly what ``prefix`` alone gives (continuous batching: a request
+        joins a running batch, poetgen.serving)."""
+        old = [(layer.X, layer.c) for layer in self.layers]
+        scores = self.prefix(prefixes)
+        if old and len(old[0][0]):
+            for layer, (X, c) in zip(self.layers, old):
+                layer.X = np.concatenate([X, layer.X])
+                if c is not None:
+                    layer.c = np.concatenate([c, layer.c])  # type: ignore[list-item]
+            self._buffers(self.batch)
+        return scores
+
+    def fork(self) -> Runtime:
+        """Another Runtime over the same (read-only) weights with a state of its own, empty: two decoding loops
+        in two threads without a second copy of the model."""
+        other = copy.copy(self)
+        other.reset(0)
+        return other
 
     def feed(self, ids: np.ndarray, fresh: bool = False) -> np.ndarray:
         """ids (B, T) -> scores (B, V) after the last step. ``fresh``: from a zero state for B rows; else the
