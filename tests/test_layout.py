@@ -24,6 +24,7 @@ LAYERS = [
     {"generation"},  # decoding (sampling), constraints, engines, thread tuning
     {"evaluation"},  # the one scorer, poem metrics, plots, eval reports
     {"training"},  # configuration, runs, the loop (scores with evaluation, samples with generation), distributed
+    {"serving"},  # the HTTP server: continuous batching over generation's step, the ASGI app, the page
     {"cli", "__main__"},  # one module per command; nothing imports it
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -35,7 +35,7 @@ app = typer.Typer(
 )
 
 # The command modules import only typer and the shared rendering at load time; after the defaults above all the same.
-from poetgen.cli import download, eval, models, plot, prepare, sample, train  # noqa: E402
+from poetgen.cli import download, eval, models, plot, prepare, sample, serve, train  # noqa: E402
 
 
 def version_callback(value: bool) -> None:
@@ -60,6 +60,7 @@ app.command(name="eval")(eval.eval_)
 app.command()(plot.plot)
 app.command()(download.download)
 app.command()(models.models)
+app.command()(serve.serve)
 
 
 def main() -> None:

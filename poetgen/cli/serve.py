@@ -1,0 +1,51 @@
+"""`poetgen serve`: the HTTP API and the web page (poetgen.serving)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from poetgen.cli.common import handles_errors
+
+
+@handles_errors
+def serve(
+    checkpoint: Optional[List[str]] = typer.Option(
+        None, "--checkpoint", "-c",
+        help="A model to serve: checkpoint file, run directory or shipped name; repeat for more (requests pick one "
+        "by name, the first is the default). Default: the shipped tang model, else the newest run in ./checkpoints.",
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    max_batch: int = typer.Option(64, "--max-batch", help="Most poems decoded together in one model step."),
+    queue: int = typer.Option(64, "--queue", help="Requests that may wait per model; more are answered 503."),
+    max_n: int = typer.Option(16, "--max-n", help="Most poems one request may ask for (n)."),
+    max_length: int = typer.Option(1000, "--max-length", help="Most characters per poem a request may ask for."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds a request may take; then it is stopped (503)."),
+    max_body: int = typer.Option(16384, "--max-body", help="Bytes a request body may have; more are refused (413)."),
+    cors: Optional[List[str]] = typer.Option(
+        None, "--cors", metavar="ORIGIN", help="Let web pages from ORIGIN call the API (repeatable). Default: none."
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="CPU threads for the matrix products. Default: chosen by timing the steps."
+    ),
+) -> None:
+    """Serve poems over HTTP: a JSON API (POST /v1/poems, streamed GET /v1/poems/stream, GET /v1/models) and a web
+    page at /. Models are loaded once; requests that arrive together are decoded together, one batch per step.
+
+    Example:
+
+        poetgen serve -c tang --port 8000
+    """
+    for flag, value in (("--max-batch", max_batch), ("--queue", queue), ("--max-n", max_n),
+                        ("--max-length", max_length), ("--max-body", max_body), ("--threads", threads or 1)):
+        if value < 1:
+            raise typer.BadParameter(f"{flag} must be at least 1, got {value}")
+    if not timeout > 0:
+        raise typer.BadParameter(f"--timeout must be positive, got {timeout}")
+    from poetgen.serving.batcher import Limits
+    from poetgen.serving.server import run
+
+    run(list(checkpoint or []), host, port, Limits(max_batch, queue, max_n, max_length, timeout), max_body,
+        list(cors or []), threads)

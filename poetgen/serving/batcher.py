@@ -1,0 +1,416 @@
+"""Continuous batching: many requests decoded by one model, one batch per model step.
+
+A ``Batcher`` owns a numpy Runtime and a thread that loops:
+
+1. Requests waiting in the bounded queue join: each one's prefix (``<eot> [style <eot>] prime``) is run alone and
+   its state appended to the running batch (``Runtime.append``), copied once per sample (``n`` rows).
+2. One decoding step for every row. The model step is shared; the draw is generation's own
+   (``poetgen.generation.sample.sample_step``, the step ``poetgen sample`` runs), called once per group of requests
+   with the same sampling settings, each request drawing its uniform numbers from its own seeded Generator.
+3. Rows that drew <eot> (or reached their length) leave the batch; a request whose rows have all left is answered,
+   and the ones that waited join at the next step.
+
+What holds: a request with a seed, decoded alone, is exactly what ``generate`` (and so ``poetgen sample --seed``)
+writes with the same options: the same prefix run, the same step on the same rows, the same Generator. Decoded
+beside other requests, its draws are still its own (its Generator, its masks), but the model's numbers come from a
+larger matrix product whose float32 rounding may differ in the last bit, and a group of requests draws through the
+many-row path of ``_draw``; so a draw that falls within rounding of a boundary between two symbols may go the other
+way. best_of and beam requests do not join the batch: ``generate`` runs them whole on a fork of the Runtime (same
+weights, a state of its own) in a worker thread.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from poetgen.data.vocab import EOT_ID, Vocab
+from poetgen.errors import PoetgenError, SampleError
+from poetgen.generation.constraints import BatchConstraint
+from poetgen.generation.sample import (
+    Plan,
+    SampleOptions,
+    SampleResult,
+    _convert,
+    _generator,
+    _penalizable,
+    generate,
+    plan_samples,
+    row_sample,
+    sample_step,
+    settings,
+    start_seen,
+    symbol_text,
+)
+from poetgen.generation.threads import ThreadTuner
+
+
+class Overloaded(PoetgenError):
+    """The queue is full: the request was not taken (HTTP 503)."""
+
+
+class TimedOut(PoetgenError):
+    """The request ran past its time limit and was stopped (HTTP 503)."""
+
+
+@dataclass
+class Limits:
+    """What one request may ask, and how much the server takes on at once (flags of `poetgen serve`)."""
+
+    max_rows: int = 64  # rows (samples) decoded together in one step
+    queue: int = 64  # requests waiting to join; one more is refused (Overloaded)
+    max_n: int = 16  # samples per request (n; n x best_of and beam are held to max_rows)
+    max_length: int = 1000  # symbols per sample
+    timeout: float = 60.0  # seconds from arrival to the end of a request
+
+
+@dataclass
+class Stats:
+    """Counters for /v1/stats: how much batching happened."""
+
+    steps: int = 0  # model steps (one per batch)
+    rows_stepped: int = 0  # rows over all steps: rows_stepped / steps is the mean batch
+    max_batch: int = 0  # most rows in one step
+    max_requests: int = 0  # most requests in one step
+    requests: int = 0  # answered
+    failed: int = 0  # timed out or failed
+    rejected: int = 0  # refused: queue full
+    searches: int = 0  # best_of / beam requests run by generate
+
+    def to_dict(self) -> dict:
+        mean = self.rows_stepped / self.steps if self.steps else 0.0
+        return {**self.__dict__, "mean_batch": round(mean, 3)}
+
+
+@dataclass
+class Job:
+    """One request's sampling: its options, plan, Generator and per-row progress."""
+
+    prime: str
+    options: SampleOptions
+    plan: Plan
+    seed: int
+    top_k: int
+    deadline: float
+    on_piece: Callable[[str], None] | None  # the first sample's text as it is written
+    on_done: Callable[[SampleResult | None, Exception | None], None]
+    started: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    # decoding state, set when the job joins the batch
+    rng: Any = None
+    constraint: BatchConstraint | None = None
+    seen: np.ndarray | None = None  # (b, V) with a repetition penalty
+    active: np.ndarray | None = None  # (b,) this job's rows still going, as sample numbers 0 .. n - 1
+    ids: list[list[int]] = field(default_factory=list)  # per sample
+    logps: list[list[float]] = field(default_factory=list)
+    t: int = 0  # steps drawn
+
+    @property
+    def n(self) -> int:
+        return self.options.num_samples
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.active is None else len(self.active)
+
+    def key(self) -> tuple:
+        """Jobs with equal keys draw in one sample_step call."""
+        o = self.options
+        return (o.temperature, self.top_k, o.top_p, o.repetition_penalty, self.constraint is not None)
+
+    def cancel(self) -> None:
+        """Stop at the next step (the client went away); on_done is not called."""
+        self.cancelled = True
+
+
+class _Streams:
+    """The uniform numbers of one sample_step call over a group of jobs: each job's rows from its own Generator, in
+    row order (what ``rng.random(b)`` would give each job alone)."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+
+    def random(self, size: int | None = None) -> Any:
+        if size is None:  # one row in all: one job with one row
+            return self.jobs[0].rng.random()
+        return np.concatenate([j.rng.random(j.rows) for j in self.jobs])
+
+
+class Batcher:
+    """Decodes the requests for one model: ``submit`` from any thread; answers come through each job's callbacks,
+    from the batcher's thread. ``model``: a poetgen.model.runtime.Runtime (the CPU engine)."""
+
+    def __init__(self, model: Any, vocab: Vocab, limits: Limits | None = None, threads: int | None = None,
+                 copies: Callable[[], Any] | None = None):
+        self.model, self.vocab = model, vocab
+        self.limits = limits or Limits()
+        self.threads = threads
+        self.copies = copies  # -> the training text's index, for best_of / beam (None: no check)
+        self.stats = Stats()
+        self.penalizable = _penalizable(vocab)
+        self._waiting: deque[Job] = deque()
+        self._jobs: list[Job] = []  # in the order of their rows in the model's state
+        self._scores: np.ndarray | None = None  # (B, V) the scores the next draw uses
+        self._cond = threading.Condition()
+        self._stop = False
+        self._searching = 0  # best_of / beam requests taken and not yet answered
+        self._thread = threading.Thread(target=self._run, name="poetgen-batcher", daemon=True)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poetgen-search")
+        self._fork: Any = None
+        self._constraints: dict = {}  # FormConstraints by their arguments (plan_samples)
+
+    # --- the caller's side ----------------------------------------------------------------------------------
+
+    def start(self) -> Batcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting) + self._searching
+
+    def active_rows(self) -> int:
+        return sum(j.rows for j in list(self._jobs))
+
+    def check(self, options: SampleOptions) -> SampleOptions:
+        """Validate ``options`` (SampleOptions.validate: the CLI's words) and hold them to the limits; with no
+        length and no form, the length is at most the limit. SampleError for a bad one."""
+        options.validate()
+        lim = self.limits
+        if options.num_samples > lim.max_n:
+            raise SampleError(f"n must be at most {lim.max_n} on this server (--max-n), got {options.num_samples}")
+        if options.num_samples * options.best_of > lim.max_rows:
+            raise SampleError(f"n x best_of must be at most {lim.max_rows} on this server (--max-batch), got "
+                              f"{options.num_samples * options.best_of}")
+        if options.beam > lim.max_rows:
+            raise SampleError(f"beam must be at most {lim.max_rows} on this server (--max-batch), got {options.beam}")
+        if options.length is not None and options.length > lim.max_length:
+            raise SampleError(f"length must be at most {lim.max_length} on this server (--max-length), got "
+                              f"{options.length}")
+        if options.length is None and not (options.form or options.acrostic):
+            options = replace(options, length=min(lim.max_length, 500))
+        return options
+
+    def submit(self, prime: str, options: SampleOptions,
+               on_done: Callable[[SampleResult | None, Exception | None], None],
+               on_piece: Callable[[str], None] | None = None) -> Job:
+        """Plan the request (SampleError for options or texts the model cannot take, as ``generate`` says it) and
+        queue it (Overloaded when the queue is full). ``on_done(result, None)`` or ``on_done(None, error)`` is
+        called once, from another thread; ``on_piece`` (one sample, no best_of or beam) gets the text as written."""
+        options = self.check(options)
+        seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
+        options = replace(options, seed=seed)
+        plan = plan_samples(self.vocab, [prime], options, self._constraints)
+        V = len(self.vocab)
+        job = Job(prime, options, plan, seed, min(options.top_k or V, V), time.perf_counter() + self.limits.timeout,
+                  on_piece, on_done)
+        with self._cond:
+            if len(self._waiting) + self._searching >= self.limits.queue:
+                self.stats.rejected += 1
+                raise Overloaded(f"the server is busy: {self.limits.queue} request(s) already wait for this model "
+                                 f"(--queue); try again shortly")
+            if options.best_of > 1 or options.beam:
+                self._searching += 1
+                self._pool.submit(self._search, job)
+            else:
+                self._waiting.append(job)
+                self._cond.notify()
+        return job
+
+    # --- best_of and beam: generate, whole, in a worker thread -------------------------------------------
+
+    def _search(self, job: Job) -> None:
+        try:
+            if job.cancelled:
+                return
+            if self._fork is None:
+                self._fork = self.model.fork()
+            copies = self.copies() if self.copies is not None else None
+            result = generate(self._fork, self.vocab, [job.prime], job.options, threads=self.threads, copies=copies)
+        except Exception as e:  # noqa: BLE001 - handed to the caller, who answers it
+            self.stats.failed += 1
+            job.on_done(None, e)
+        else:
+            self.stats.requests += 1
+            self.stats.searches += 1
+            job.on_done(result, None)
+        finally:
+            with self._cond:
+                self._searching -= 1
+
+    # --- the batcher's thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        tuner = ThreadTuner(choices=None if self.threads is None else (self.threads,))
+        with tuner:
+            while True:
+                with self._cond:
+                    while not self._stop and not self._waiting and not self._jobs:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    joining = self._admit()
+                try:
+                    self._join(joining)
+                    self._step(tuner)
+                except Exception as e:  # noqa: BLE001 - a bug must not leave callers waiting forever
+                    self._fail_all(e)
+
+    def _admit(self) -> list[Job]:
+        """Waiting jobs that fit in the batch now (under the lock)."""
+        rows = sum(j.n for j in self._jobs)
+        joining = []
+        while self._waiting and (rows + self._waiting[0].n <= self.limits.max_rows or rows == 0):
+            job = self._waiting.popleft()
+            if job.cancelled:
+                continue
+            joining.append(job)
+            rows += job.n
+        return joining
+
+    def _join(self, jobs: list[Job]) -> None:
+        """The joining jobs' prefixes, run together (one batched run per prefix length) and appended to the batch,
+        each job's row then copied out to its n samples (as generate does)."""
+        if not jobs:
+            return
+        vocab = self.vocab
+        prefixes = []
+        for job in jobs:
+            style_ids = vocab.encode(job.plan.style) + [EOT_ID] if job.plan.style else []
+            prefixes.append([EOT_ID] + style_ids + vocab.encode(job.plan.primes_model[0]))
+        B0 = sum(j.rows for j in self._jobs)
+        first = self.model.append(prefixes)  # (U, V)
+        copies = np.repeat(np.arange(len(jobs)), [j.n for j in jobs])  # each job's row, n times
+        self.model.select(np.concatenate([np.arange(B0), B0 + copies]))
+        rows = first[copies]
+        self._scores = rows if self._scores is None or B0 == 0 else np.concatenate([self._scores, rows])
+        for job in jobs:
+            plan, o, n = job.plan, job.options, job.n
+            job.rng = _generator(job.seed)
+            if plan.constraint is not None:
+                job.constraint = BatchConstraint(plan.constraint, [plan.starts[0]] * n)
+            if o.repetition_penalty != 1.0:
+                job.seen = start_seen(vocab, plan.primes_model, n, self.penalizable)
+            job.active = np.arange(n)
+            job.ids = [[] for _ in range(n)]
+            job.logps = [[] for _ in range(n)]
+            if job.on_piece is not None:
+                job.on_piece(_convert(plan.primes_model[0], o.output_script))  # as generate's on_text
+            self._jobs.append(job)
+
+    def _step(self, tuner: ThreadTuner) -> None:
+        """One draw for every row, then one model step for the rows that go on."""
+        self._drop_stopped()
+        jobs = self._jobs
+        if not jobs:
+            return
+        scores = self._scores
+        assert scores is not None
+        starts = np.cumsum([0] + [j.rows for j in jobs])  # row range of each job
+        tokens = np.empty(starts[-1], dtype=np.int64)
+        logps = np.empty(starts[-1], dtype=np.float64)
+        groups: dict[tuple, list[int]] = {}
+        for i, j in enumerate(jobs):
+            groups.setdefault(j.key(), []).append(i)
+        for members in groups.values():
+            group = [jobs[i] for i in members]
+            idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+            sub = scores if len(idx) == len(scores) else scores[idx]
+            masked = group[0].constraint is not None
+            allowed = np.concatenate([j.constraint.allowed() for j in group]) if masked else None
+            seen = np.concatenate([j.seen for j in group]) if group[0].seen is not None else None
+            tok, lp = sample_step(sub, group[0].options, group[0].top_k, _Streams(group), allowed, seen)
+            tokens[idx], logps[idx] = tok, lp
+        keep, finished = [], []
+        for i, job in enumerate(jobs):
+            tok, lp = tokens[starts[i] : starts[i + 1]], logps[starts[i] : starts[i + 1]]
+            self._record(job, tok, lp)
+            job.t += 1
+            going = tok != EOT_ID if job.t < job.plan.max_new else np.zeros(len(tok), dtype=bool)
+            if not going.all():
+                job.active = job.active[going]
+                if job.constraint is not None:
+                    job.constraint.keep(np.flatnonzero(going))
+                if job.seen is not None:
+                    job.seen = job.seen[going]
+            keep.append(starts[i] + np.flatnonzero(going))
+            if job.rows == 0:
+                finished.append(job)
+        self._jobs = [j for j in jobs if j.rows]
+        for job in finished:
+            self._finish(job)
+        index = np.concatenate(keep)
+        if len(index) == 0:
+            self.model.select(index)
+            self._scores = None
+            return
+        if len(index) != len(tokens):
+            self.model.select(index)
+        tuner.tick(len(index))
+        self._scores = self.model.step(tokens[index])  # the Runtime's buffer: replaced, never reused, below
+        s = self.stats
+        s.steps += 1
+        s.rows_stepped += len(index)
+        s.max_batch = max(s.max_batch, len(index))
+        s.max_requests = max(s.max_requests, len(self._jobs))
+
+    def _record(self, job: Job, tok: np.ndarray, lp: np.ndarray) -> None:
+        for r, t, p in zip(job.active.tolist(), tok.tolist(), lp.tolist()):
+            job.ids[r].append(t)
+            job.logps[r].append(p)
+        if job.on_piece is not None and job.active[0] == 0 and tok[0] != EOT_ID:
+            job.on_piece(symbol_text(self.vocab, int(tok[0]), job.options.output_script))
+        if job.constraint is not None:
+            job.constraint.advance(tok)
+        if job.seen is not None:
+            job.seen[np.arange(len(tok)), tok] |= self.penalizable[tok]
+
+    def _drop_stopped(self) -> None:
+        """Jobs cancelled by their client or past their time limit leave the batch."""
+        now = time.perf_counter()
+        stopped = [j for j in self._jobs if j.cancelled or now > j.deadline]
+        if not stopped:
+            return
+        starts = np.cumsum([0] + [j.rows for j in self._jobs])
+        keep = [np.arange(starts[i], starts[i + 1]) for i, j in enumerate(self._jobs) if j not in stopped]
+        index = np.concatenate(keep) if keep else np.arange(0)
+        self.model.select(index)
+        self._scores = self._scores[index] if len(index) else None  # type: ignore[index]
+        self._jobs = [j for j in self._jobs if j not in stopped]
+        for job in stopped:
+            if not job.cancelled:
+                self.stats.failed += 1
+                job.on_done(None, TimedOut(f"the request took longer than {self.limits.timeout:g} s (--timeout) "
+                                           f"and was stopped"))
+
+    def _finish(self, job: Job) -> None:
+        o, plan = job.options, job.plan
+        samples = [row_sample(self.vocab, job.prime, plan.primes_model[0], ids, lps, o.output_script)
+                   for ids, lps in zip(job.ids, job.logps)]
+        result = SampleResult(samples, job.seed, settings(o, job.top_k, plan.max_new, job.seed), plan.notes,
+                              time.perf_counter() - job.started, job.t)
+        self.stats.requests += 1
+        job.on_done(result, None)
+
+    def _fail_all(self, error: Exception) -> None:
+        jobs, self._jobs, self._scores = self._jobs, [], None
+        self.model.reset(0)
+        for job in jobs:
+            self.stats.failed += 1
+            job.on_done(None, error)
+
