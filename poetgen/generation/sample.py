@@ -47,6 +47,7 @@ DEFAULT_LENGTH = 500
 MAX_CELLS = 2**28  # symbols in one call (12 bytes each in the output buffers: 3.2 GB)
 SCRIPTS = ("simplified", "traditional")
 NEG_INF = float("-inf")
+_MASK = np.array([NEG_INF, 0.0], dtype=np.float32)  # what a constraint's mask (False, True) adds to a score
 
 
 @dataclass
@@ -522,12 +523,14 @@ def sample_step(scores: np.ndarray, o: SampleOptions, top_k: int, rng: Any, allo
     if plain:
         token = _draw(weights, rng)
     else:
+        # Both masks are applied by adding a value looked up per symbol (x - 0 and x + 0 are x): the same numbers
+        # as np.where(mask, ...), 3-4x faster over (64, 8,800) scores.
         if seen is not None:
             # A used character's probability is divided by the penalty (before renormalising): the same rule
             # whether the scores are the full head's logits or the adaptive head's log-probabilities.
-            scores = np.where(seen, scores - np.float32(np.log(o.repetition_penalty)), scores)
+            scores = scores - np.array([0, np.log(o.repetition_penalty)], dtype=np.float32).take(seen.view(np.uint8))
         if allowed is not None:
-            scores = np.where(allowed, scores, np.float32(NEG_INF))
+            scores = scores + _MASK.take(allowed.view(np.uint8))
         token = _choose(scores, o, top_k, rng)  # (b,)
     return token, shifted[np.arange(len(token)), token] - log_norm
 
