@@ -217,6 +217,8 @@ def test_errors_are_json_with_the_status_a_client_expects(server, model_path):
         ({"temperature": "hot"}, 400,
          "temperature: Input should be a valid number, unable to parse string as a number"),
         ({"n": 99}, 400, "n must be at most 16 on this server (--max-n), got 99"),
+        ({"acrostic": "明月" * 200}, 400,
+         "the poem needs 3201 symbols, more than this server allows (--max-length 1000)"),
         (b"{not json", 400, None),
         (b"[1, 2]", 400, "the body must be a JSON object of options"),
         ({"model": "nope"}, 404, "no model named 'nope' on this server (loaded: run)"),
@@ -280,8 +282,9 @@ def test_a_full_queue_answers_503_and_cors_is_off_unless_asked(model_path, tmp_p
         barrier = threading.Barrier(16)
 
         def ask(i: int) -> None:
+            # 120 lines of 5 (the acrostic's form allows no early end): ~100 ms each, while the others arrive
             barrier.wait()
-            answers.append(post(base + "/v1/poems", {"form": "七律", "n": 1, "seed": i}))
+            answers.append(post(base + "/v1/poems", {"acrostic": "明月" * 60, "line_length": 5, "seed": i}))
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
         for t in threads:

@@ -216,6 +216,9 @@ class Batcher:
         seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
         options = replace(options, seed=seed)
         plan = plan_samples(self.vocab, [prime], options, self._constraints)
+        if plan.max_new > self.limits.max_length:  # a long acrostic sets a long poem
+            raise SampleError(f"the poem needs {plan.max_new} symbols, more than this server allows (--max-length "
+                              f"{self.limits.max_length})")
         V = len(self.vocab)
         job = Job(prime, options, plan, seed, min(options.top_k or V, V), time.perf_counter() + self.limits.timeout,
                   on_piece, on_done)
