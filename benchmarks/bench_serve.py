@@ -1,8 +1,9 @@
 """Load benchmark of `poetgen serve` (issue 19), loopback only, a fixed number of requests.
 
 1. 64 clients at once, each asking one 五绝 (seeds 0..63), against the same 64 requests one at a time, in the same
-   run and against the same server (3 alternating rounds, each mode's median round): poems per second of each, p50 / p99 latency, failures (must be 0), and how many
-   poems written beside others equal the poem written alone (see poetgen.serving.batcher for what holds).
+   run and against the same server (3 alternating rounds, each mode's median round): poems per second of each,
+   p50 / p99 latency, failures (must be 0), and how many poems written beside others equal the poem written alone
+   (see poetgen.serving.batcher for what holds).
    Passes when the concurrent throughput is at least 5x the sequential one.
 2. 1,000 malformed or oversized requests mixed with good ones from 16 threads: every bad one must be answered 4xx,
    every good one 200; the server's resident memory is read before, during and after (it must stay flat).
