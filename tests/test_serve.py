@@ -336,6 +336,33 @@ def test_runtime_append_adds_rows_whose_numbers_are_prefix_s_and_fork_has_its_ow
     assert np.array_equal(other.prefix([[0, 5, 9]]), first) and rt.batch == 3
 
 
+def test_with_no_model_named_the_shipped_tang_comes_first_else_the_newest_run(model_path, tmp_path, monkeypatch):
+    from poetgen.checkpoint.compact import export_model
+    from poetgen.checkpoint.shipped import ENV_SHIPPED, write_card
+    from poetgen.serving.batcher import Limits
+    from poetgen.serving.models import load_models
+
+    run = tmp_path / "checkpoints" / "poems"
+    run.mkdir(parents=True)
+    shutil.copy(model_path, run / "best.ckpt")
+    shipped = tmp_path / "shipped"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(ENV_SHIPPED, str(shipped))  # empty: no shipped model
+    models, notes = load_models([], Limits())
+    assert [m.name for m in models] == ["poems"] and "newest run" in notes[0]
+    models[0].batcher.stop()
+    export_model(model_path, shipped / "tang.safetensors", card={"summary": "test"})
+    write_card(shipped / "tang.safetensors", {"summary": "test"})
+    models, notes = load_models([], Limits())
+    assert [m.name for m in models] == ["tang"] and models[0].card["summary"] == "test"
+    assert models[0].describe()["card"]["summary"] == "test" and "shipped model tang" in notes[0]
+    models[0].batcher.stop()
+    models, _ = load_models([str(run), "tang", str(run / "best.ckpt")], Limits())  # names: run dir, shipped, again
+    assert [m.name for m in models] == ["poems", "tang", "poems-2"]
+    for m in models:
+        m.batcher.stop()
+
+
 def test_a_request_past_its_time_limit_is_stopped(model_path):
     from poetgen.generation.engines import open_model
     from poetgen.generation.sample import SampleOptions
