@@ -303,8 +303,8 @@ class Parsed:
 
 def parse_checkpoint(path: Path, tensors: dict[str, Any], meta: dict, config_class: Any) -> Parsed:
     """Check everything a stranger may have written into a checkpoint: a malformed value is a CheckpointError,
-    never another exception. ``config_class`` has ``from_dict`` (poetgen.model.rnn.ModelConfig or its torch-free
-    twin); tensors only need ``.shape``."""
+    never another exception. ``config_class`` has ``from_dict`` (poetgen.model.config.ModelConfig, or
+    AnyModelConfig for either kind of model); tensors only need ``.shape``."""
     try:
         data = json.loads(meta["data"])
     except Exception as e:
@@ -396,11 +396,35 @@ def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def seq2seq_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """The state_dict shapes of poetgen.model.seq2seq.Seq2Seq(config) (tests/test_seq2seq.py checks them against
+    the real model). The shared embedding appears under its three names."""
+    V, E, H, L, G = config.vocab_size, config.embed, config.hidden, config.layers, {"gru": 3, "lstm": 4}[config.cell]
+    shapes: dict[str, tuple[int, ...]] = {f"{p}embedding.weight": (V, E) for p in ("", "encoder.", "decoder.")}
+    for part, directions in (("encoder", ("", "_reverse")), ("decoder", ("",))):
+        for i in range(L):
+            for d in directions:
+                inputs = E if i == 0 else H * len(directions)
+                shapes[f"{part}.rnn.weight_ih_l{i}{d}"] = (G * H, inputs)
+                shapes[f"{part}.rnn.weight_hh_l{i}{d}"] = (G * H, H)
+                shapes[f"{part}.rnn.bias_ih_l{i}{d}"] = shapes[f"{part}.rnn.bias_hh_l{i}{d}"] = (G * H,)
+    for name in ("bridge", "bridge_c") if config.cell == "lstm" else ("bridge",):
+        shapes[f"encoder.{name}.weight"], shapes[f"encoder.{name}.bias"] = (H, 2 * H), (H,)
+    shapes["decoder.attention.key.weight"] = (H, 2 * H)
+    if config.attention == "additive":
+        shapes["decoder.attention.query.weight"], shapes["decoder.attention.v.weight"] = (H, H), (1, H)
+    shapes["decoder.combine.weight"], shapes["decoder.combine.bias"] = (H, 3 * H), (H,)
+    shapes["decoder.out.weight"], shapes["decoder.out.bias"] = (V, H), (V,)
+    return shapes
+
+
 def check_weights(path: Path, config: Any, found: dict[str, tuple[int, ...]]) -> None:
     """The weights (name -> shape) must be exactly those of the model the config describes, checked before any
     model is built: a foreign config could otherwise ask for a model too large to allocate, or so many layers that
     building one never ends. The sizes are first bounded by tensors actually in the file (so that listing the
     expected shapes is cheap), then all compared."""
+    if getattr(config, "kind", "charrnn") == "seq2seq":
+        return _check_seq2seq(path, config, found)
     emb, last = found.get("embedding.weight"), found.get(f"rnn.weight_hh_l{config.layers - 1}")
     if (
         # 4 tensors per layer and the embedding: a config claiming 10**8 layers next to a tensor named for the last
@@ -417,6 +441,34 @@ def check_weights(path: Path, config: Any, found: dict[str, tuple[int, ...]]) ->
         raise CheckpointError(f"{path}: weights do not match the model config: "
                               + ", ".join(f"{k} {found.get(k, 'missing')} (expected {expected.get(k, 'none')})"
                                           for k in bad[:4]))
+
+
+def _check_seq2seq(path: Path, config: Any, found: dict[str, tuple[int, ...]]) -> None:
+    last = found.get(f"decoder.rnn.weight_hh_l{config.layers - 1}")
+    if (len(found) < 12 * config.layers or found.get("embedding.weight") != (config.vocab_size, config.embed)
+            or last is None or len(last) != 2 or last[1] != config.hidden):
+        raise CheckpointError(f"{path}: weights do not match the model config (encoder-decoder {config.cell} "
+                              f"{config.layers}x{config.hidden}, embed {config.embed}, {config.vocab_size} symbols)")
+    expected = seq2seq_shapes(config)
+    if found != expected:
+        bad = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        raise CheckpointError(f"{path}: weights do not match the model config: "
+                              + ", ".join(f"{k} {found.get(k, 'missing')} (expected {expected.get(k, 'none')})"
+                                          for k in bad[:4]))
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """charrnn or seq2seq: what model a checkpoint holds, from its header alone (no tensor read, no torch), so that
+    `poetgen sample` can choose how to run it. Damage is left for the full read to report."""
+    from poetgen.model.config import model_kind
+
+    path = find_checkpoint(path)
+    try:
+        return model_kind(json.loads(read_header(path)["data"]).get("model_config"))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return "charrnn"
+    except PoetgenError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # --- the model alone, in numpy ----------------------------------------------------------------------------------
@@ -438,7 +490,7 @@ def read_model(path: str | Path) -> ModelFile:
     import numpy as np
     from safetensors import safe_open
 
-    from poetgen.model.config import ModelConfig
+    from poetgen.model.config import AnyModelConfig
 
     from poetgen.checkpoint.shipped import verify_card
 
@@ -453,7 +505,10 @@ def read_model(path: str | Path) -> ModelFile:
     except Exception as e:  # safetensors raises its own error type; the file is damaged either way
         raise CheckpointError(f"{path} is damaged: {e}") from None
     tensors = dequantize(path, tensors, lambda a: a.astype(np.float32))
-    parsed = parse_checkpoint(path, tensors, meta, ModelConfig)
+    parsed = parse_checkpoint(path, tensors, meta, AnyModelConfig)
+    if getattr(parsed.model_config, "kind", "charrnn") != "charrnn":
+        raise CheckpointError(f"{path} holds a {parsed.model_config.kind} (对句 encoder-decoder) model, which the "
+                              "numpy runtime does not run; poetgen.generation.couplet runs it with torch")
     if parsed.rng_state is not None and parsed.rng_state["torch"].dtype != "U8":
         raise CheckpointError(f"{path} is damaged: its saved torch RNG state is not one")
     return ModelFile(path, parsed.model_config, parsed.vocab, parsed.model_state, parsed.format_version, parsed.data)

@@ -64,6 +64,7 @@ from poetgen.checkpoint.format import (  # noqa: F401  (the torch-free half; re-
     read_verified,
 )
 from poetgen.errors import CheckpointError
+from poetgen.model.config import AnyModelConfig, Seq2SeqConfig
 from poetgen.model.rnn import CharRNN, ModelConfig
 from poetgen.data.vocab import Vocab
 
@@ -71,7 +72,7 @@ from poetgen.data.vocab import Vocab
 @dataclass
 class Checkpoint:
     path: Path
-    model_config: ModelConfig
+    model_config: ModelConfig | Seq2SeqConfig  # the kind of model: a Seq2SeqConfig is an encoder-decoder
     vocab: Vocab
     model_state: dict[str, torch.Tensor]
     train_config: dict
@@ -104,8 +105,8 @@ def save_checkpoint(
     """Write one checkpoint atomically. ``model`` may be a CharRNN or its ``torch.compile`` wrapper."""
     model = getattr(model, "_orig_mod", model)  # torch.compile prefixes names with _orig_mod.
     config = getattr(model, "config", None)
-    if not isinstance(config, ModelConfig):
-        raise CheckpointError("save_checkpoint needs a CharRNN (a model with a ModelConfig)")
+    if not isinstance(config, (ModelConfig, Seq2SeqConfig)):
+        raise CheckpointError("save_checkpoint needs a CharRNN or a Seq2Seq (a model with its config)")
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"vocabulary has {len(vocab)} symbols but the model expects {config.vocab_size}")
 
@@ -183,7 +184,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     from safetensors.torch import load as st_load
 
     tensors = dequantize(path, decode_tensors(path, blob, st_load), lambda t: t.float())
-    p = parse_checkpoint(path, tensors, meta, ModelConfig)
+    p = parse_checkpoint(path, tensors, meta, AnyModelConfig)
     if p.rng_state is not None:
         t = p.rng_state["torch"]
         if t.dtype != torch.uint8 or t.shape != torch.get_rng_state().shape:
@@ -220,10 +221,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     )
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CharRNN, Checkpoint]:
-    """Build the CharRNN a checkpoint describes, load its weights, move it to ``device``, set eval mode."""
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:
+    """Build the model a checkpoint describes (a CharRNN, or a Seq2Seq for an encoder-decoder config), load its
+    weights, move it to ``device``, set eval mode."""
+    from poetgen.model.seq2seq import build_model
+
     ckpt = load_checkpoint(path, map_location="cpu")
-    model = CharRNN(ckpt.model_config)
+    model = build_model(ckpt.model_config)
     try:
         model.load_state_dict(ckpt.model_state)
     except RuntimeError as e:

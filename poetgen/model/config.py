@@ -122,3 +122,92 @@ class ModelConfig:
         if "vocab_size" not in d:
             raise ConfigError("model config is missing vocab_size")
         return cls(**d)
+
+
+# --- the encoder-decoder (poetgen.model.seq2seq) ----------------------------------------------------------------
+
+MODEL_KINDS = ("charrnn", "seq2seq")
+ATTENTIONS = ("dot", "additive")  # Luong's multiplicative ("general": q·W k) and Bahdanau's additive (v·tanh(Wq+Uk))
+# dot: measured as good as additive on the toy tasks and 全唐诗 pairs, and cheaper (README, "对句"); the default.
+DEFAULT_ATTENTION = "dot"
+
+
+@dataclass
+class Seq2SeqConfig:
+    """The 对句 encoder-decoder: a bidirectional encoder of ``layers`` x ``hidden`` per direction, a decoder of
+    ``layers`` x ``hidden`` with ``attention`` over the encoder's outputs, one embedding for both. tie_weights, head,
+    cutoffs and div_value exist so that the training code reads every model's architecture alike; the
+    encoder-decoder has the full softmax only."""
+
+    vocab_size: int
+    kind: str = "seq2seq"
+    cell: str = "gru"  # gru | lstm
+    layers: int = 2
+    hidden: int = 256
+    embed: int = 128
+    dropout: float = 0.0
+    attention: str = DEFAULT_ATTENTION
+    tie_weights: bool = False
+    head: str = "full"
+    cutoffs: tuple[int, ...] = ()
+    div_value: float = 4.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check_type(f"model {f.name}", getattr(self, f.name), f.type)
+        self.cutoffs = tuple(self.cutoffs)
+        if self.kind != "seq2seq":
+            raise ConfigError(f"an encoder-decoder config has kind seq2seq, got {self.kind!r}")
+        if self.vocab_size < 2:
+            raise ConfigError(f"vocab_size must be at least 2, got {self.vocab_size}")
+        if self.cell not in ("gru", "lstm"):
+            raise ConfigError(f"the encoder-decoder's cell must be gru or lstm, got {self.cell!r}")
+        for name in ("layers", "hidden", "embed"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.head == "auto" and not self.cutoffs:
+            self.head = "full"
+        if self.head != "full" or self.cutoffs or self.tie_weights:
+            raise ConfigError("the encoder-decoder has a full softmax head: no --head adaptive, --cutoffs or "
+                              "--tie-weights")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cutoffs"] = list(self.cutoffs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: object) -> Seq2SeqConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config must be a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown model config key(s): {', '.join(map(str, unknown))}")
+        if "vocab_size" not in d:
+            raise ConfigError("model config is missing vocab_size")
+        return cls(**d)
+
+
+def model_kind(d: object) -> str:
+    """The kind a model config mapping (as a checkpoint stores it) describes: charrnn when it names none."""
+    kind = d.get("kind", "charrnn") if isinstance(d, dict) else "charrnn"
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"unknown model kind {kind!r}; this poetgen knows {', '.join(MODEL_KINDS)}")
+    return str(kind)
+
+
+def config_from_dict(d: object) -> ModelConfig | Seq2SeqConfig:
+    """A checkpoint's model config, of the class its kind names. A CharRNN config carries no kind field, so files
+    written before the encoder-decoder read as before, and an older poetgen refuses an encoder-decoder's config
+    (an unknown key) instead of misreading it."""
+    return Seq2SeqConfig.from_dict(d) if model_kind(d) == "seq2seq" else ModelConfig.from_dict(d)
+
+
+class AnyModelConfig:
+    """For code that takes a config class (poetgen.checkpoint.format.parse_checkpoint): reads either kind."""
+
+    from_dict = staticmethod(config_from_dict)
