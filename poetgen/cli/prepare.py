@@ -67,6 +67,12 @@ def prepare(
         "auto (random with 20 or more documents, else tail).",
     ),
     seed: int = typer.Option(1337, "--seed", help="Seed of the random document split."),
+    pairs: bool = typer.Option(
+        False, "--pairs",
+        help="对句 pairs for the encoder-decoder instead of text: every couplet of each poem (two lines of equal "
+        "length, ，then 。; 律诗 middle couplets flagged), and pair files: *.tsv (first line TAB answering line) and "
+        "JSONL records of two text fields. Split by poem.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary table."),
 ) -> None:
@@ -88,7 +94,7 @@ def prepare(
         text_fields=split_csv(text_field) or None, doc_sep=doc_sep, script=script, punct=punct,
         strip_notes=strip_notes, forms=split_csv(form), authors=split_csv(author), min_length=min_length,
         max_length=max_length, dedupe=not keep_duplicates, min_count=min_count, val_fraction=val_fraction,
-        split=split, seed=seed,
+        split=split, seed=seed, pairs=pairs,
     )
     out = output or Path("datasets") / _default_dataset_name(sources or [])
     console = stderr_console(quiet)
@@ -122,6 +128,9 @@ def _print_prepare_summary(report) -> None:
         )),
         ("tokens", f"train {c['train_tokens']:,} / val {c['val_tokens']:,}"),
     ]
+    if "train_pairs" in c:
+        rows.append(("pairs", f"train {c['train_pairs']:,} / val {c['val_pairs']:,} (律诗 middle couplets "
+                              f"{c['train_middle_couplets']:,} / {c['val_middle_couplets']:,})"))
     if plain:
         for k, v in rows:
             typer.echo(f"{k}: {v}")

@@ -27,7 +27,11 @@ from poetgen.errors import CorpusError
 
 READ_BYTES = 1 << 20  # raw bytes read at a time
 DEFAULT_GLOBS = ("*.txt", "*.json", "*.jsonl")
-FORMATS = ("auto", "text", "json", "jsonl")
+FORMATS = ("auto", "text", "json", "jsonl", "tsv")  # tsv: pair files (--pairs) only
+PAIR_GLOBS = ("*.tsv",)  # what --pairs adds to the default globs
+# A user pair (first line, answering line) travels through prepare as one document, its two lines joined by this
+# control character (which no corpus holds; poem documents lose any in pair mode): poetgen.data.prepare splits it.
+PAIR_SEP = "\x1f"
 DOC_SEPS = ("file", "blank", "line")
 # Encodings charset detection may choose when a file is not UTF-8: the ones Chinese corpora come in.
 DETECTABLE = {
@@ -77,10 +81,13 @@ class ReadOptions:
     globs: Sequence[str] = DEFAULT_GLOBS
     text_fields: Sequence[str] | None = None
     doc_sep: str = "file"
+    pairs: bool = False  # read pair files too: TSV, and JSON Lines records of two fields (read_pairs' docstring)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise CorpusError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.format == "tsv" and not self.pairs:
+            raise CorpusError("--format tsv reads pair files: add --pairs")
         if self.doc_sep not in DOC_SEPS:
             raise CorpusError(f"unknown document separator {self.doc_sep!r}; choose one of {', '.join(DOC_SEPS)}")
         if self.encoding:
@@ -93,10 +100,12 @@ class ReadOptions:
 # --- finding the files --------------------------------------------------------------------------------------------
 
 
-def _format_for(path: Path, fmt: str) -> str:
+def _format_for(path: Path, fmt: str, pairs: bool = False) -> str:
     if fmt != "auto":
         return fmt
     suffix = path.suffix.lower()
+    if pairs and suffix == ".tsv":
+        return "tsv"
     if suffix == ".json":
         return "json"
     if suffix in (".jsonl", ".ndjson"):
@@ -139,9 +148,9 @@ def expand_sources(sources: Sequence[str], options: ReadOptions, spool_dir: Path
             if not found:
                 raise CorpusError(f"directory {src} has no files matching {', '.join(options.globs)} (see --glob)")
             for rel, full in sorted(found):
-                files.append(SourceFile(full, str(full), _format_for(full, options.format)))
+                files.append(SourceFile(full, str(full), _format_for(full, options.format, options.pairs)))
         elif p.is_file():
-            files.append(SourceFile(p, src, _format_for(p, options.format)))
+            files.append(SourceFile(p, src, _format_for(p, options.format, options.pairs)))
         else:
             raise CorpusError(f"not a regular file: {src}")
     return files
@@ -328,7 +337,9 @@ def read_pieces(
     source: SourceFile, options: ReadOptions, transform: Callable[[str], str] | None = None
 ) -> Iterator[Piece | Batch]:
     """All documents of one file. Plain text is passed through ``transform`` (normalisation) chunk by chunk."""
-    if source.format == "text":
+    if source.format == "tsv":
+        yield from _tsv_pairs(source)
+    elif source.format == "text":
         yield from _text_pieces(source, options.doc_sep, transform or (lambda t: t))
     elif source.format == "jsonl":
         yield from _jsonl_pieces(source, options)
@@ -380,7 +391,16 @@ def _record_piece(record: object, where: str, options: ReadOptions, source: Sour
 
 
 def _record_piece_unchecked(record: object, where: str, options: ReadOptions, source: SourceFile) -> Piece | None:
-    """One JSON value -> one document. chinese-poetry records are recognised by their `paragraphs` list."""
+    """One JSON value -> one document. chinese-poetry records are recognised by their `paragraphs` list; with
+    ``options.pairs``, a list of two strings or an object of two text fields (nothing else) is a pair."""
+    if options.pairs and (isinstance(record, list) or (isinstance(record, dict) and "paragraphs" not in record
+                                                      and not (options.text_fields or
+                                                               any(f in record for f in TEXT_FIELDS_AUTO)))):
+        values = list(record.values()) if isinstance(record, dict) else record
+        if len(values) != 2 or not all(isinstance(v, str) for v in values):
+            raise CorpusError(f"{where}: a pair has 2 text fields (first line, answering line), found "
+                              f"{len(values)} field(s)" + ("" if len(values) != 2 else " not both text"))
+        return _pair_piece(values[0], values[1], where)
     if isinstance(record, str):
         return Piece(record, end=True)
     if not isinstance(record, dict):
@@ -465,6 +485,37 @@ def _jsonl_pieces(source: SourceFile, options: ReadOptions) -> Iterator[Piece]:
         lineno -= 1  # the chunk ended with "\n": its last split part is empty, not a line
     if source.kind == "chinese-poetry":
         source.kind = "chinese-poetry (jsonl)"
+
+
+def _pair_piece(first: str, second: str, where: str) -> Piece:
+    """A user pair as one document; the two lines must be of equal length (the answer is written in parallel)."""
+    first, second = first.strip(), second.strip()
+    if not first or not second:
+        raise CorpusError(f"{where}: the {'first' if not first else 'answering'} line is empty")
+    if PAIR_SEP in first + second:
+        raise CorpusError(f"{where}: a line holds the control character U+001F")
+    if len(first) != len(second):
+        raise CorpusError(f"{where}: the first line has {len(first)} characters and the answering line "
+                          f"{len(second)}: a couplet's lines are of equal length")
+    return Piece(first + PAIR_SEP + second, end=True, where=where)
+
+
+def _tsv_pairs(source: SourceFile) -> Iterator[Piece]:
+    """A pair file: one pair a line, first line TAB answering line; blank lines are skipped."""
+    source.kind = "pairs (tsv)"
+    lineno = 0
+    for chunk in _lines_cut(_decoded_blocks(source), split_long=False):
+        for line in chunk.split("\n"):
+            lineno += 1
+            if not line.strip():
+                continue
+            fields = line.rstrip("\r").split("\t")
+            if len(fields) != 2:
+                raise CorpusError(f"{source.name}: line {lineno}: expected 2 tab-separated fields (first line, "
+                                  f"answering line), found {len(fields)}")
+            source.documents += 1
+            yield _pair_piece(fields[0], fields[1], f"{source.name}: line {lineno}")
+        lineno -= 1  # the chunk ended with "\n": its last split part is empty, not a line
 
 
 @dataclass

@@ -7,6 +7,11 @@ Layout of a dataset directory (written by :mod:`poetgen.data.prepare`)::
     vocab.json   the Vocab (see poetgen.data.vocab)
     meta.json    sources with sha256, options, counts, poetgen version, and a fingerprint of the three files above
 
+A pair dataset (``prepare --pairs``, meta ``kind`` = "pairs") holds (first line, answering line) pairs: each split's
+ids are first line, <eot>, answering line, <eot>, pair after pair, and ``train_pairs.npy`` / ``val_pairs.npy`` (int64,
+(P, 3)) give each pair's start in those ids, its line length n and flags (MIDDLE: a 律诗's 颔联 or 颈联). The first
+line is ids[start : start + n], the answer ids[start + n + 1 : start + 2n + 1].
+
 Every document in the id streams ends in the end-of-text id (0), so the streams can be cut anywhere.
 The arrays are memory-mapped, so a dataset larger than memory trains fine.
 """
@@ -25,6 +30,8 @@ from poetgen.data.vocab import Vocab
 FORMAT = "poetgen-dataset"
 FORMAT_VERSION = 1
 FILES = ("train.npy", "val.npy", "vocab.json", "meta.json")
+PAIRS = {"train": "train_pairs.npy", "val": "val_pairs.npy"}
+MIDDLE = 1  # pair flag: a middle couplet (颔联, 颈联) of a 五律 or 七律, antithetical by rule
 
 
 @dataclass
@@ -34,6 +41,18 @@ class Dataset:
     meta: dict
     train: np.ndarray  # (N_train,) memory-mapped token ids
     val: np.ndarray  # (N_val,) memory-mapped token ids
+    pairs: dict | None = None  # pair datasets: split -> (P, 3) int64 table (start, length, flags)
+
+    @property
+    def is_pairs(self) -> bool:
+        return self.pairs is not None
+
+    def pair_lines(self, split: str, rows: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """(first line ids, answering line ids, flags) of each pair of ``split`` (``rows`` of its table: all)."""
+        ids, table = getattr(self, split), self.pairs[split]  # type: ignore[index]
+        table = table if rows is None else table[rows]
+        return [(np.asarray(ids[s:s + n], dtype=np.int64), np.asarray(ids[s + n + 1:s + 2 * n + 1], dtype=np.int64),
+                 int(f)) for s, n, f in table]
 
     @property
     def fingerprint(self) -> str:
@@ -92,7 +111,25 @@ def load_dataset(path: str | Path) -> Dataset:
                 "the dataset is damaged; prepare it again"
             )
         arrays[split] = arr
-    return Dataset(path=p, vocab=vocab, meta=meta, train=arrays["train"], val=arrays["val"])
+    pairs = _load_pairs(p, arrays) if meta.get("kind") == "pairs" else None
+    return Dataset(path=p, vocab=vocab, meta=meta, train=arrays["train"], val=arrays["val"], pairs=pairs)
+
+
+def _load_pairs(p: Path, arrays: dict) -> dict:
+    """The pair tables, checked against their splits: every pair inside its ids."""
+    tables = {}
+    for split, name in PAIRS.items():
+        try:
+            table = np.load(p / name, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{p} is a pair dataset but {name} cannot be read: {e}") from None
+        n = len(arrays[split])
+        if table.ndim != 2 or table.shape[1] != 3 or table.dtype != np.int64 or (len(table) and (
+                table[:, 1].min() < 1 or table[:, 0].min() < 0 or (table[:, 0] + 2 * table[:, 1] + 2).max() > n)):
+            raise DatasetError(f"{p / name} is not a table of pairs inside {split}.npy: the dataset is damaged; "
+                               "prepare it again")
+        tables[split] = table
+    return tables
 
 
 def recorded_dataset(dataset_meta: dict) -> Dataset:

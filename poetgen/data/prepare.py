@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -29,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from poetgen import __version__
-from poetgen.data.corpus import DEFAULT_GLOBS, Batch, ReadOptions, file_sha256, SourceFile, Spool, expand_sources, inspect, read_pieces
-from poetgen.data.dataset import FORMAT, FORMAT_VERSION, is_dataset_dir
+from poetgen.data.corpus import DEFAULT_GLOBS, PAIR_GLOBS, PAIR_SEP, Batch, ReadOptions, file_sha256, SourceFile, Spool, expand_sources, inspect, read_pieces
+from poetgen.data.dataset import FORMAT, FORMAT_VERSION, MIDDLE, PAIRS, is_dataset_dir
 from poetgen.errors import CorpusError, DatasetError
 from poetgen.data.normalize import Normalizer, convert_script
 from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
@@ -68,6 +69,8 @@ class PrepareOptions:
     val_fraction: float = 0.05
     split: str = "auto"
     seed: int = 1337
+    # (first line, answering line) pairs instead of text: every couplet of each poem, and user pair files
+    pairs: bool = False
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -78,9 +81,12 @@ class PrepareOptions:
             raise CorpusError(f"no document can satisfy --min-length {self.min_length} --max-length {self.max_length}")
         if self.min_count < 1:
             raise CorpusError(f"--min-count must be at least 1, got {self.min_count}")
+        if self.pairs and self.split == "tail":
+            raise CorpusError("--pairs splits by poem (no poem has pairs on both sides): use --split random or auto")
 
     def read_options(self) -> ReadOptions:
-        return ReadOptions(self.encoding, self.format, self.globs, self.text_fields, self.doc_sep)
+        globs = (*self.globs, *PAIR_GLOBS) if self.pairs and tuple(self.globs) == DEFAULT_GLOBS else self.globs
+        return ReadOptions(self.encoding, self.format, globs, self.text_fields, self.doc_sep, self.pairs)
 
 
 @dataclass
@@ -373,6 +379,8 @@ class _NpyWriter:
         self.file.write(data)
 
     def close(self) -> None:
+        if self.file.closed:
+            return
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -457,7 +465,7 @@ def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: S
         kept_total = int(lengths[keep].sum())
 
         # the split, per document: DROP (a duplicate), TRAIN or VAL
-        split = o.split if o.split != "auto" else ("random" if n_docs >= 20 else "tail")
+        split = o.split if o.split != "auto" else ("random" if n_docs >= 20 or o.pairs else "tail")
         doc_class = np.where(keep, TRAIN, DROP).astype(np.uint8)
         n_val_docs = None
         if split == "random":
@@ -486,6 +494,7 @@ def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: S
             if n_docs < len(starts):
                 cps = cps[classes(pos, len(cps)) != DROP]
             hist += np.bincount(cps, minlength=EOT_CP + 1)
+        hist[ord(PAIR_SEP)] = 0  # joins a user pair's two lines; never a symbol
         present = np.flatnonzero(hist[:EOT_CP])
         vocab = Vocab.from_counts({chr(c): int(hist[c]) for c in present}, o.min_count, eot_count=int(hist[EOT_CP]))
         characters = kept_total - n_docs
@@ -494,11 +503,16 @@ def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: S
         lut = vocab.lookup_table(EOT_CP)
         lut[EOT_CP] = EOT_ID
         dtype = vocab.dtype()
-        train_w = _NpyWriter(work / "train.npy", dtype, n_train)
-        val_w = _NpyWriter(work / "val.npy", dtype, n_val)
-        unk = 0
+        if o.pairs:
+            pair_counts, train_w, val_w, unk, characters = _write_pairs(stream, doc_class, lut, dtype, work)
+            counts.update(pair_counts)
+            n_train, n_val = pair_counts["train_tokens"], pair_counts["val_tokens"]
+        else:
+            train_w = _NpyWriter(work / "train.npy", dtype, n_train)
+            val_w = _NpyWriter(work / "val.npy", dtype, n_val)
+            unk = 0
         kept_so_far = 0
-        for pos, cps in stream.chunks():
+        for pos, cps in ([] if o.pairs else stream.chunks()):
             cls = classes(pos, len(cps))
             ids = lut[cps]
             if split == "tail":
@@ -521,9 +535,10 @@ def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: S
 
     vocab_json = vocab.to_json()
     (work / "vocab.json").write_text(vocab_json, encoding="utf-8")
-    fingerprint = hashlib.sha256(
-        (train_w.hasher.hexdigest() + val_w.hasher.hexdigest() + hashlib.sha256(vocab_json.encode()).hexdigest()).encode()
-    ).hexdigest()
+    digests = train_w.hasher.hexdigest() + val_w.hasher.hexdigest() + hashlib.sha256(vocab_json.encode()).hexdigest()
+    if o.pairs:  # the pair tables too (older fingerprints are unchanged: text datasets add nothing)
+        digests += "".join(hashlib.sha256((work / f).read_bytes()).hexdigest() for f in PAIRS.values())
+    fingerprint = hashlib.sha256(digests.encode()).hexdigest()
     counts = dict(counts)
     counts.update(
         documents=n_docs,
@@ -545,6 +560,7 @@ def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: S
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "poetgen_version": __version__,
+        "kind": "pairs" if o.pairs else "text",
         "name": output.name,
         "sources": source_info,
         "options": _options_dict(o),
@@ -560,6 +576,90 @@ def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: S
         output=output, sources=source_info, counts=counts, vocab_size=len(vocab), coverage=coverage, split=split,
         fingerprint=fingerprint, top_symbols=vocab.symbols[2:12],
     )
+
+
+# --- pairs (--pairs) ---------------------------------------------------------------------------------------------
+
+# A line and the mark that ends it; a couplet is a line ending in ，；： followed by one ending in 。？！.
+_CLAUSE = re.compile(r"([^，。？！；：、\s]+)([，。？！；：、])")
+_FIRST_MARKS, _ANSWER_MARKS = "，；：", "。？！"
+
+
+def couplets(text: str) -> list[tuple[str, str, bool]]:
+    """The (first line, answering line, middle) pairs of one document: a user pair (its two lines joined by
+    PAIR_SEP) as it is; in a poem, every couplet whose two lines are of equal length and all Han characters,
+    ``middle`` for the 颔联 and 颈联 (second and third couplets) of a 五律 or 七律."""
+    if PAIR_SEP in text:
+        first, second = text.split(PAIR_SEP, 1)
+        return [(first, second, False)]
+    from poetgen.poetry.forms import detect_form, is_han
+
+    clauses = _CLAUSE.findall(text)
+    lushi = detect_form(text) in ("五律", "七律")
+    found, i, k = [], 0, 0
+    while i + 1 < len(clauses):
+        (a, ma), (b, mb) = clauses[i], clauses[i + 1]
+        if ma in _FIRST_MARKS and mb in _ANSWER_MARKS:
+            if len(a) == len(b) and all(is_han(c) for c in a + b):
+                found.append((a, b, lushi and k in (1, 2)))
+            k += 1
+            i += 2
+        else:
+            i += 1
+    return found
+
+
+def _documents(stream: _Stream):
+    """Each document of the stream in order, as text (the stream holds them whole: EOT_CP ends each)."""
+    carry = np.zeros(0, dtype="<u4")
+    for _, cps in stream.chunks():
+        cps = np.concatenate([carry, cps]) if len(carry) else cps
+        ends = np.flatnonzero(cps == EOT_CP)
+        start = 0
+        for end in ends:
+            yield cps[start:end].tobytes().decode("utf-32-le")
+            start = end + 1
+        carry = cps[start:]
+
+
+def _write_pairs(stream: _Stream, doc_class: np.ndarray, lut: np.ndarray, dtype, work: Path):
+    """Pass 3 of --pairs: the couplets of each kept document to its split. A split's ids are first line, <eot>,
+    answering line, <eot>, pair after pair; its table (poetgen.data.dataset.PAIRS) has a row (start, length, flags)
+    per pair. Unlike text, the ids are gathered in memory (4 bytes a character) before they are written."""
+    ids = {TRAIN: array("I"), VAL: array("I")}
+    rows: dict[int, list] = {TRAIN: [], VAL: []}
+    counts = {"pair_documents_without_pairs": 0}
+    for cls, text in zip(doc_class, _documents(stream)):
+        if cls == DROP:
+            continue
+        found = couplets(text)
+        counts["pair_documents_without_pairs"] += not found
+        out = ids[int(cls)]
+        for first, second, middle in found:
+            rows[int(cls)].append((len(out), len(first), MIDDLE if middle else 0))
+            out.extend(_codepoints(first).tolist())
+            out.append(EOT_CP)
+            out.extend(_codepoints(second).tolist())
+            out.append(EOT_CP)
+    writers, unk, characters = [], 0, 0
+    for cls, name in ((TRAIN, "train"), (VAL, "val")):
+        cps = np.frombuffer(ids[cls], dtype=np.uint32) if ids[cls] else np.zeros(0, np.uint32)
+        mapped = lut[cps]
+        w = _NpyWriter(work / f"{name}.npy", dtype, len(mapped))
+        w.write(mapped)
+        w.close()
+        writers.append(w)
+        table = np.array(rows[cls], dtype=np.int64).reshape(-1, 3)
+        np.save(work / PAIRS[name], table, allow_pickle=False)
+        unk += int(np.count_nonzero(mapped == UNK_ID))
+        characters += int(table[:, 1].sum() * 2)
+        counts[f"{name}_pairs"] = len(table)
+        counts[f"{name}_middle_couplets"] = int(np.count_nonzero(table[:, 2] & MIDDLE))
+        counts[f"{name}_tokens"] = len(mapped)
+    if counts["train_pairs"] == 0:
+        raise CorpusError("no pairs for training: no couplet of two equal lines of Han characters (ending in ，；： "
+                          "then 。？！) was found; give poems or pair files (TSV, JSONL of two fields)")
+    return counts, writers[0], writers[1], unk, characters
 
 
 def _options_dict(o: PrepareOptions) -> dict:
