@@ -478,3 +478,57 @@ def evaluate_checkpoint(
 
     model, ckpt = load_model(find_checkpoint(path), device)
     return evaluate_model(model, ckpt, data, **options)
+
+
+# --- pairs: answering lines given first lines ---------------------------------------------------------------------
+
+PAIR_BATCH = 256
+
+
+@dataclass
+class PairScore:
+    """Exact mean cross-entropy of the answering lines of ``pairs`` pairs given their first lines."""
+
+    pairs: int
+    characters: int  # answer characters scored (the answer has no end symbol: its length is the first line's)
+    score: Score
+
+
+def pair_cross_entropy(
+    model: nn.Module,
+    ids: np.ndarray,
+    table: np.ndarray,
+    *,
+    batch: int = PAIR_BATCH,
+    amp: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Callable[[list[float]], list[float]] | None = None,
+) -> PairScore:
+    """The encoder-decoder's figure beside ``cross_entropy``: every answer character of every pair of ``table``
+    (a pair dataset's split: poetgen.data.dataset) scored once, teacher-forced, in nats per character. Pairs of one
+    length are scored together, ``batch`` at a time; with ``world_size`` > 1 rank r scores batches r, r + N, ...
+    and ``reduce`` sums [nats, characters] over the ranks. The model is used in eval mode and left as it was."""
+    from poetgen.data.pairs import line_ids, teacher_inputs
+
+    if len(table) == 0:
+        raise DatasetError("nothing to evaluate: no pairs")
+    device = next(model.parameters()).device
+    chunks = [rows[i:i + batch] for n in np.unique(table[:, 1]) for rows in [np.flatnonzero(table[:, 1] == n)]
+              for i in range(0, len(rows), batch)]
+    sums = [0.0, 0.0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(device, amp):
+            for rows in chunks[rank::world_size]:
+                src, tgt = (torch.from_numpy(a).to(device) for a in line_ids(ids, table[rows]))
+                logits, _ = model(src, teacher_inputs(tgt))  # (b, n, V)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tgt.reshape(-1), reduction="sum")
+                sums[0] += float(loss)
+                sums[1] += tgt.numel()
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        sums = list(reduce(sums))
+    return PairScore(len(table), int(sums[1]), Score(sums[0] / sums[1]))

@@ -14,6 +14,10 @@ writes metrics, checkpoints and progress. A checkpoint stores world_size, the hi
 in stream order ((L, N·B, H), the layout of a single process with batch N·B) and each rank's RNG state; on resume
 every rank reads its own rows and RNG state from the file. Resuming with another N is refused.
 
+What is trained is a task (poetgen.training.tasks): the language model over streams described above (LMTask), or
+the 对句 encoder-decoder over the pairs of a pair dataset (PairTask: batches of pairs, nothing carried between
+steps); the dataset's kind chooses. Everything else here is the same for both.
+
 Progress is reported through a TrainCallbacks object (on rank 0 only); nothing here prints.
 """
 
@@ -37,16 +41,17 @@ from poetgen import __version__
 from poetgen.checkpoint.torch_io import BEST, LAST, Checkpoint, restore_rng, save_checkpoint
 from poetgen.training.config import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, MODEL_FIELDS, TrainConfig
 from poetgen.data.dataset import Dataset
-from poetgen.model.devices import autocast, autocast_dtype, resolve_device
+from poetgen.model.devices import autocast_dtype, resolve_device
 from poetgen.training.distributed import Local, context, mark_reported, rank_seed, restore_rank_rng, rng_tensors
-from poetgen.errors import TrainingError
-from poetgen.model.rnn import CharRNN, Hidden, ModelConfig, detach_hidden, hidden_to
+from poetgen.errors import PoetgenError, TrainingError
+from poetgen.model.rnn import CharRNN, ModelConfig
+from poetgen.model.seq2seq import build_model
 from poetgen.training.runs import METRICS, rewind_metrics, run_lock
-from poetgen.data.batches import StreamBatches, stream_layout, vocab_map
+from poetgen.training.tasks import task_class
+from poetgen.data.batches import vocab_map
 from poetgen.data.vocab import Vocab
-from poetgen.evaluation.scoring import cross_entropy
+from poetgen.evaluation.scoring import cross_entropy, pair_cross_entropy
 from poetgen.evaluation.units import LN2
-from poetgen.generation.sample import SampleOptions, generate
 
 
 class StopFlag(Protocol):
@@ -191,29 +196,20 @@ def machine_speed(device: str = "auto", threads: int | None = None, seconds: flo
 
 def make_plan(
     config: TrainConfig, dataset: Dataset, vocab_size: int | None = None, *, world_size: int = 1,
-    local_rank: int | None = None,
+    local_rank: int | None = None, model_options: dict | None = None,
 ) -> Plan:
     """Sizes of a run (of all ``world_size`` processes together); raises TrainingError when the configuration gives
-    no batch at all. ``local_rank``: the device of that process of a distributed run."""
+    no batch at all. ``local_rank``: the device of that process of a distributed run. For a pair dataset the
+    tokens are answer characters, ``streams`` the pairs of a batch (``stream_len`` 0)."""
     vocab_size = vocab_size or len(dataset.vocab)
-    n = len(dataset.train)
-    streams = config.batch_size * world_size
-    stream_len, batches = stream_layout(n, streams, config.seq_len)
-    if batches == 0:
-        need = streams * config.seq_len + 1
-        if n - 1 >= config.seq_len * world_size:
-            hint = f"--batch-size {(n - 1) // config.seq_len // world_size} or lower"
-        elif world_size > 1:
-            hint = "fewer processes"
-        else:
-            hint = f"--batch-size 1 --seq-len {max(1, n - 1)} or lower"
-        who = f"{world_size} processes × {config.batch_size}" if world_size > 1 else f"{config.batch_size}"
-        raise TrainingError(
-            f"zero batches: the training split has {n:,} tokens, but {who} streams of "
-            f"{config.seq_len} characters need at least {need:,}. Use {hint}, or more data."
-        )
+    task = task_class(dataset)
+    sizes = task.sizes(config, dataset, world_size)
+    try:
+        model_config = task.model_config(config, vocab_size, model_options)
+    except PoetgenError as e:
+        raise TrainingError(str(e)) from None
     with torch.device("meta"):  # count parameters without allocating them
-        model = CharRNN(ModelConfig(vocab_size=vocab_size, **config.model_dict()))
+        model = build_model(model_config)
     params = model.num_parameters()
     if world_size > 1 and local_rank is None:
         local_rank = 0  # a plan made before launching: describe the first process
@@ -221,13 +217,8 @@ def make_plan(
     return Plan(
         parameters=params,
         vocab_size=vocab_size,
-        train_tokens=n,
-        val_tokens=len(dataset.val),
-        streams=streams,
-        stream_len=stream_len,
-        batches_per_epoch=batches,
-        tokens_per_epoch=batches * streams * config.seq_len,
-        total_steps=total_steps(config, batches),
+        **sizes,
+        total_steps=total_steps(config, sizes["batches_per_epoch"]),
         estimated_memory_bytes=estimate_memory(config, params, model.config, dataset.train),
         device=str(device),
         precision="bf16" if autocast_dtype(device, config.precision) else "fp32",
@@ -319,11 +310,14 @@ def train(
     map_unknown: bool = False,
     callbacks: TrainCallbacks | None = None,
     stop: StopFlag | None = None,
+    model_options: dict | None = None,
 ) -> TrainResult:
     """Train (or resume) into ``run_dir``. ``stop.is_set()`` is checked after every step: then save and return.
 
     resume: a checkpoint of this run (its last.ckpt); weights, optimizer, RNG, hidden state and step continue.
     init_from: a checkpoint to fine-tune from: its architecture and vocabulary, fresh optimizer and schedule.
+    model_options: model fields beyond TrainConfig's, e.g. {"attention": "additive"} for an encoder-decoder (a
+    resumed or fine-tuned model keeps its own).
     """
     run_dir = Path(run_dir)
     ctx = context()
@@ -336,7 +330,14 @@ def train(
             if resume is not None and init_from is not None:
                 raise TrainingError("--resume and --init-from cannot be combined")
             source = resume or init_from
+            nonlocal model_options
             if source is not None:
+                kind, wanted = getattr(source.model_config, "kind", "charrnn"), task_class(dataset).__name__
+                if (kind == "seq2seq") != (wanted == "PairTask"):
+                    raise TrainingError(f"{source.path} holds a {kind} model, which cannot train on "
+                                        f"{'the pairs' if dataset.is_pairs else 'the text'} of {dataset.path}")
+                if kind == "seq2seq":
+                    model_options = {"attention": source.model_config.attention}
                 # The checkpoint decides the architecture (dropout may change when fine-tuning).
                 arch = {k: getattr(source.model_config, k) for k in MODEL_FIELDS if k != "dropout"}
                 config = TrainConfig(**{**config.to_dict(), **arch})
@@ -353,7 +354,7 @@ def train(
                 _check_world_size(resume, ctx.world_size, run_dir)
             id_map = vocab_map(dataset.vocab, vocab, map_unknown=map_unknown) if source is not None else None
             plan = make_plan(config, dataset, len(vocab), world_size=ctx.world_size,
-                             local_rank=ctx.local_rank if ctx.distributed else None)
+                             local_rank=ctx.local_rank if ctx.distributed else None, model_options=model_options)
             device = torch.device(plan.device)
             amp = autocast_dtype(device, config.precision)
             if config.threads:
@@ -367,7 +368,7 @@ def train(
                     )
                 if resume is None:  # a run that stopped before its first save: nothing to keep, its log restarts
                     (run_dir / METRICS).unlink(missing_ok=True)
-            loop = _Loop(config, dataset, run_dir, vocab, id_map, plan, device, amp, cb, stop, ctx)
+            loop = _Loop(config, dataset, run_dir, vocab, id_map, plan, device, amp, cb, stop, ctx, model_options)
             loop.build(resume, init_from)
             return loop
 
@@ -390,7 +391,8 @@ def _check_world_size(resume: Checkpoint, world_size: int, run_dir: Path) -> Non
 
 
 class _Loop:
-    def __init__(self, config, dataset, run_dir, vocab, id_map, plan, device, amp, callbacks, stop, ctx):
+    def __init__(self, config, dataset, run_dir, vocab, id_map, plan, device, amp, callbacks, stop, ctx,
+                 model_options=None):
         self.c: TrainConfig = config
         self.dataset: Dataset = dataset
         self.run_dir: Path = run_dir
@@ -402,8 +404,10 @@ class _Loop:
         self.cb: TrainCallbacks = callbacks
         self.stop = stop
         self.ctx: Local = ctx
-        self.batches = StreamBatches(dataset.train, config.batch_size, config.seq_len, id_map,
-                                     rank=ctx.rank, world_size=ctx.world_size)
+        # The validation scorer is looked up here, at run time (tests replace it to steer early stopping).
+        scorer = pair_cross_entropy if dataset.is_pairs else cross_entropy
+        self.task = task_class(dataset)(config, dataset, id_map, ctx, scorer)
+        self.model_options = model_options
         self.total = plan.total_steps
         self.last_path: Path | None = None
         self.saved_step = -1
@@ -418,7 +422,7 @@ class _Loop:
             torch.manual_seed(c.seed)
             random.seed(c.seed)
             np.random.seed(c.seed % 2**32)
-        self.raw_model = CharRNN(ModelConfig(vocab_size=len(self.vocab), **c.model_dict()))
+        self.raw_model = build_model(self.task.model_config(c, len(self.vocab), self.model_options))
         if ctx.distributed and resume is None:  # same weights everywhere, but each rank its own dropout masks
             torch.manual_seed(rank_seed(c.seed, ctx.rank))
             random.seed(rank_seed(c.seed, ctx.rank))
@@ -434,7 +438,6 @@ class _Loop:
             lr=c.lr, betas=(c.beta1, c.beta2),
         )
         self.state = _State()
-        self.hidden: Hidden | None = None
         if resume is not None:
             if resume.optimizer_state is None:
                 raise TrainingError(f"{resume.path} has no optimizer state, so it cannot be resumed exactly")
@@ -448,15 +451,7 @@ class _Loop:
             # load_state_dict brings back the saved hyperparameters; the (possibly overridden) config wins.
             for g, wd in zip(self.opt.param_groups, (c.weight_decay, 0.0)):
                 g["betas"], g["weight_decay"] = (c.beta1, c.beta2), wd
-            hidden = [resume.tensors[f"hidden.{i}"] for i in range(2) if f"hidden.{i}" in resume.tensors]
-            if hidden:
-                # Saved in stream order for all ranks, (L, N·B, H): this rank's streams are rows r·B … r·B+B-1.
-                B, rows = c.batch_size, ctx.world_size * c.batch_size
-                if any(h.dim() != 3 or h.size(1) != rows for h in hidden):
-                    raise TrainingError(f"{resume.path}: the saved hidden state does not have {rows} streams")
-                hidden = [h[:, ctx.rank * B : (ctx.rank + 1) * B].contiguous() for h in hidden]
-                h = tuple(hidden) if c.cell == "lstm" else hidden[0]
-                self.hidden = hidden_to(h, self.device)
+            self.task.restore(resume, self.device)
             if ctx.distributed:
                 restore_rank_rng(resume.tensors, ctx.rank)
             else:
@@ -470,20 +465,14 @@ class _Loop:
     # --- checkpoints ------------------------------------------------------------------------------------------
     def _train_state(self) -> dict:
         s = asdict(self.state)
-        s["epoch"], s["window"] = divmod(self.state.step, len(self.batches))
+        s["epoch"], s["window"] = divmod(self.state.step, len(self.task))
         s["world_size"] = self.ctx.world_size
         return s
 
     def _save(self, path: Path, kind: str) -> Path:
         """Every rank calls this (the hidden and RNG states are gathered); rank 0 writes."""
         ctx = self.ctx
-        extra = {}
-        if self.hidden is not None:
-            hs = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
-            for i, h in enumerate(hs):
-                parts = ctx.gather(h)  # (L, B, H) of every rank, on rank 0
-                if parts is not None:
-                    extra[f"hidden.{i}"] = torch.cat(parts, dim=1)  # (L, N·B, H): streams in order
+        extra = self.task.state_tensors()  # LM: the carried hidden state of all ranks (a collective)
         if ctx.distributed:
             extra.update(rng_tensors(ctx, self.device))
         if ctx.is_main:
@@ -522,9 +511,7 @@ class _Loop:
         s = self.state
         t0 = time.perf_counter()
         ctx = self.ctx
-        loss = cross_entropy(self.raw_model, self.dataset.val, warmup=0, id_map=self.id_map, amp=self.amp,
-                             rank=ctx.rank, world_size=ctx.world_size,
-                             reduce=ctx.sum if ctx.distributed else None).cold.nats
+        loss = self.task.evaluate(self.raw_model, self.amp)
         self.eval_seconds = time.perf_counter() - t0
         s.evals += 1
         if not math.isfinite(loss):
@@ -548,9 +535,8 @@ class _Loop:
     def _sample(self, seed: int) -> str:
         """A short sample for the progress display, by `poetgen sample`'s own code. Its numpy generator is seeded by
         the step, so the training RNG stream (dropout masks) is not disturbed: showing samples never changes the run.
-        <unk> is shown as U+FFFD."""
-        options = SampleOptions(temperature=0.8, length=self.c.sample_length, seed=seed)
-        return generate(self.raw_model, self.vocab, options=options, threads=1).samples[0].generated
+        <unk> is shown as U+FFFD. A pair task shows the greedy answer to a validation first line."""
+        return self.task.sample(self.raw_model, self.vocab, seed, self.c.sample_length)
 
     def _error(self, message: str) -> TrainingError:
         """An error every rank raises at the same step; rank 0 reports it for all."""
@@ -578,7 +564,7 @@ class _Loop:
     # --- the loop ---------------------------------------------------------------------------------------------
     def run(self, resume: Checkpoint | None, init_from: Checkpoint | None) -> TrainResult:
         self._wrap()
-        c, s, n, ctx = self.c, self.state, len(self.batches), self.ctx
+        c, s, n, ctx = self.c, self.state, len(self.task), self.ctx
         if resume is not None and ctx.is_main:
             rewind_metrics(self.run_dir / METRICS, s.step)
         start = {"type": "resume" if resume else "start", "step": s.step, "time": time.time(),
@@ -592,7 +578,6 @@ class _Loop:
         window_t0, window_tokens = session_t0, 0
         elapsed0 = s.elapsed
         status, signum = "completed", None
-        tokens_per_step = ctx.world_size * c.batch_size * c.seq_len
         just_evaluated = False
         while True:
             if self.total is not None and s.step >= self.total:
@@ -607,17 +592,11 @@ class _Loop:
             if time_up:
                 status = "time_limit"
                 break
-            window = s.step % n
-            if window == 0:
-                self.hidden = None  # a new epoch: the streams wrap around, nothing to carry over
-            batch = self.batches.get(window).to(self.device)  # (B, T+1): this rank's streams
             lr = lr_at(c, s.step, self.total, s.elapsed / c.max_time if c.max_time else 0.0)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            with autocast(self.device, self.amp):
-                # The mean cross-entropy comes out of forward (through DDP), which spares the adaptive head the
-                # (B, T, V) scores.
-                loss, hidden = self.model(batch[:, :-1], self.hidden, batch[:, 1:])
+            # The mean loss of this rank's batch, through the (DDP-wrapped) model; the tokens of all ranks' batch.
+            loss, tokens_per_step = self.task.loss(self.model, s.step, self.device, self.amp)
             loss_value = loss.item()
             votes = None
             if ctx.distributed:
@@ -636,7 +615,6 @@ class _Loop:
             if not math.isfinite(grad_norm):  # the same on every rank: the gradients are averaged
                 raise self._error(self._nan_message(f"the gradient norm became {grad_norm}"))
             self.opt.step()
-            self.hidden = detach_hidden(hidden)
 
             s.step += 1
             s.tokens_seen += tokens_per_step
