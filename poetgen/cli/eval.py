@@ -62,6 +62,16 @@ def eval_(
     save_samples: Optional[Path] = typer.Option(
         None, "--save-samples", help="Also write the generated poems as JSONL (re-measure them with --poems)."
     ),
+    beam: int = typer.Option(
+        4, "--beam", min=0, metavar="K",
+        help="对句 (encoder-decoder) models: answer the held-out first lines by beam search with K hypotheses for "
+        "BLEU-4, exact match and the length and tone rates (0: greedy); with --tones, under the tone rules.",
+    ),
+    plot_attention: Optional[Path] = typer.Option(
+        None, "--plot-attention", metavar="FILE.png",
+        help="对句 models: the attention heat map of one pair (the --prime as a first line, else the split's first), "
+        "as a PNG (needs matplotlib).",
+    ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, mps, or auto (cuda when available)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch. Default: torch's."),
     json_out: bool = typer.Option(False, "--json", help="Print every figure as one JSON object on stdout."),
@@ -98,7 +108,7 @@ def eval_(
     request = EvalRequest(
         checkpoints or (), data, split, streams, warmup, encoding, doc_sep, split_csv(text_field) or None,
         not no_loss, poems, samples, form, rhyme, rhyme_book, tones, prime, temperature, top_k, top_p, seed, device,
-        threads,
+        threads, beam, plot_attention,
     )
     with progress(stderr_console(quiet), "Scoring") as on_progress:
         outcome = run_eval(request, on_progress=on_progress)
@@ -110,6 +120,8 @@ def eval_(
         return
     for n in outcome.notes:
         note(f"Note: {n}")
+    if outcome.couplets:
+        _print_couplets(outcome.couplets)
     if outcome.models:
         _print_model_table(outcome.models)
     if outcome.poems:
@@ -126,11 +138,28 @@ def _usage_problem(checkpoints, data, poems, samples, no_loss, split, form, rhym
         return "--no-loss leaves nothing to measure: add --samples N or --poems FILE"
     if split not in ("val", "train"):
         return f"--split must be val or train, not {split!r}"
-    if (rhyme or tones) and not form:
+    if (rhyme or (tones and samples)) and not form:
         return f"--{'rhyme' if rhyme else 'tones'} needs --form"
     if rhyme_book not in ("pingshui", "xinyun"):
         return f"--rhyme-book must be pingshui or xinyun, not {rhyme_book!r}"
     return None
+
+
+def _print_couplets(reports) -> None:
+    """对句 models' figures, one "name: value" line each (poetgen.evaluation.couplets)."""
+    def rates(label, r) -> list:
+        return [(f"{label}same length", f"{pct(r.same_length_rate)} of {r.lines:,}"),
+                (f"{label}tones opposed at the end", f"{pct(r.tone_end_rate)} of {r.tone_end_lines:,}"),
+                (f"{label}tones opposed at 2-4-6", pct(r.tone_246_rate))]
+
+    for r in reports:
+        rows = [("checkpoint", r.checkpoint), ("data", r.data),
+                ("cross-entropy", f"{r.nats_per_char:.4f} nats/char over {r.characters:,} answer characters of "
+                                  f"{r.pairs:,} pairs (given the first lines)"),
+                (f"BLEU-4 (characters, {r.decoding})", f"{r.bleu4:.2f}"), ("exact match", pct(r.exact_match)),
+                *rates("", r.rates), *(rates("律诗 middle couplets: ", r.middle) if r.middle else [])]
+        for k, v in rows:
+            typer.echo(f"{k}: {v}")
 
 
 def _print_model_table(reports) -> None:

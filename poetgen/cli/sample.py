@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from poetgen.cli import couplet
 from poetgen.cli.common import handles_errors
 
 
@@ -141,13 +142,15 @@ def sample(
         raise typer.BadParameter(f"--threads must be at least 1, got {threads}")
     primes = _read_primes(prime, primes_file)
     # On the CPU, sampling runs on numpy (poetgen.generation.engines) and never imports torch, which alone takes seconds.
-    from poetgen.checkpoint.format import default_checkpoint, find_checkpoint
+    from poetgen.checkpoint.format import checkpoint_kind, default_checkpoint, find_checkpoint
     from poetgen.generation.engines import open_model
     from poetgen.generation.sample import SampleOptions, generate
 
     note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     path, fallback = (find_checkpoint(checkpoint), None) if checkpoint is not None else default_checkpoint()
     note(fallback or f"Checkpoint: {path}")
+    if checkpoint_kind(path) == "seq2seq":  # 对句: an encoder-decoder answers each prime (poetgen.cli.couplet)
+        return couplet.answer_command(path, primes, locals(), note)
     options = SampleOptions(
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, length=length,
         num_samples=num_samples, seed=seed, form=form, acrostic=acrostic, line_length=line_length, rhyme=rhyme,

@@ -49,6 +49,8 @@ class EvalRequest:
     seed: int | None = None
     device: str = "auto"
     threads: int | None = None
+    beam: int = 4  # encoder-decoder models: decode the held-out first lines with this beam (0: greedy)
+    plot_attention: Path | None = None  # encoder-decoder models: the attention heat map of one pair, as a PNG
 
 
 @dataclass
@@ -58,6 +60,7 @@ class EvalOutcome:
     generated: list[dict] = field(default_factory=list)  # {"text", "form", "checkpoint"} per generated poem
     notes: list[str] = field(default_factory=list)
     book: str = "pingshui"
+    couplets: list = field(default_factory=list)  # poetgen.evaluation.couplets.CoupletReport, per pair model
 
     def save_generated(self, path: str | Path) -> None:
         """The generated poems as JSON Lines (measure them again with `eval --poems`)."""
@@ -71,6 +74,7 @@ class EvalOutcome:
             "models": [r.to_dict() for r in self.models],
             "poems": [{"source": label, **r.to_dict()} for label, r in self.poems],
             "tone_note": tone_note(self.book) if self.poems else None,
+            "couplets": [c.to_dict() for c in self.couplets],
         }
 
 
@@ -116,6 +120,9 @@ def run_eval(r: EvalRequest, on_progress: Callable[[dict], None] | None = None) 
         device = resolve_device(r.device)
         for c in r.checkpoints:
             model, ckpt = load_model(find_checkpoint(c), device)
+            if getattr(ckpt.model_config, "kind", "charrnn") == "seq2seq":  # 对句: measured as answers
+                out.couplets.append(_couplets(model, ckpt, r, out.notes))
+                continue
             loaded.append((model, ckpt))
             if r.loss:
                 out.models.append(evaluate_model(
@@ -143,3 +150,25 @@ def run_eval(r: EvalRequest, on_progress: Callable[[dict], None] | None = None) 
     for report in out.models:
         out.notes.extend(f"{report.checkpoint}: {n}" for n in report.notes)
     return out
+
+
+def _couplets(model: Any, ckpt: Any, r: EvalRequest, notes: list[str]) -> Any:
+    """An encoder-decoder's figures (poetgen.evaluation.couplets), and its attention map when asked for: of the
+    --prime as a first line, else of the split's first pair."""
+    from poetgen.evaluation.couplets import evaluate_couplets, open_pairs, plot_attention
+    from poetgen.generation.couplet import CoupletOptions, answer_lines
+
+    if r.samples:
+        notes.append(f"{ckpt.path} answers first lines: --samples is for poem models")
+    report = evaluate_couplets(model, ckpt, r.data, split=r.split, beam=r.beam, tones=r.tones,
+                               rhyme_book=r.rhyme_book)
+    if r.plot_attention is not None:
+        if r.prime:
+            first = r.prime
+        else:
+            dataset = open_pairs(ckpt, r.data, r.split)
+            first = ckpt.vocab.decode(dataset.pair_lines(r.split, [0])[0][0].tolist())
+        answer = answer_lines(model, ckpt.vocab, [first], CoupletOptions(beam=r.beam, tones=r.tones))[0][0]
+        plot_attention(answer, r.plot_attention)
+        notes.append(f"attention of {first} → {answer.text} written to {r.plot_attention}")
+    return report
