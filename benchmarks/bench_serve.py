@@ -113,7 +113,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-c", "--checkpoint", default=None, help="model to serve (default: as `poetgen serve`)")
     ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its tuner)")
+    ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own, 1; 0 tunes)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both modes (median counts)")
     ap.add_argument("--bad", type=int, default=1000)
     ap.add_argument("--good-every", type=int, default=5, help="one good request per this many bad ones")
@@ -123,7 +123,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "poetgen", "serve", "--port", str(port), "--max-batch", str(args.clients),
            "--queue", str(2 * args.clients)] + (["-c", args.checkpoint] if args.checkpoint else []) + (
-        ["--threads", str(args.threads)] if args.threads else [])
+        ["--threads", str(args.threads)] if args.threads is not None else [])
     log = open(os.devnull, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     try:

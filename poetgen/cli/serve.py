@@ -27,8 +27,10 @@ def serve(
     cors: Optional[List[str]] = typer.Option(
         None, "--cors", metavar="ORIGIN", help="Let web pages from ORIGIN call the API (repeatable). Default: none."
     ),
-    threads: Optional[int] = typer.Option(
-        None, "--threads", help="CPU threads for the matrix products. Default: chosen by timing the steps."
+    threads: int = typer.Option(
+        1, "--threads",
+        help="CPU threads for the matrix products (default 1: HTTP needs a core too, and beside other work more "
+        "threads stall); 0: chosen while serving by timing the steps.",
     ),
 ) -> None:
     """Serve poems over HTTP: a JSON API (POST /v1/poems, streamed GET /v1/poems/stream, GET /v1/models) and a web
@@ -39,13 +41,15 @@ def serve(
         poetgen serve -c tang --port 8000
     """
     for flag, value in (("--max-batch", max_batch), ("--queue", queue), ("--max-n", max_n),
-                        ("--max-length", max_length), ("--max-body", max_body), ("--threads", threads or 1)):
+                        ("--max-length", max_length), ("--max-body", max_body)):
         if value < 1:
             raise typer.BadParameter(f"{flag} must be at least 1, got {value}")
+    if threads < 0:
+        raise typer.BadParameter(f"--threads must be 0 (tuned) or more, got {threads}")
     if not timeout > 0:
         raise typer.BadParameter(f"--timeout must be positive, got {timeout}")
     from poetgen.serving.batcher import Limits
     from poetgen.serving.server import run
 
     run(list(checkpoint or []), host, port, Limits(max_batch, queue, max_n, max_length, timeout), max_body,
-        list(cors or []), threads)
+        list(cors or []), threads or None)

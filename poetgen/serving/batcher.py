@@ -263,6 +263,8 @@ class Batcher:
         with tuner:
             while True:
                 with self._cond:
+                    if not self._waiting and not self._jobs:
+                        tuner.last = None  # the idle wait is no step's time: the next tick starts afresh
                     while not self._stop and not self._waiting and not self._jobs:
                         self._cond.wait()
                     if self._stop:
