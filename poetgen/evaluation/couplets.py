@@ -162,7 +162,24 @@ def evaluate_couplets(model: Any, ckpt: Any, data: Sequence[str] | None = None, 
 
 
 CJK_FONTS = ["WenQuanYi Micro Hei", "Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "SimHei",
-             "PingFang SC", "Microsoft YaHei", "DejaVu Sans"]
+             "PingFang SC", "Microsoft YaHei"]
+CJK_FILES = ("wqy", "notosanscjk", "sourcehansans", "droidsansfallback", "simhei", "msyh", "pingfang")
+
+
+def _cjk_font(size: int = 14):
+    """A font with Han characters: one matplotlib knows by name, else a system font file by its usual names
+    (matplotlib's cache may predate the font, and it skips some .ttc collections), else the default."""
+    from matplotlib import font_manager
+    from matplotlib.font_manager import FontProperties
+
+    present = {f.name for f in font_manager.fontManager.ttflist}
+    for name in CJK_FONTS:
+        if name in present:
+            return FontProperties(family=name, size=size)
+    for path in sorted(font_manager.findSystemFonts()):
+        if any(k in Path(path).name.lower().replace("-", "").replace("_", "") for k in CJK_FILES):
+            return FontProperties(fname=path, size=size)
+    return FontProperties(size=size)
 
 
 def plot_attention(answer: Answer, path: str | Path) -> Path:
@@ -171,13 +188,9 @@ def plot_attention(answer: Answer, path: str | Path) -> Path:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.font_manager import FontProperties
     except ImportError:
         raise PoetgenError("--plot-attention needs matplotlib: pip install 'poetgen[plot]'") from None
-    from matplotlib import font_manager
-
-    present = {f.name for f in font_manager.fontManager.ttflist}
-    font = FontProperties(family=next((f for f in CJK_FONTS if f in present), "sans-serif"), size=14)
+    font = _cjk_font()
     fig = Figure(figsize=(1.2 + 0.6 * len(answer.first), 1.2 + 0.6 * len(answer.text)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
