@@ -143,3 +143,76 @@ def test_beam_and_best_of_options_are_checked(runtime, vocab):
         SampleOptions(beam=2, best_of=2).validate()
     with pytest.raises(SampleError, match="--best-of must be at least 1"):
         SampleOptions(best_of=0).validate()
+
+
+class Follows:
+    """An engine that prefers the character which follows the text so far in ``target`` (a famous poem)."""
+
+    def __init__(self, vocab: Vocab, target: str):
+        self.vocab, self.target, self.h = vocab, target, []
+
+    def _scores(self, hist: list[int]) -> np.ndarray:
+        s = np.zeros(len(self.vocab), dtype=np.float32)
+        text = "".join(self.vocab.symbols[i] if i >= 2 else "" for i in hist)
+        for n in range(min(len(text), 8), 0, -1):
+            i = self.target.find(text[-n:])
+            if i >= 0 and i + n < len(self.target):
+                s[self.vocab.id(self.target[i + n])] = 8.0
+                return s
+        s[self.vocab.id(self.target[0])] = 8.0
+        return s
+
+    def prefix(self, prefixes):
+        self.h = [list(p) for p in prefixes]
+        return np.stack([self._scores(h) for h in self.h])
+
+    def select(self, index):
+        self.h = [list(self.h[i]) for i in np.asarray(index)]
+
+    def step(self, tokens):
+        for h, t in zip(self.h, tokens):
+            h.append(int(t))
+        return np.stack([self._scores(h) for h in self.h])
+
+
+def test_beam_counts_the_prime_in_its_rules():
+    """A copied line that the prime began is still a copy (the rules start from the prime, not after it)."""
+    target = "床前明月光，疑是地上霜。举头望山月，低头思故乡。"
+    vocab = Vocab(["<eot>", "<unk>", *sorted(set(target + "天地人和春秋夏冬"))])
+    index = TrainingIndex(np.array([EOT_ID], dtype=np.int64), vocab)
+    index.lines = {"床前明月光", "疑是地上霜"}
+    for prime in ("", "床前"):
+        r = generate(Follows(vocab, target), vocab, [prime], SampleOptions(form="五绝", beam=4), copies=index)
+        lines = split_lines(r.samples[0].text)
+        assert not set(lines) & index.lines and r.samples[0].text.startswith(prime), r.samples[0].text
+    free = generate(Follows(vocab, target), vocab, ["床前"], SampleOptions(form="五绝", beam=4)).samples[0].text
+    assert free.startswith("床前明月光")  # without the index the model's favourite line is kept
+
+
+def test_beam_never_dead_ends_where_the_constraint_has_a_way():
+    """The beam's own rules are preferences: with 20 symbols, a fixed rhyme group and a 律诗 they cannot all hold,
+    and the constraint's way is taken instead of returning nothing."""
+    vocab = Vocab(["<eot>", "<unk>", *"，。东天山人花春秋风云月雪日白水石柳"])
+
+    class Noise:
+        def prefix(self, p):
+            return np.zeros((len(p), len(vocab)), np.float32)
+
+        def select(self, i):
+            pass
+
+        def step(self, t):
+            return np.random.default_rng(len(t)).normal(size=(len(t), len(vocab))).astype(np.float32)
+
+    r = generate(Noise(), vocab, [""], SampleOptions(form="五律", rhyme=True, rhyme_group="东", beam=2), threads=1)
+    assert len(r.samples) == 1 and check_constrained(r.samples[0].text, 8, 5) == [], r.samples[0].text
+
+
+def test_best_of_judges_copies_by_what_it_wrote_and_never_repeats_a_poem(runtime, vocab):
+    index = TrainingIndex(np.array([EOT_ID], dtype=np.int64), vocab)
+    index.lines = {"床前明月光"}  # the prime is a famous line: continuing it is not copying
+    r = generate(runtime, vocab, ["床前明月光，"], SampleOptions(form="五绝", best_of=4, num_samples=2, seed=1),
+                 copies=index)
+    assert not r.notes and len({s.text for s in r.samples}) == 2
+    greedy = generate(runtime, vocab, [""], SampleOptions(form="五绝", best_of=4, num_samples=2, temperature=0))
+    assert len(greedy.samples) == 1 and any("not all different" in n for n in greedy.notes)  # 8 equal: one kept

@@ -191,7 +191,7 @@ def compare(reference: ModelFile, other: ModelFile, ids: Sequence[int] | np.ndar
     equal length, at least MIN_ROW each (the last few symbols that do not fill a row are left out), each row
     starting from the zero state with the end-of-text symbol as input, as every document starts. Exact: every
     position's full distribution."""
-    from poetgen.model.runtime import Runtime
+    from poetgen.model.runtime import Runtime, log_softmax
 
     ids = np.asarray(ids, dtype=np.intp).ravel()
     if len(ids) == 0:
@@ -210,9 +210,7 @@ def compare(reference: ModelFile, other: ModelFile, ids: Sequence[int] | np.ndar
     for t in range(L):
         logp = []
         for k, rt in enumerate(runtimes):
-            s = rt.step(inputs[:, t]).astype(np.float64)  # a copy: the runtime reuses its buffer
-            m = s.max(axis=1, keepdims=True)
-            s -= m + np.log(np.exp(s - m).sum(axis=1, keepdims=True))  # log-softmax (the adaptive head's is a no-op)
+            s = log_softmax(rt.step(inputs[:, t]).astype(np.float64))  # a copy: the runtime reuses its buffer
             nll[k] -= float(s[rows, targets[:, t]].sum())
             logp.append(s)
         diff = logp[0] - logp[1]  # (S, V)

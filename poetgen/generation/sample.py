@@ -99,6 +99,11 @@ class SampleOptions:
             raise SampleError(f"--beam must be 0 (off) or more, got {self.beam}")
         if self.beam and self.best_of > 1:
             raise SampleError("--beam and --best-of are two ways to choose: give one of them")
+        if self.beam and self.num_samples > self.beam:
+            raise SampleError(f"--beam {self.beam} keeps {self.beam} poems per prime: ask for at most that many (-n)")
+        if self.beam and (self.top_k is not None or self.top_p is not None or self.repetition_penalty != 1.0):
+            raise SampleError("--top-k, --top-p and --repetition-penalty shape sampling; --beam does not sample "
+                              "(it has its own repetition rules)")
         if self.rhyme and not (self.form or self.acrostic):
             raise SampleError("--rhyme needs --form or --acrostic: it rhymes the ends of the even lines of a poem")
         self._validate_prosody()
@@ -142,7 +147,7 @@ class Sample:
 @dataclass
 class SampleResult:
     samples: list[Sample]
-    seed: int
+    seed: int | None  # None: beam search, which draws nothing
     options: dict  # the settings used (top_k clamped, length resolved)
     notes: list[str] = field(default_factory=list)  # e.g. "converted the prime to traditional: ..."
     seconds: float = 0.0  # generation time, prefix included

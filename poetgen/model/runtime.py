@@ -339,8 +339,9 @@ def _make_head(config: Any, state: dict[str, np.ndarray]):
     raise CheckpointError(f"the numpy sampler has no output layer {head!r}")
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    """In place over the last axis of x (B, N); returns x."""
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """In place over the last axis of x (B, N); returns x. (The one torch-free log-softmax: decoding, beam search
+    and the compact export's comparison use it; of the adaptive head's scores, already log-probabilities, a no-op.)"""
     x -= x.max(axis=-1, keepdims=True)
     x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
     return x
@@ -361,14 +362,14 @@ def _adaptive_head(config: Any, state: dict[str, np.ndarray]):
         tails.append((proj, out))
 
     def adaptive(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        r = _log_softmax(x @ root)  # (B, C + K)
+        r = log_softmax(x @ root)  # (B, C + K)
         out[:, :C] = r[:, :C]
         h = x[:, :-1]
         for i, (proj, w) in enumerate(tails):
             s = out[:, bounds[i] : bounds[i + 1]]  # (B, n_i), written in place
             np.matmul(h @ proj, w[:-1], out=s)  # (B, d) @ (d, n_i)
             s += w[-1]
-            _log_softmax(s)
+            log_softmax(s)
             s += r[:, C + i : C + i + 1]
         return out
 
