@@ -274,3 +274,23 @@ def test_cli_eval_figures_and_attention_png(toy, tmp_path):
     assert report["exact_match"] == 1.0 and report["rates"]["same_length_rate"] == 1.0
     assert report["decoding"] == "beam 2"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_pair_run_under_torchrun_resumes(toy, tmp_path):
+    """Two processes (poetgen train --nproc 2) train and resume a pair run through the same loop."""
+    import subprocess
+    import sys
+
+    _, dataset, _ = toy
+    base = [sys.executable, "-m", "poetgen", "train", "--nproc", "2", "--runs-dir", str(tmp_path), "--device", "cpu"]
+    first = subprocess.run([*base, str(dataset.path), "--name", "ddp", "--cell", "gru", "--hidden", "16", "--embed",
+                            "8", "--batch-size", "8", "--max-steps", "4", "--eval-every", "2", "-q"],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run([*base, "--resume", str(tmp_path / "ddp"), "--max-steps", "6", "-q"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    ckpt = load_checkpoint(tmp_path / "ddp" / "last.ckpt")
+    assert ckpt.train_state["step"] == 6 and ckpt.train_state["world_size"] == 2
+    assert ckpt.model_config.kind == "seq2seq"
