@@ -111,7 +111,7 @@ def test_errors(setup, tmp_path: Path, monkeypatch):
     assert r.exit_code == 1 and r.stderr.startswith("Error: no such file or directory")
     monkeypatch.setenv("POETGEN_SHIPPED_DIR", str(tmp_path / "no-shipped-models"))  # and no run in ./checkpoints
     r = run()
-    assert r.exit_code == 1 and r.stderr.startswith("Error: no checkpoint in checkpoints"), r.stderr
+    assert r.exit_code == 1 and r.stderr.startswith("Error: no run in checkpoints and no shipped model"), r.stderr
     assert run(setup["ckpts"][0], "--split", "test").exit_code == 2
     assert run("--poems", tmp_path / "p.jsonl", "--samples", "2").exit_code == 2
     assert run("--poems", tmp_path / "p.jsonl", "--data", tmp_path).exit_code == 2

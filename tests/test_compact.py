@@ -262,7 +262,7 @@ def test_default_checkpoint_falls_back_to_the_shipped_model(shipped, trained, tm
 
     monkeypatch.setenv(ENV_SHIPPED, str(tmp_path / "empty"))
     shutil.rmtree(tmp_path / "checkpoints")
-    with pytest.raises(CheckpointError, match="^checkpoint not found: checkpoints$"):
+    with pytest.raises(CheckpointError, match="^no run in checkpoints and no shipped model: train one"):
         default_checkpoint()
 
 
@@ -358,3 +358,6 @@ def test_models_command_lists_and_shows_cards_and_refuses_a_damaged_file(shipped
     (shipped / "tang.safetensors").write_bytes(bytes(blob))
     r = runner.invoke(app, ["models", "tang"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "damaged" in r.stderr
+    r = runner.invoke(app, ["models", "--json"])  # the list still shows it, as not verified, with the reason
+    listed = json.loads(r.stdout)[0]
+    assert r.exit_code == 0 and listed["verified"] is False and "damaged" in listed["problem"]

@@ -106,7 +106,8 @@ def default_checkpoint(runs_dir: str | Path = RUNS_DIR) -> tuple[Path, str | Non
         return find_checkpoint(p), None
     model = shipped.shipped_model(shipped.DEFAULT_MODEL)
     if model is None:
-        return find_checkpoint(p), None  # raises: not found / no checkpoint
+        raise CheckpointError(f"no run in {p} and no shipped model: train one with `poetgen train`, or name a "
+                              "checkpoint with -c")
     about = model.card.get("summary")
     note = (f"Using the shipped model {model.name}{f' ({about})' if isinstance(about, str) and about else ''}: "
             f"there is no run in {p}. Train your own with `poetgen train`, or name a checkpoint with -c.")

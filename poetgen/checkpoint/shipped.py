@@ -115,20 +115,20 @@ def write_card(model_path: str | Path, card: dict) -> Path:
     return atomic_write(model_path.with_suffix(".json"), text.encode("utf-8"))
 
 
-def verify_card(path: Path, blob: bytes | None = None) -> None:
+def verify_card(path: Path, blob: bytes | None = None) -> bool:
     """If a model card ``<stem>.json`` beside ``path`` records this file's SHA-256, check it: a file whose bytes
-    changed is a CheckpointError saying how to get a good copy. Files without a card are not checked (a training
-    run's checkpoints have none)."""
+    changed is a CheckpointError saying how to get a good copy. -> True when the hash was checked (and matched),
+    False when there was nothing to check against (a training run's checkpoints have no card)."""
     card_path = path.with_suffix(".json")
     if card_path == path or not card_path.is_file():
-        return
+        return False
     card = read_card(card_path)
     expected = (card or {}).get("sha256")
     if not isinstance(expected, str) or (card or {}).get("file") != path.name:
-        return
+        return False
     actual = file_sha256(path, blob)
     if actual == expected.lower():
-        return
+        return True
     if _is_shipped(path):
         fix = ("reinstall poetgen to get a good copy (pip install --force-reinstall poetgen; in a git clone, "
                f"git checkout -- {path})")
@@ -149,7 +149,9 @@ def _is_shipped(path: Path) -> bool:
 
 def describe_shipped(name: str | None = None) -> list[dict]:
     """The model cards of the shipped models (of ``name`` alone when given), each with its ``name``, ``path`` and
-    ``verified`` (the file's SHA-256 matched the card's). An unknown name is a CheckpointError naming the others."""
+    ``verified`` (True: the file's SHA-256 matched its card's; False: the card records none). A damaged file is a
+    CheckpointError for ``name`` alone; in the whole list it is ``verified: False`` with the ``problem``. An unknown
+    name is a CheckpointError naming the others."""
     if name is not None:
         model = shipped_model(name)
         if model is None:
@@ -160,7 +162,13 @@ def describe_shipped(name: str | None = None) -> list[dict]:
         models = list_shipped()
     out = []
     for m in models:
-        verify_card(m.path)
-        out.append({**m.card, "name": m.name, "path": str(m.path), "verified": True})
+        entry = {**m.card, "name": m.name, "path": str(m.path)}
+        try:
+            entry["verified"] = verify_card(m.path)
+        except CheckpointError as e:
+            if name is not None:
+                raise
+            entry.update(verified=False, problem=str(e))
+        out.append(entry)
     return out
 

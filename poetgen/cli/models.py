@@ -39,7 +39,7 @@ def models(
         bits = (card.get("validation") or {}).get("bits_per_char")
         figure = f", {bits:.3f} bits/char on its validation split" if isinstance(bits, (int, float)) else ""
         typer.echo(f"{card['name']}: {card.get('summary') or 'no summary'} ({card.get('bytes', 0) / 2**20:.1f} MiB"
-                   f"{figure})")
+                   f"{figure})" + (f" — {card['problem']}" if card.get("problem") else ""))
 
 
 def _flatten(card: dict, prefix: str = ""):
