@@ -39,8 +39,9 @@ from poetgen.errors import SampleError
 from poetgen.poetry.forms import COMMA, PERIOD, Form, is_han, parse_form
 
 # tone codes of a (pattern, position): what a character must be able to be there
-FREE, LEVEL, OBLIQUE, OBLIQUE_ONLY = 0, 1, 2, 3
-_CODE = {None: FREE, "平": LEVEL, "仄": OBLIQUE}
+# Tone requirement codes of the mask tables (prosody's FREE / LEVEL / OBLIQUE are its template's strings).
+CODE_FREE, CODE_LEVEL, CODE_OBLIQUE, CODE_OBLIQUE_ONLY = 0, 1, 2, 3
+_CODE = {None: CODE_FREE, "平": CODE_LEVEL, "仄": CODE_OBLIQUE}
 
 
 @functools.lru_cache(maxsize=4)
@@ -98,8 +99,11 @@ class FormConstraint:
         self.vocab = vocab
         self.form = parse_form(form) if isinstance(form, str) else form
         self.acrostic = acrostic or None
-        self.rhyme = rhyme or rhyme_group is not None
-        self.tones = tones or pattern is not None
+        if rhyme_group is not None and not rhyme:
+            raise SampleError("--rhyme-group applies to --rhyme")  # the same rule as SampleOptions.validate
+        if pattern is not None and not tones:
+            raise SampleError("--pattern applies to --tones")
+        self.rhyme, self.tones = rhyme, tones
         self.book_name = rhyme_book
         self.rhyme_group = rhyme_group
         self.pattern = pattern
@@ -180,7 +184,7 @@ class FormConstraint:
                 if self.rhyme and col == self.chars - 1 and (line % 2 == 1 or (line == 0 and first_rhymes)):
                     rhyme_bits[p] |= 1 << k
                 elif self.rhyme and self.patterns and line == 0 and col == self.chars - 1:
-                    codes[k, p] = OBLIQUE_ONLY  # an ambiguous 看 here could read as a rhyme: see the module doc
+                    codes[k, p] = CODE_OBLIQUE_ONLY  # an ambiguous 看 here could read as a rhyme: see the module doc
         self.codes, self.rhyme_bits = codes, rhyme_bits
         fits = np.zeros((P + 2, V), dtype=np.uint8)
         for k in range(K):
@@ -326,7 +330,7 @@ class FormConstraint:
         return "/".join(sorted(t)) if t else f"no tone in the {self.book_name} book"
 
     def _need(self, k: int, p: int) -> str:
-        return {FREE: "any character", LEVEL: "平", OBLIQUE: "仄", OBLIQUE_ONLY: "仄 (not 平: the first line does "
+        return {CODE_FREE: "any character", CODE_LEVEL: "平", CODE_OBLIQUE: "仄", CODE_OBLIQUE_ONLY: "仄 (not 平: the first line does "
                 "not rhyme)"}[int(self.codes[k, p])]
 
     def _why(self, state: ConstraintState, token: int) -> str:
