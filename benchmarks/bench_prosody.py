@@ -77,7 +77,7 @@ def main() -> None:
     for name in ("pingshui", "xinyun"):
         book = rhyme_book(name)
         t0 = time.perf_counter()
-        n = rhyme_even = rhyme_pat = first_level_unrhymed = perfect = tones_ok = regulated = oblique = 0
+        n = rhyme_even = rhyme_pat = perfect = tones_ok = regulated = oblique = 0
         gu = san = nd = unknown_rhyme = 0
         s246 = sfull = 0.0
         for text in poems:

@@ -17,7 +17,7 @@ size) and 6,000 (about a simplified Tang corpus'), full softmax; at 6,000 also w
 * whole processes: `poetgen sample` calls (start-up, checkpoint load, sampling, output) on a saved 6,000-symbol
   checkpoint, `poetgen --help`, and `python -c "import torch"` for scale; the median of a few runs.
 
-Threads: poetgen as the CLI runs it (numpy's OpenBLAS threads picked by poetgen.model.runtime.ThreadTuner while sampling,
+Threads: poetgen as the CLI runs it (numpy's OpenBLAS threads picked by generation.threads.ThreadTuner while sampling,
 OPENBLAS_THREAD_TIMEOUT=4 as the CLI sets it); the anchor at the better of torch's 1 thread and its default count,
 each measured. benchmarks/run.py imports ``measure``.
 """

@@ -184,8 +184,8 @@ def main() -> int:
         pairs_ok = concurrent_pairs(cwd, env, args.pairs, failures)
         wall = time.monotonic() - t0
     print()
-    print(f"| date | kill -9 trials | inside checkpoint writes | before the process's first save | steps reached "
-          f"| concurrent pairs (one trained, one refused) | failures | wall |")
+    print("| date | kill -9 trials | inside checkpoint writes | before the process's first save | steps reached "
+          "| concurrent pairs (one trained, one refused) | failures | wall |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {time.strftime('%Y-%m-%d')} | {stats['trials']} (seed {args.seed}) | {stats['in_writes']} "
           f"| {stats['before_first_save']} | {stats['steps'][-1] if stats['steps'] else '-'} "

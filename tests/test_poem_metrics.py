@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from poetgen.errors import CorpusError
-from poetgen.evaluation.poems import Poem, TrainingIndex, evaluate_poems, measure_poem, read_poems
+from poetgen.data.copies import TrainingIndex
+from poetgen.evaluation.poems import Poem, evaluate_poems, measure_poem, read_poems
 from poetgen.poetry.prosody import tone_patterns
 from poetgen.poetry.forms import FORMS, form_problems
 from poetgen.data.vocab import EOT_ID, Vocab

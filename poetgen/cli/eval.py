@@ -8,10 +8,7 @@ from typing import List, Optional
 import typer
 
 from poetgen.cli.common import handles_errors, pct, print_json, progress, split_csv, stderr_console
-from poetgen.evaluation.report import tone_note
 
-
-# --- eval -------------------------------------------------------------------------------------------------------
 
 @handles_errors
 def eval_(
@@ -98,7 +95,7 @@ def eval_(
         raise typer.BadParameter(problem)
 
     from poetgen.checkpoint.format import default_checkpoint
-    from poetgen.evaluation.report import EvalRequest, run_eval
+    from poetgen.evaluation.report import EvalRequest, run_eval, tone_note
 
     note = (lambda msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     if not checkpoints and poems is None:  # the newest run, else the shipped model

@@ -37,15 +37,14 @@ Definitions (rates are shares in [0, 1]):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
+from poetgen.data.copies import TrainingIndex
 from poetgen.errors import CorpusError, PoetgenError
 from poetgen.poetry.forms import FORMS, detect_form, form_problems, is_han, parse_form, split_lines
-from poetgen.data.copies import MIN_COPY_LINE, NGRAM, TrainingIndex  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from poetgen.poetry.prosody import ProsodyCheck
@@ -87,8 +86,6 @@ def measure_poem(poem: Poem | str, book: str = "pingshui") -> PoemCheck:
     return PoemCheck(name, declared, not problems, problems, True, check_rhyme(lines, book, first=False).rhymes,
                      check_prosody(lines, book, name))
 
-
-# --- copying from the training text -----------------------------------------------------------------------------
 
 # --- all poems ----------------------------------------------------------------------------------------------------
 

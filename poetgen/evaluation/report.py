@@ -18,7 +18,6 @@ TONE_NOTES = {
     "xinyun": "tones and rhymes by 中华新韵 (xinyun: the modern-Mandarin approximation, pypinyin readings, tones 1-2 "
               "level), not the Tang-era 平水韵: the old entering tone reads as level",
 }
-TONE_NOTE = TONE_NOTES["pingshui"]
 
 
 def tone_note(book: str) -> str:

@@ -38,8 +38,6 @@ import functools
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
 from poetgen.errors import SampleError
 
 COMMA = "，"

@@ -18,7 +18,7 @@ Two rhyme books, chosen by name (``rhyme_book("pingshui")``):
 Tone patterns. The four regulated patterns of each form are built from four five-character lines, A 仄仄平平仄,
 B 平平仄仄平, C 平平平仄仄, D 仄仄仄平平 (seven-character lines put the two opposite tones in front: A7 平平仄仄平平仄).
 A quatrain is A B C D (仄起) or C D A B (平起), a 律诗 repeats it; when the first line rhymes (首句入韵) it takes the
-level-ending line instead (A -> D, C -> B). Names and order are those of ``evaluation.poems.tone_patterns``:
+level-ending line instead (A -> D, C -> B). Names and order (what ``tone_patterns`` gives):
 仄起首句不入韵, 仄起首句入韵, 平起首句不入韵, 平起首句入韵. Each pattern also has a *template* for masks: 平 / 仄 where
 the tone is required and ``*`` where it is free. 一三五不论: positions 1, 3 (and 5) are free except where freeing
 them would allow 孤平 or 三平尾 — B lines fix position 1 as 平 (仄平仄仄平 is 孤平) and D lines fix position 3 as 仄
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 LEVEL, OBLIQUE, FREE = "平", "仄", "*"
 BOOK_NAMES = ("pingshui", "xinyun")
 # The canonical forms this module knows, as (lines, characters per line); the same as poetry.forms.FORMS, kept
-# here as plain numbers so that importing prosody does not import forms (and its numpy and vocabulary code).
+# here as plain numbers so that importing prosody stays cheap (forms loads pypinyin's machinery on use).
 FORM_SHAPES = {"五绝": (4, 5), "七绝": (4, 7), "五律": (8, 5), "七律": (8, 7)}
 
 
