@@ -90,7 +90,8 @@ class TrainingIndex:
 
 def training_copies(dataset_meta: dict | None) -> TrainingIndex | None:
     """The index of the training split a model was trained on, when that dataset is on this machine (the path its
-    checkpoint recorded); None when it is not (a shipped model's, or a dataset since deleted)."""
+    checkpoint recorded); None when it is not (a shipped model's, or a dataset since deleted). Built once per
+    dataset and process (the 全唐诗's takes a few seconds)."""
     from poetgen.data.dataset import recorded_dataset
     from poetgen.errors import DatasetError
 
@@ -98,4 +99,10 @@ def training_copies(dataset_meta: dict | None) -> TrainingIndex | None:
         ds = recorded_dataset(dataset_meta or {})
     except DatasetError:
         return None
-    return TrainingIndex(ds.train, ds.vocab)
+    key = (str(ds.path.resolve()), (dataset_meta or {}).get("fingerprint"))
+    if key not in _BUILT:
+        _BUILT[key] = TrainingIndex(ds.train, ds.vocab)
+    return _BUILT[key]
+
+
+_BUILT: dict[tuple, TrainingIndex] = {}

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from poetgen.errors import DatasetError
 
 # What the poem metrics' tones and rhymes are measured by, said wherever they are shown.
 TONE_NOTES = {
@@ -77,25 +76,14 @@ class EvalOutcome:
         }
 
 
-class _CopyIndexes:
-    """The copy-rate index of a checkpoint's training split, built once per dataset; None when the dataset is gone."""
+def _copies_for(ckpt: Any, notes: list[str]) -> Any:
+    """The copy-rate index of the checkpoint's own training split (poetgen.data.copies), or None with a note."""
+    from poetgen.data.copies import training_copies
 
-    def __init__(self, notes: list[str]):
-        self.notes, self.built = notes, {}
-
-    def __call__(self, ckpt: Any):
-        from poetgen.data.copies import TrainingIndex
-        from poetgen.data.dataset import recorded_dataset
-
-        try:
-            ds = recorded_dataset(ckpt.dataset_meta)
-        except DatasetError as e:
-            self.notes.append(f"no copy rate for {ckpt.path}: {e}")
-            return None
-        key = str(ds.path.resolve())
-        if key not in self.built:
-            self.built[key] = TrainingIndex(ds.train, ds.vocab)
-        return self.built[key]
+    index = training_copies(ckpt.dataset_meta)
+    if index is None:
+        notes.append(f"no copy rate for {ckpt.path}: the dataset it was trained on is not on this machine")
+    return index
 
 
 def run_eval(r: EvalRequest, on_progress: Callable[[dict], None] | None = None) -> EvalOutcome:
@@ -105,7 +93,6 @@ def run_eval(r: EvalRequest, on_progress: Callable[[dict], None] | None = None) 
     from poetgen.evaluation.poems import Poem, evaluate_poems, read_poems
 
     out = EvalOutcome(book=r.rhyme_book)
-    index_for = _CopyIndexes(out.notes)
     loaded = []
     if r.checkpoints:
         import torch
@@ -141,10 +128,10 @@ def run_eval(r: EvalRequest, on_progress: Callable[[dict], None] | None = None) 
                 out.notes.append(f"seed of the samples of {ckpt.path}: {result.seed}")
             texts = [s.text for s in result.samples]
             out.generated.extend({"text": t, "form": declared, "checkpoint": str(ckpt.path)} for t in texts)
-            report = evaluate_poems([Poem(t, declared) for t in texts], index_for(ckpt), book=r.rhyme_book)
+            report = evaluate_poems([Poem(t, declared) for t in texts], _copies_for(ckpt, out.notes), book=r.rhyme_book)
             out.poems.append((f"{r.samples} samples of {ckpt.path}", report))
     if r.poems is not None:
-        index = index_for(loaded[0][1]) if loaded else None
+        index = _copies_for(loaded[0][1], out.notes) if loaded else None
         out.poems.append((str(r.poems), evaluate_poems(read_poems(r.poems), index, book=r.rhyme_book)))
     for report in out.models:
         out.notes.extend(f"{report.checkpoint}: {n}" for n in report.notes)
