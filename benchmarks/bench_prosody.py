@@ -100,7 +100,8 @@ def main() -> None:
             nd += bool(c.nian_dui)
         timing[name] = time.perf_counter() - t0
         rows[name] = dict(n=n, rhyme_even=rhyme_even, rhyme_pat=rhyme_pat, oblique=oblique, s246=s246, sfull=sfull,
-                          unknown_rhyme=unknown_rhyme, perfect=perfect, tones_ok=tones_ok, regulated=regulated, gu=gu, san=san, nd=nd)
+                          unknown_rhyme=unknown_rhyme, perfect=perfect, tones_ok=tones_ok, regulated=regulated,
+                          gu=gu, san=san, nd=nd)
 
     # coverage of the 平水韵 table over the corpus's characters (of the regular poems, simplified)
     book = rhyme_book("pingshui")

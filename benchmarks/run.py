@@ -33,8 +33,8 @@ anchor's figure measured in the same run, their ratio, and pass/FAIL against the
 Full mode writes one section per group of RESULTS.md (date, machine, commands, figures), replacing only the groups
 that ran. Quick mode prints only; with an explicit --out it writes its own "quick" section, never the full one.
 Every process runs with OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 (as poetgen's CLI sets for itself)
-unless the environment says otherwise, so baselines and poetgen wait for threads alike. Scratch files go to a temporary directory under
-benchmarks/out/ (git-ignored), removed at the end unless --keep.
+unless the environment says otherwise, so baselines and poetgen wait for threads alike. Scratch files go to a
+temporary directory under benchmarks/out/ (git-ignored), removed at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -529,7 +529,7 @@ TITLES = {"shakespeare": "Tiny Shakespeare: quality per CPU minute (target 1)",
           "sample": "Sampling and start-up (target 4)", "prepare": "prepare (target 5)"}
 
 
-# --- machine, table, RESULTS.md ----------------------------------------------------------------------------------------
+# --- machine, table, RESULTS.md -----------------------------------------------------------------------------------
 
 
 def machine() -> dict:
@@ -635,7 +635,7 @@ def update_results(path: Path, groups: list[GroupResult], m: dict, threads: int,
     path.write_text(text[:i] + section + text[j:], encoding="utf-8")
 
 
-# --- main ----------------------------------------------------------------------------------------------------------------
+# --- main -------------------------------------------------------------------------------------------------------
 
 
 def main() -> int:

@@ -19,8 +19,8 @@ import typer
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # numpy's OpenBLAS (what `sample` runs on) spins too: about 0.1 s after each multi-threaded product by default, which
 # beside one other busy process made 2-thread sampling 1.6-2x slower than 1 thread and poisoned the steps after it.
-# 2**4 cycles instead (measured: the thread tuner of poetgen.generation.threads then lost at most 15% to 1 thread on a busy
-# machine and kept its 1.4x gain for 64 streams on idle cores). Read when numpy loads, hence here as well.
+# 2**4 cycles instead (measured: the thread tuner of poetgen.generation.threads then lost at most 15% to 1 thread on a
+# busy machine and kept its 1.4x gain for 64 streams on idle cores). Read when numpy loads, hence here as well.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 app = typer.Typer(
@@ -50,7 +50,9 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Show the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Show the version."
+    ),
 ) -> None:
     """Train and sample character-level RNN / LSTM / GRU language models, above all for Tang poetry."""
 

@@ -1,4 +1,5 @@
-"""`poetgen sample` for an encoder-decoder (对句) checkpoint: each prime is a first line, answered (poetgen.generation.couplet)."""
+"""`poetgen sample` for an encoder-decoder (对句) checkpoint: each prime is a first line, answered
+(poetgen.generation.couplet)."""
 
 from __future__ import annotations
 

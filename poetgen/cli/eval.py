@@ -40,7 +40,8 @@ def eval_(
     ),
     samples: int = typer.Option(0, "--samples", "-n", min=0, help="Generate N poems per checkpoint and measure them."),
     form: Optional[str] = typer.Option(
-        None, "--form", "-f", help="Form of the generated poems (五绝 七绝 五律 七律); also the declared form they are judged by."
+        None, "--form", "-f",
+        help="Form of the generated poems (五绝 七绝 五律 七律); also the declared form they are judged by.",
     ),
     rhyme: bool = typer.Option(False, "--rhyme", help="Generate with the rhyme constraint (needs --form)."),
     rhyme_book: str = typer.Option(

@@ -55,7 +55,8 @@ def sample(
         None, "--top-p", help="Sample among the likeliest symbols whose probabilities add up to p (nucleus)."
     ),
     repetition_penalty: float = typer.Option(
-        1.0, "--repetition-penalty", help="Divide the probability of characters already used by this (punctuation exempt)."
+        1.0, "--repetition-penalty",
+        help="Divide the probability of characters already used by this (punctuation exempt).",
     ),
     length: Optional[int] = typer.Option(
         None, "--length", "-l", help="Most characters to generate per sample (default 500; a poem form sets its own)."
@@ -141,7 +142,7 @@ def sample(
     if threads is not None and threads < 1:
         raise typer.BadParameter(f"--threads must be at least 1, got {threads}")
     primes = _read_primes(prime, primes_file)
-    # On the CPU, sampling runs on numpy (poetgen.generation.engines) and never imports torch, which alone takes seconds.
+    # On the CPU, sampling runs on numpy (poetgen.generation.engines), never importing torch (seconds by itself).
     from poetgen.checkpoint.format import checkpoint_kind, default_checkpoint, find_checkpoint
     from poetgen.generation.engines import open_model
     from poetgen.generation.sample import SampleOptions, generate

@@ -188,7 +188,8 @@ def _report_training(result, ctx, json_out: bool, quiet: bool) -> None:
         else:
             again = f"the same torchrun command ({ctx.world_size} processes) with --resume {result.run_dir}"
         typer.echo(
-            f"Interrupted by {result.signal or 'a stop request'} at step {result.step}; saved {result.last_checkpoint}.\n"
+            f"Interrupted by {result.signal or 'a stop request'} at step {result.step}; "
+            f"saved {result.last_checkpoint}.\n"
             f"Resume with: {again}",
             err=True,
         )

@@ -30,7 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from poetgen import __version__
-from poetgen.data.corpus import DEFAULT_GLOBS, PAIR_GLOBS, PAIR_SEP, Batch, ReadOptions, file_sha256, SourceFile, Spool, expand_sources, inspect, read_pieces
+from poetgen.data.corpus import (
+    DEFAULT_GLOBS, PAIR_GLOBS, PAIR_SEP, Batch, ReadOptions, SourceFile, Spool, expand_sources, file_sha256, inspect,
+    read_pieces,
+)
 from poetgen.data.dataset import FORMAT, FORMAT_VERSION, MIDDLE, PAIRS, is_dataset_dir
 from poetgen.errors import CorpusError, DatasetError
 from poetgen.data.normalize import Normalizer, convert_script

@@ -4,7 +4,8 @@ Two renderings of the same series: a PNG through matplotlib (an optional extra: 
 only the object-oriented Figure API is used, so no GUI backend or global pyplot state is involved), and a small
 character chart with sparklines for a terminal, which needs nothing.
 
-metrics.jsonl (written by poetgen.training.loop) holds one JSON object per line; records of ``"type": "train"`` carry the
+metrics.jsonl (written by poetgen.training.loop) holds one JSON object per line; records of ``"type": "train"``
+carry the
 training loss of that step's batch as ``loss``, records of ``"type": "eval"`` the loss over the whole validation
 split as ``val_loss`` (both in nats per character). Lines without a type but with ``train_loss`` / ``val_loss``
 keys are read too; a line cut short by a crash is skipped.

@@ -330,7 +330,8 @@ class FormConstraint:
         return "/".join(sorted(t)) if t else f"no tone in the {self.book_name} book"
 
     def _need(self, k: int, p: int) -> str:
-        return {CODE_FREE: "any character", CODE_LEVEL: "平", CODE_OBLIQUE: "仄", CODE_OBLIQUE_ONLY: "仄 (not 平: the first line does "
+        return {CODE_FREE: "any character", CODE_LEVEL: "平", CODE_OBLIQUE: "仄",
+                CODE_OBLIQUE_ONLY: "仄 (not 平: the first line does "
                 "not rhyme)"}[int(self.codes[k, p])]
 
     def _why(self, state: ConstraintState, token: int) -> str:

@@ -104,8 +104,8 @@ def engine_for(model: Any) -> tuple[Any, Callable[[], Any]]:
 def load_runtime(path: str | Path) -> Runtime:
     """A checkpoint (or a run directory's best one) as a Runtime, with ``vocab``, ``config`` and ``path`` set.
 
-    Validated as ``poetgen.checkpoint.torch_io.load_checkpoint`` does (the same checks, no torch); only the model's tensors
-    are decoded."""
+    Validated as ``poetgen.checkpoint.torch_io.load_checkpoint`` does (the same checks, no torch); only the model's
+    tensors are decoded."""
     from poetgen.checkpoint.format import read_model
 
     ckpt = read_model(path)

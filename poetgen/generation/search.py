@@ -70,7 +70,8 @@ def pick_best(samples: Sequence[Any], groups: int, keep: int, copies: Any = None
         run = list({s.text: s for s in sorted(samples[g * per : (g + 1) * per],
                                                 key=lambda s: s.mean_logprob)}.values())  # distinct, best kept
         run.sort(key=lambda s: -s.mean_logprob)
-        good = [s for s in run if not too_repetitive(s.generated) and not (copies is not None and copies_a_line(s, copies))]
+        good = [s for s in run if not too_repetitive(s.generated)
+                and not (copies is not None and copies_a_line(s, copies))]
         if len(good) < keep:  # too few survived: fill with the best of the rest
             fell_back += min(keep, len(run)) - len(good)
             good += [s for s in run if s not in good][: keep - len(good)]

@@ -16,7 +16,7 @@ CELLS = ("rnn", "lstm", "gru")
 
 HEADS = ("full", "adaptive")  # what a model has
 HEAD_CHOICES = (*HEADS, "auto")  # what a user may ask for: auto resolves by vocabulary size (AUTO_HEAD_MIN_VOCAB)
-# head = "auto" picks the adaptive softmax from this vocabulary size on (see auto_cutoffs, benchmarks/bench_adaptive.py).
+# head = "auto" picks the adaptive softmax from this vocabulary size on (auto_cutoffs; benchmarks/bench_adaptive.py).
 AUTO_HEAD_MIN_VOCAB = 4096
 
 

@@ -13,10 +13,10 @@ Output layer (``head``):
       root  = head.root.weight @ x + head.root.bias                 (C + K,)  shortlist logits, then one per cluster
       log p(y) = log_softmax(root)[y]                                y < C
       log p(y) = log_softmax(root)[C + i]                            y in cluster i (0-based), n_i = c_{i+1} - c_i
-                 + log_softmax(head.tails.i.out.weight @ (head.tails.i.proj.weight @ x) + head.tails.i.out.bias)[y - c_i]
+                 + log_softmax(W_out,i @ (W_proj,i @ x) + b_out,i)[y - c_i]
 
-  with ``head.tails.i.proj.weight`` (d_i, H), d_i = max(1, H // div_value ** (i + 1)), and ``head.tails.i.out``
-  weight (n_i, d_i), bias (n_i,). Training touches a tail cluster only for the targets in it (most targets fall
+  with W_proj,i = ``head.tails.i.proj.weight`` (d_i, H), d_i = max(1, H // div_value ** (i + 1)), and W_out,i,
+  b_out,i = ``head.tails.i.out``'s weight (n_i, d_i) and bias (n_i,). Training touches a tail cluster only for the targets in it (most targets fall
   in the shortlist), so a step costs about H·(C + K) instead of H·V per token.
 
 ``forward(idx, hidden)`` returns per-symbol scores (B, T, V) whose log-softmax is the model's log-probabilities

@@ -27,7 +27,9 @@ except ImportError:  # Windows: the pid check alone
     fcntl = None  # type: ignore[assignment]
 
 from poetgen.checkpoint.torch_io import BEST, LAST, Checkpoint, find_checkpoint, load_checkpoint
-from poetgen.training.config import FIXED_ON_RESUME, MODEL_FIELDS, TrainConfig, normalise_keys, resolve_config, with_overrides
+from poetgen.training.config import (
+    FIXED_ON_RESUME, MODEL_FIELDS, TrainConfig, normalise_keys, resolve_config, with_overrides,
+)
 from poetgen.data.dataset import Dataset, load_dataset
 from poetgen.errors import CheckpointError, ConfigError, TrainingError
 from poetgen.paths import RUNS_DIR
@@ -58,7 +60,8 @@ def _owner(fd: int) -> tuple[int, str]:
 def _in_use(run_dir: Path, pid: int, host: str) -> TrainingError:
     where = f"process {pid}" + (f" on {host}" if host != socket.gethostname() else "") if pid > 0 else \
         "another process"
-    return TrainingError(f"run directory {run_dir} is in use by {where}; wait for it, stop it, or choose another --name")
+    return TrainingError(f"run directory {run_dir} is in use by {where}; wait for it, stop it, or choose another "
+                         "--name")
 
 
 @contextmanager
