@@ -116,6 +116,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own, 1; 0 tunes)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both modes (median counts)")
     ap.add_argument("--bad", type=int, default=1000)
+    ap.add_argument("--log", default=os.devnull, help="where the server's log goes (default: nowhere)")
     ap.add_argument("--good-every", type=int, default=5, help="one good request per this many bad ones")
     args = ap.parse_args()
 
@@ -124,7 +125,7 @@ def main() -> int:
     cmd = [sys.executable, "-m", "poetgen", "serve", "--port", str(port), "--max-batch", str(args.clients),
            "--queue", str(2 * args.clients)] + (["-c", args.checkpoint] if args.checkpoint else []) + (
         ["--threads", str(args.threads)] if args.threads is not None else [])
-    log = open(os.devnull, "w")
+    log = open(args.log, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 120
@@ -179,6 +180,7 @@ def main() -> int:
                                                    json.dumps({"form": "五绝", "seed": i}).encode()))
         rss = [rss_mb(proc.pid)]
         results: list = []
+        wrong: list[str] = []
         lock = threading.Lock()
         queue = list(enumerate(work))
 
@@ -191,6 +193,8 @@ def main() -> int:
                 status, _, _ = call(base + path, body, method)
                 with lock:
                     results.append((kind, status))
+                    if (kind == "bad" and not 400 <= status < 500) or (kind == "good" and status != 200):
+                        wrong.append(f"{kind} {method} {path} ({len(body or b'')} bytes) -> {status or 'no answer'}")
                     if len(results) % 200 == 0:
                         rss.append(rss_mb(proc.pid))
 
@@ -208,6 +212,8 @@ def main() -> int:
         growth = rss[-1] - rss[0]
         print(f"abuse: {n_bad} bad requests, {bad_ok} answered 4xx; {n_good} good, {good_ok} answered 200; "
               f"{t_abuse:.1f} s; server RSS {' -> '.join(f'{r:.0f}' for r in rss)} MB (growth {growth:+.1f} MB)")
+        for line in wrong[:10]:
+            print("  wrong:", line)
         ok = speedup >= 5 and fails == 0 and bad_ok == n_bad and good_ok == n_good and growth < 50
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1

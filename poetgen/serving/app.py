@@ -32,6 +32,8 @@ from poetgen.serving.models import ServedModel
 
 log = logging.getLogger("poetgen.serve")
 PAGE = Path(__file__).with_name("page.html")
+GRACE = 5.0  # seconds past --timeout after which a handler stops waiting for the batcher
+DRAIN_BYTES = 4 * 2**20  # an oversized body up to this size is read and dropped before the 413 (see BodyLimit)
 
 
 class PoemRequest(BaseModel):
@@ -134,6 +136,10 @@ def create_app(models: list[ServedModel], max_body: int = 16384, cors: list[str]
     async def _library_error(request: Request, e: PoetgenError) -> JSONResponse:
         return error(_status(e), str(e), {"Retry-After": "1"} if isinstance(e, Overloaded) else None)
 
+    @app.exception_handler(asyncio.TimeoutError)
+    async def _late_answer(request: Request, e: asyncio.TimeoutError) -> JSONResponse:
+        return error(503, _late())
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         return error(400, _validation_message(list(e.errors())))
@@ -184,8 +190,9 @@ def create_app(models: list[ServedModel], max_body: int = 16384, cors: list[str]
         served = pick(req.model)
         job, future = await submit(served, req)
         try:
-            result = await future
-        except asyncio.CancelledError:
+            # The batcher answers by its own --timeout; a little later than that, the handler stops waiting anyway.
+            result = await asyncio.wait_for(future, served.batcher.limits.timeout + GRACE)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
             job.cancel()
             raise
         return poem_json(served, result)
@@ -203,8 +210,13 @@ def create_app(models: list[ServedModel], max_body: int = 16384, cors: list[str]
         async def events():
             try:
                 yield _event("start", {"model": served.name, "seed": job.seed})
+                deadline = loop.time() + served.batcher.limits.timeout + GRACE
                 while True:
-                    text = await pieces.get()
+                    try:
+                        text = await asyncio.wait_for(pieces.get(), max(0.0, deadline - loop.time()))
+                    except asyncio.TimeoutError:
+                        yield _event("error", {"error": _late()})
+                        return
                     if text is None:
                         break
                     if text:  # (an empty prime)
@@ -248,6 +260,10 @@ def create_app(models: list[ServedModel], max_body: int = 16384, cors: list[str]
     return AccessLog(BodyLimit(asgi, max_body))
 
 
+def _late() -> str:
+    return "the request took longer than the server's --timeout and was stopped"
+
+
 def _event(name: str | None, data: dict) -> str:
     head = f"event: {name}\n" if name else ""
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -266,6 +282,12 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         too_long = f"the request body is over {self.max_bytes:,} bytes (--max-body)"
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            if length.isdigit() and int(length) <= DRAIN_BYTES:
+                # Read (and drop) the body first: closing on a client still sending makes its kernel reset the
+                # connection, and the client may never read the answer.
+                message = {"more_body": True}
+                while message.get("more_body") and message.get("type") != "http.disconnect":
+                    message = await receive()
             return await _send_json(send, 413 if length.isdigit() else 400,
                                     too_long if length.isdigit() else "bad Content-Length")
         total, started, refused = 0, False, False

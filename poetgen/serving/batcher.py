@@ -21,6 +21,7 @@ weights, a state of its own) in a worker thread.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -51,6 +52,9 @@ from poetgen.generation.sample import (
     symbol_text,
 )
 from poetgen.generation.threads import ThreadTuner
+
+
+log = logging.getLogger("poetgen.serve")
 
 
 class Overloaded(PoetgenError):
@@ -274,7 +278,8 @@ class Batcher:
                     self._join(joining)
                     self._step(tuner)
                 except Exception as e:  # noqa: BLE001 - a bug must not leave callers waiting forever
-                    self._fail_all(e)
+                    log.exception("the batcher failed; its requests are answered with the error")
+                    self._fail_all(e, [j for j in joining if j not in self._jobs])
 
     def _admit(self) -> list[Job]:
         """Waiting jobs that fit in the batch now (under the lock)."""
@@ -412,8 +417,9 @@ class Batcher:
         self.stats.requests += 1
         job.on_done(result, None)
 
-    def _fail_all(self, error: Exception) -> None:
-        jobs, self._jobs, self._scores = self._jobs, [], None
+    def _fail_all(self, error: Exception, joining: list[Job]) -> None:
+        """Answer every job in the batch, and those that were joining it, with ``error``; start afresh."""
+        jobs, self._jobs, self._scores = self._jobs + joining, [], None
         self.model.reset(0)
         for job in jobs:
             self.stats.failed += 1
