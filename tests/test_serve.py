@@ -363,6 +363,28 @@ def test_with_no_model_named_the_shipped_tang_comes_first_else_the_newest_run(mo
         m.batcher.stop()
 
 
+def test_a_failure_in_the_batcher_answers_the_requests_it_held(model_path, monkeypatch):
+    """A bug must not leave a client waiting: the request that was joining the batch gets the error."""
+    from poetgen.generation.engines import open_model
+    from poetgen.generation.sample import SampleOptions
+    from poetgen.serving.batcher import Batcher
+
+    opened = open_model(model_path, "cpu")
+
+    def broken(prefixes):
+        raise RuntimeError("broken append")
+
+    monkeypatch.setattr(opened.model, "append", broken)
+    batcher = Batcher(opened.model, opened.vocab).start()
+    done = threading.Event()
+    box: list = []
+    batcher.submit("", SampleOptions(form="五绝", seed=1), lambda r, e: (box.append((r, e)), done.set()))
+    assert done.wait(10)
+    batcher.stop()
+    ((result, error),) = box
+    assert result is None and str(error) == "broken append" and batcher.stats.failed == 1
+
+
 def test_a_request_past_its_time_limit_is_stopped(model_path):
     from poetgen.generation.engines import open_model
     from poetgen.generation.sample import SampleOptions

@@ -94,7 +94,7 @@ class Stats:
         return {**self.__dict__, "mean_batch": round(mean, 3)}
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: compared by identity (its fields hold arrays)
 class Job:
     """One request's sampling: its options, plan, Generator and per-row progress."""
 
@@ -108,6 +108,7 @@ class Job:
     on_done: Callable[[SampleResult | None, Exception | None], None]
     started: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    answered: bool = False  # on_done was called
     # decoding state, set when the job joins the batch
     rng: Any = None
     constraint: BatchConstraint | None = None
@@ -279,7 +280,7 @@ class Batcher:
                     self._step(tuner)
                 except Exception as e:  # noqa: BLE001 - a bug must not leave callers waiting forever
                     log.exception("the batcher failed; its requests are answered with the error")
-                    self._fail_all(e, [j for j in joining if j not in self._jobs])
+                    self._fail_all(e, [j for j in joining if j not in self._jobs])  # (by identity)
 
     def _admit(self) -> list[Job]:
         """Waiting jobs that fit in the batch now (under the lock)."""
@@ -415,6 +416,7 @@ class Batcher:
         result = SampleResult(samples, job.seed, settings(o, job.top_k, plan.max_new, job.seed), plan.notes,
                               time.perf_counter() - job.started, job.t)
         self.stats.requests += 1
+        job.answered = True
         job.on_done(result, None)
 
     def _fail_all(self, error: Exception, joining: list[Job]) -> None:
@@ -422,6 +424,8 @@ class Batcher:
         jobs, self._jobs, self._scores = self._jobs + joining, [], None
         self.model.reset(0)
         for job in jobs:
-            self.stats.failed += 1
-            job.on_done(None, error)
+            if not job.answered:
+                self.stats.failed += 1
+                job.answered = True
+                job.on_done(None, error)
 
