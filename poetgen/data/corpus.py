@@ -462,27 +462,32 @@ def _json_pieces(source: SourceFile, options: ReadOptions) -> Iterator[Piece]:
             yield piece
 
 
-def _jsonl_pieces(source: SourceFile, options: ReadOptions) -> Iterator[Piece]:
-    source.kind = "jsonl"
+def _numbered_lines(source: SourceFile) -> Iterator[tuple[int, str]]:
+    """(line number, line) for every line of a line-oriented file that is not blank."""
     lineno = 0
     for chunk in _lines_cut(_decoded_blocks(source), split_long=False):
         for line in chunk.split("\n"):
             lineno += 1
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{source.name}: invalid JSON on line {lineno}: {e.msg}") from None
-            except RecursionError:
-                raise CorpusError(f"{source.name}: JSON on line {lineno} is nested too deeply to be a corpus") from None
-            except ValueError as e:
-                raise CorpusError(f"{source.name}: unreadable JSON on line {lineno}: {e}") from None
-            piece = _record_piece(record, f"{source.name}: line {lineno}", options, source)
-            if piece is not None:
-                source.documents += 1
-                yield piece
+            if line.strip():
+                yield lineno, line
         lineno -= 1  # the chunk ended with "\n": its last split part is empty, not a line
+
+
+def _jsonl_pieces(source: SourceFile, options: ReadOptions) -> Iterator[Piece]:
+    source.kind = "jsonl"
+    for lineno, line in _numbered_lines(source):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{source.name}: invalid JSON on line {lineno}: {e.msg}") from None
+        except RecursionError:
+            raise CorpusError(f"{source.name}: JSON on line {lineno} is nested too deeply to be a corpus") from None
+        except ValueError as e:
+            raise CorpusError(f"{source.name}: unreadable JSON on line {lineno}: {e}") from None
+        piece = _record_piece(record, f"{source.name}: line {lineno}", options, source)
+        if piece is not None:
+            source.documents += 1
+            yield piece
     if source.kind == "chinese-poetry":
         source.kind = "chinese-poetry (jsonl)"
 
@@ -503,19 +508,13 @@ def _pair_piece(first: str, second: str, where: str) -> Piece:
 def _tsv_pairs(source: SourceFile) -> Iterator[Piece]:
     """A pair file: one pair a line, first line TAB answering line; blank lines are skipped."""
     source.kind = "pairs (tsv)"
-    lineno = 0
-    for chunk in _lines_cut(_decoded_blocks(source), split_long=False):
-        for line in chunk.split("\n"):
-            lineno += 1
-            if not line.strip():
-                continue
-            fields = line.rstrip("\r").split("\t")
-            if len(fields) != 2:
-                raise CorpusError(f"{source.name}: line {lineno}: expected 2 tab-separated fields (first line, "
-                                  f"answering line), found {len(fields)}")
-            source.documents += 1
-            yield _pair_piece(fields[0], fields[1], f"{source.name}: line {lineno}")
-        lineno -= 1  # the chunk ended with "\n": its last split part is empty, not a line
+    for lineno, line in _numbered_lines(source):
+        fields = line.rstrip("\r").split("\t")
+        if len(fields) != 2:
+            raise CorpusError(f"{source.name}: line {lineno}: expected 2 tab-separated fields (first line, "
+                              f"answering line), found {len(fields)}")
+        source.documents += 1
+        yield _pair_piece(fields[0], fields[1], f"{source.name}: line {lineno}")
 
 
 @dataclass

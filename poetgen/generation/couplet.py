@@ -23,6 +23,7 @@ import numpy as np
 
 from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
 from poetgen.errors import SampleError
+from poetgen.generation.sample import check_truncation
 from poetgen.poetry.forms import is_han
 
 TONE_POSITIONS = (2, 4, 6)  # 1-based: the positions whose tones a couplet opposes, besides the last
@@ -40,12 +41,7 @@ class CoupletOptions:
     rhyme_book: str = "pingshui"
 
     def validate(self) -> None:
-        if not self.temperature >= 0:
-            raise SampleError(f"temperature must be 0 or more, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise SampleError(f"top-k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise SampleError(f"top-p must be in (0, 1], got {self.top_p}")
+        check_truncation(self.temperature, self.top_k, self.top_p)
         if self.num_samples < 1:
             raise SampleError(f"number of answers must be at least 1, got {self.num_samples}")
         if self.beam < 0:

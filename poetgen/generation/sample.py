@@ -50,6 +50,16 @@ NEG_INF = float("-inf")
 _MASK = np.array([NEG_INF, 0.0], dtype=np.float32)  # what a constraint's mask (False, True) adds to a score
 
 
+def check_truncation(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """The sampling knobs every decoder shares (poems here, couplets in poetgen.generation.couplet)."""
+    if not temperature >= 0:
+        raise SampleError(f"temperature must be 0 or more, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise SampleError(f"top-k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SampleError(f"top-p must be in (0, 1], got {top_p}")
+
+
 @dataclass
 class SampleOptions:
     temperature: float = 0.8  # 0 means greedy
@@ -73,12 +83,7 @@ class SampleOptions:
     beam: int = 0  # beam search with this many hypotheses per prime instead of sampling; 0 = off
 
     def validate(self) -> None:
-        if not self.temperature >= 0:
-            raise SampleError(f"temperature must be 0 or more, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise SampleError(f"top-k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise SampleError(f"top-p must be in (0, 1], got {self.top_p}")
+        check_truncation(self.temperature, self.top_k, self.top_p)
         if not self.repetition_penalty > 0:
             raise SampleError(f"repetition penalty must be positive, got {self.repetition_penalty}")
         if self.length is not None and self.length < 1:
