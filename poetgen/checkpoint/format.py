@@ -436,7 +436,11 @@ def check_weights(path: Path, config: Any, found: dict[str, tuple[int, ...]]) ->
     ):
         raise CheckpointError(f"{path}: weights do not match the model config ({config.cell} {config.layers}x"
                               f"{config.hidden}, embed {config.embed}, {config.vocab_size} symbols)")
-    expected = expected_shapes(config)
+    _same_shapes(path, expected_shapes(config), found)
+
+
+def _same_shapes(path: Path, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> None:
+    """CheckpointError naming the first tensors whose shapes differ from the config's (or that are missing/extra)."""
     if found != expected:
         bad = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         raise CheckpointError(f"{path}: weights do not match the model config: "
@@ -450,12 +454,7 @@ def _check_seq2seq(path: Path, config: Any, found: dict[str, tuple[int, ...]]) -
             or last is None or len(last) != 2 or last[1] != config.hidden):
         raise CheckpointError(f"{path}: weights do not match the model config (encoder-decoder {config.cell} "
                               f"{config.layers}x{config.hidden}, embed {config.embed}, {config.vocab_size} symbols)")
-    expected = seq2seq_shapes(config)
-    if found != expected:
-        bad = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
-        raise CheckpointError(f"{path}: weights do not match the model config: "
-                              + ", ".join(f"{k} {found.get(k, 'missing')} (expected {expected.get(k, 'none')})"
-                                          for k in bad[:4]))
+    _same_shapes(path, seq2seq_shapes(config), found)
 
 
 def checkpoint_kind(path: str | Path) -> str:
