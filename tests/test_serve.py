@@ -1,5 +1,6 @@
 """`poetgen serve` as a user meets it: the server started as a subprocess on a free port of 127.0.0.1 with a tiny
-model, then real HTTP. Also the pieces under it: Runtime.append / fork and the batcher's time limit."""
+model (and a tiny pair model for POST /v1/couplets), then real HTTP. Also the pieces under it: Runtime.append / fork
+and the batcher's time limit."""
 
 from __future__ import annotations
 
@@ -232,7 +233,7 @@ def test_errors_are_json_with_the_status_a_client_expects(server, model_path):
     assert get(base + "/v1/poems/stream?model=nope")[0] == 404
     assert get(base + "/no/such/page") == (404, {"error": "no such page: /no/such/page"})
     status, answer = post(base + "/v1/couplets", {"prime": "明月"})
-    assert status == 501 and "pair" in answer["error"]
+    assert status == 404 and "start poetgen serve with -c PAIR_CKPT" in answer["error"], answer
     # A body without a Content-Length (chunked) is cut off as soon as it passes the cap.
     with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as s:
         s.sendall(b"POST /v1/poems HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -314,6 +315,179 @@ def test_serve_refuses_bad_flags():
 
     result = CliRunner().invoke(app, ["serve", "--max-batch", "0"])
     assert result.exit_code == 2 and "--max-batch must be at least 1" in result.output
+
+
+# --- 对句: a pair model beside the poem model ---------------------------------------------------------------------
+
+# The toy task of test_seq2seq: each character through a fixed table (天 -> 地 ...); some first lines have a comma.
+SOURCE = "天地山水风雨花月日云春秋江河"
+TABLE = dict(zip(SOURCE, "地天水山雨风月花云日秋春河江"))
+
+
+@pytest.fixture(scope="module")
+def pair_path(tmp_path_factory) -> Path:
+    """A GRU encoder-decoder trained 40 steps on 400 toy pairs (about a second): far from exact, but a model."""
+    import random
+
+    from poetgen.data.dataset import load_dataset
+    from poetgen.data.prepare import PrepareOptions, prepare
+    from poetgen.training.config import TrainConfig
+    from poetgen.training.loop import train
+
+    root = tmp_path_factory.mktemp("couplets")
+    rng, rows = random.Random(1), []
+    for _ in range(400):
+        first = "".join(rng.choice(SOURCE) for _ in range(rng.choice((4, 5))))
+        if rng.random() < 0.3:
+            first = first[:2] + "，" + first[2:]
+        rows.append(f"{first}\t{''.join(TABLE.get(c, c) for c in first)}\n")
+    (root / "pairs.tsv").write_text("".join(rows), encoding="utf-8")
+    prepare([str(root / "pairs.tsv")], root / "data", PrepareOptions(pairs=True, val_fraction=0.05))
+    train(TrainConfig(cell="gru", layers=1, hidden=32, embed=16, dropout=0.0, batch_size=32, max_steps=40, lr=1e-2,
+                      warmup_steps=5, eval_every=1000, sample_every=0, device="cpu", threads=1),
+          load_dataset(root / "data"), root / "pairs")
+    return root / "pairs" / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def pair_server(pair_path, model_path):
+    """The pair model first (requests to /v1/poems still go to the poem model), one request taken at a time."""
+    with running_server(pair_path, "-c", str(model_path), "--queue", "1") as (base, log):
+        yield base, log
+
+
+def test_the_pair_model_is_listed_as_couplet_and_the_poem_model_keeps_its_kind(pair_server, pair_path):
+    base, _ = pair_server
+    status, models = get(base + "/v1/models")
+    assert status == 200 and (models["default"], models["default_couplet"]) == ("run", "pairs")
+    pair, poem = models["models"]
+    assert (pair["name"], pair["kind"], pair["cell"], pair["hidden"], pair["attention"]) == (
+        "pairs", "couplet", "gru", 32, "dot")
+    from poetgen.checkpoint.torch_io import load_checkpoint
+
+    assert pair["vocab_size"] == len(load_checkpoint(pair_path).vocab) and pair["path"] == str(pair_path)
+    assert (poem["name"], poem["kind"]) == ("run", "poem")
+    assert "/v1/couplets" in get(base + "/openapi.json")[1]["paths"]
+    status, got = post(base + "/v1/poems", {"form": "五绝", "seed": 1})  # no model named: the poem model
+    assert status == 200 and got["model"] == "run" and len(got["poems"][0]["text"]) == 24
+
+
+def test_answers_keep_the_first_line_s_length_and_punctuation(pair_server):
+    base, _ = pair_server
+    status, got = post(base + "/v1/couplets", {"primes": ["天地，山水风", "春秋"], "seed": 3, "n": 2})
+    assert status == 200, got
+    assert got["model"] == "pairs" and got["seed"] == 3 and len(got["answers"]) == 2
+    for first, group in zip(["天地，山水风", "春秋"], got["answers"]):
+        assert [a["rank"] for a in group] == [0, 1]
+        for a in group:
+            assert a["first"] == first and len(a["text"]) == len(first)
+            assert all((x == "，") == (y == "，") and x != y for x, y in zip(first, a["text"]) if x != "，")
+            assert a["mean_logprob"] == pytest.approx(a["logprob"] / len(first)) and a["logprob"] < 0
+
+
+def test_a_seed_gives_answer_lines_answers_and_poetgen_sample_s(pair_server, pair_path):
+    from typer.testing import CliRunner
+
+    from poetgen.checkpoint.torch_io import load_model
+    from poetgen.cli.app import app
+    from poetgen.generation.couplet import CoupletOptions, answer_lines
+
+    base, _ = pair_server
+    body = {"prime": "天地山水风", "seed": 7, "n": 3, "temperature": 1.2, "top_k": 5}
+    status, got = post(base + "/v1/couplets", body)
+    assert status == 200 and got["seed"] == 7, got
+    again = post(base + "/v1/couplets", body)[1]
+    assert again["answers"] == got["answers"] and len({a["text"] for a in got["answers"][0]}) > 1
+    model, ckpt = load_model(pair_path)
+    (group,) = answer_lines(model, ckpt.vocab, ["天地山水风"], CoupletOptions(temperature=1.2, top_k=5, num_samples=3,
+                                                                             seed=7))
+    assert [a["text"] for a in got["answers"][0]] == [a.text for a in group]
+    assert [a["logprob"] for a in got["answers"][0]] == pytest.approx([a.logprob for a in group])
+    cli = CliRunner().invoke(app, ["sample", "-c", str(pair_path), "--prime", "天地山水风", "--seed", "7", "-q"])
+    assert cli.exit_code == 0, cli.output
+    status, default = post(base + "/v1/couplets", {"prime": "天地山水风", "seed": 7})  # the CLI's defaults (-t 0.8)
+    assert status == 200 and cli.stdout == default["answers"][0][0]["text"] + "\n"
+    status, unseeded = post(base + "/v1/couplets", {"prime": "天地山水风"})
+    assert status == 200 and isinstance(unseeded["seed"], int)  # drawn, and reported
+    status, greedy = post(base + "/v1/couplets", {"prime": "天地山水风", "temperature": 0})
+    assert status == 200 and greedy["seed"] is None  # nothing drawn
+
+
+def test_beam_answers_are_the_best_first(pair_server):
+    base, _ = pair_server
+    status, got = post(base + "/v1/couplets", {"prime": "江河日月", "beam": 6, "n": 4})
+    assert status == 200, got
+    (group,) = got["answers"]
+    scores = [a["logprob"] for a in group]
+    assert len(group) == 4 and scores == sorted(scores, reverse=True) and len({a["text"] for a in group}) == 4
+    assert post(base + "/v1/couplets", {"prime": "江河日月", "beam": 6, "n": 4})[1]["answers"] == got["answers"]
+
+
+def test_couplet_errors_are_json_with_the_cli_s_words(pair_server, pair_path):
+    from typer.testing import CliRunner
+
+    from poetgen.cli.app import app
+
+    base, _ = pair_server
+    cli = CliRunner().invoke(app, ["sample", "-c", str(pair_path), "--prime", "天地", "-t", "-1", "-q"])
+    assert cli.exit_code == 1
+    long_line = "天地" * 501
+    cases = [
+        ({"prime": "天地", "temperature": -1}, 400, cli.output.strip().removeprefix("Error: ")),
+        ({"prime": "天地", "beam": 2, "n": 3}, 400, "-n 3 asks for more answers than the beam's 2 hypotheses"),
+        ({"prime": "天地龘"}, 400, "the first line has character(s) not in the model's vocabulary: '龘'"),
+        ({"prime": " "}, 400, "a first line to answer is empty"),
+        ({"primes": ["天地", ""]}, 400, "a first line to answer is empty"),
+        ({}, 400, "give the first line to answer: prime, or primes (a list)"),
+        ({"prime": "天地", "primes": ["山水"]}, 400, "give prime or primes, not both"),
+        ({"prime": "天地", "form": "五绝"}, 400, "unknown option 'form'"),
+        ({"prime": "天地", "n": 17}, 400, "n must be at most 16 on this server (--max-n), got 17"),
+        ({"prime": "天地", "beam": 65}, 400, "beam must be at most 64 on this server (--max-batch), got 65"),
+        ({"primes": ["天地"] * 9, "n": 8}, 400, "primes x n must be at most 64 on this server (--max-batch), got 72"),
+        ({"prime": long_line}, 400,
+         "a first line may have at most 1000 characters on this server (--max-length), got 1002"),
+        ({"prime": "天地", "model": "nope"}, 404, "no model named 'nope' on this server (loaded: pairs, run)"),
+        ({"prime": "天地", "model": "run"}, 400,
+         "model 'run' writes poems, not couplets: ask it with POST /v1/poems (or GET /v1/poems/stream)"),
+        (b"{" + b" " * 20000 + b"}", 413, "the request body is over 16,384 bytes (--max-body)"),
+    ]
+    for payload, code, message in cases:
+        status, answer = post(base + "/v1/couplets", payload)
+        assert (status, answer) == (code, {"error": message}), payload
+    other = "model 'pairs' is a pair (对句) model, which answers a first line: ask it with POST /v1/couplets"
+    assert post(base + "/v1/poems", {"model": "pairs"}) == (400, {"error": other})
+    assert get(base + "/v1/poems/stream?model=pairs") == (400, {"error": other})
+
+
+def test_a_couplet_request_while_another_decodes_is_answered_503(pair_server):
+    """--queue 1: while a long request decodes, the next is refused at once; then the server takes requests again."""
+    base, _ = pair_server
+    slow: list = []
+    thread = threading.Thread(target=lambda: slow.append(post(base + "/v1/couplets", {
+        "primes": ["天地山水风雨花月日云春秋江河" * 10] * 8, "beam": 8})))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while get(base + "/v1/stats")[1]["models"]["pairs"]["waiting"] == 0 and not slow:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    busy = post(base + "/v1/couplets", {"prime": "天地"})
+    thread.join()
+    assert busy == (503, {"error": "the server is busy: 1 request(s) already wait for this model (--queue); "
+                                   "try again shortly"}), (busy, slow)
+    (status, got), = slow
+    assert status == 200 and [len(g) for g in got["answers"]] == [1] * 8 and len(got["answers"][0][0]["text"]) == 140
+    assert post(base + "/v1/couplets", {"prime": "天地"})[0] == 200
+    stats = get(base + "/v1/stats")[1]["models"]["pairs"]
+    assert stats["rejected"] == 1 and stats["waiting"] == 0
+
+
+def test_a_poem_only_server_does_not_import_torch(model_path):
+    """torch takes seconds to import: only a pair model, which runs in torch, brings it in."""
+    code = ("import sys; from poetgen.serving.app import create_app; from poetgen.serving.batcher import Limits; "
+            "from poetgen.serving.models import load_models; models, _ = load_models([sys.argv[1]], Limits()); "
+            "create_app(models); print(models[0].kind, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["poem", "False"], out.stderr
 
 
 # --- the pieces under the server ---------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 /openapi.json) on Starlette; uvicorn runs it (poetgen.serving.server).
 
 Routes: ``POST /v1/poems`` (JSON options -> poems), ``GET /v1/poems/stream`` (the same options as query parameters
--> one poem as Server-Sent Events, a character per event), ``GET /v1/models``, ``GET /v1/stats``, ``GET /healthz``,
-``POST /v1/couplets`` (501 until a pair model exists) and the page at ``/``. Every error is JSON ``{"error": message}``
-with its status: 400 a bad option (the words of `poetgen sample`'s ``Error:``), 404 an unknown model or route, 413 a
-body over the cap, 503 a full queue or a request past its time limit, 500 a bug (its traceback goes to the log only).
+-> one poem as Server-Sent Events, a character per event), ``POST /v1/couplets`` (first lines -> answering lines, from
+a pair model), ``GET /v1/models``, ``GET /v1/stats``, ``GET /healthz`` and the page at ``/``. Every error is JSON
+``{"error": message}`` with its status: 400 a bad option (the words of `poetgen sample`'s ``Error:``) or a model of
+the other kind, 404 an unknown model or route (or no model of the kind asked for), 413 a body over the cap, 503 a
+full queue or a request past its time limit, 500 a bug (its traceback goes to the log only).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from poetgen.errors import PoetgenError, SampleError
+from poetgen.generation.couplet import CoupletOptions
 from poetgen.generation.sample import SampleOptions, SampleResult
 from poetgen.serving.batcher import Overloaded, TimedOut
-from poetgen.serving.models import ServedModel
+from poetgen.serving.couplets import CoupletResult
+from poetgen.serving.models import COUPLET, POEM, ServedModel
 
 log = logging.getLogger("poetgen.serve")
 PAGE = Path(__file__).with_name("page.html")
@@ -74,6 +77,34 @@ class PoemRequest(BaseModel):
             best_of=self.best_of, beam=self.beam)
 
 
+class CoupletRequest(BaseModel):
+    """The options of `poetgen sample -c PAIR_CKPT` (an encoder-decoder answers each first line), by the same names
+    and meanings; ``primes`` stands for --primes-file."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str | None = Field(None, description="A loaded pair model's name (GET /v1/models); default: the first")
+    prime: str | None = Field(None, description="The first line (出句 / 上联) to answer, e.g. 白日依山尽")
+    primes: list[str] | None = Field(None, description="Several first lines, answered together (instead of prime)")
+    temperature: float = Field(0.8, description="Higher is bolder; 0 is greedy")
+    top_k: int | None = Field(None, description="Sample among the k likeliest characters only")
+    top_p: float | None = Field(None, description="Nucleus sampling")
+    seed: int | None = Field(None, description="Same seed and options, same answers; default: random, reported")
+    n: int = Field(1, description="Answers per first line (with beam: the n best hypotheses)")
+    beam: int = Field(0, description="Beam search with this many hypotheses per first line; 0: sample")
+    tones: bool = Field(False, description="Tones opposed at positions 2, 4, 6 and a level (平) end")
+    rhyme_book: str = Field("pingshui", description="pingshui (平水韵) or xinyun (中华新韵), for tones")
+
+    def first_lines(self) -> list[str]:
+        if self.prime is not None and self.primes is not None:
+            raise SampleError("give prime or primes, not both")
+        return list(self.primes) if self.primes is not None else [] if self.prime is None else [self.prime]
+
+    def options(self) -> CoupletOptions:
+        return CoupletOptions(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, num_samples=self.n,
+                              seed=self.seed, beam=self.beam, tones=self.tones, rhyme_book=self.rhyme_book)
+
+
 class UnknownModel(PoetgenError):
     """404."""
 
@@ -108,6 +139,13 @@ def _validation_message(errors: list[dict]) -> str:
     return "; ".join(parts) or "bad request"
 
 
+def couplet_json(served: ServedModel, result: CoupletResult) -> dict:
+    """The answer of POST /v1/couplets: per first line, its answers as `poetgen sample --json` writes them."""
+    return {"model": served.name, "seed": result.seed,
+            "answers": [[{**a.record(), "rank": k} for k, a in enumerate(group)] for group in result.answers],
+            "notes": result.notes, "seconds": round(result.seconds, 4)}
+
+
 def poem_json(served: ServedModel, result: SampleResult) -> dict:
     """The answer of POST /v1/poems (and the ``done`` event of the stream)."""
     records = result.records()
@@ -122,14 +160,20 @@ def create_app(models: list[ServedModel], max_body: int = 16384, cors: list[str]
     """The ASGI app over models already loaded (the first is the default). ``max_body``: bytes a request body may
     have (413 past it); ``cors``: origins allowed to call the API from a browser (none by default)."""
     app = FastAPI(title="poetgen", version="1", docs_url=None, redoc_url=None,  # /docs would load assets off-site
-                  description="Poems from poetgen's models. Errors are {\"error\": message}.")
+                  description="Poems and couplets (对句) from poetgen's models. Errors are {\"error\": message}.")
     by_name = {m.name: m for m in models}
+    default = {kind: next((m for m in models if m.kind == kind), None) for kind in (POEM, COUPLET)}
 
-    def pick(name: str | None) -> ServedModel:
+    def pick(name: str | None, kind: str) -> ServedModel:
+        """The model a request names (default: the first of the endpoint's kind)."""
         if not name:
-            return models[0]
+            if default[kind] is None:
+                raise UnknownModel(_none_of(kind))
+            return default[kind]  # type: ignore[return-value]
         if name not in by_name:
             raise UnknownModel(f"no model named {name!r} on this server (loaded: {', '.join(by_name)})")
+        if by_name[name].kind != kind:
+            raise SampleError(_other_kind(name, kind))
         return by_name[name]
 
     @app.exception_handler(PoetgenError)
@@ -157,51 +201,23 @@ def create_app(models: list[ServedModel], max_body: int = 16384, cors: list[str]
         return error(500, f"internal error ({type(e).__name__}); the server's log has the details")
 
     async def submit(served: ServedModel, req: PoemRequest, on_piece: Any = None) -> tuple[Any, asyncio.Future]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-
-        def settle(result: SampleResult | None, e: Exception | None) -> None:
-            if not future.done():
-                future.set_exception(e) if e is not None else future.set_result(result)
-
-        def done(result: SampleResult | None, e: Exception | None) -> None:
-            loop.call_soon_threadsafe(settle, result, e)
-
+        future, done = _answer_slot()
         # Planning builds the form's masks (milliseconds, more on a first rhyme book): off the event loop.
         job = await run_in_threadpool(served.batcher.submit, req.prime, req.options(), done, on_piece)
         return job, future
 
-    body_schema = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": PoemRequest.model_json_schema()}}}}
-
-    @app.post("/v1/poems", summary="Write poems", openapi_extra=body_schema)
+    @app.post("/v1/poems", summary="Write poems", openapi_extra=_body_schema(PoemRequest))
     async def poems(request: Request) -> dict:
-        # The body is read here rather than declared, so that it is JSON whatever its Content-Type says (curl -d).
-        try:
-            raw = json.loads(await request.body() or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SampleError(f"the body is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise SampleError("the body must be a JSON object of options")
-        try:
-            req = PoemRequest.model_validate(raw)
-        except ValidationError as e:
-            raise SampleError(_validation_message(list(e.errors()))) from None
-        served = pick(req.model)
+        req = await _options(request, PoemRequest)
+        served = pick(req.model, POEM)
         job, future = await submit(served, req)
-        try:
-            # The batcher answers by its own --timeout; a little later than that, the handler stops waiting anyway.
-            result = await asyncio.wait_for(future, served.batcher.limits.timeout + GRACE)
-        except (asyncio.CancelledError, asyncio.TimeoutError):
-            job.cancel()
-            raise
-        return poem_json(served, result)
+        return poem_json(served, await _answer(served, job, future))
 
     @app.get("/v1/poems/stream", summary="Write one poem, streamed as Server-Sent Events")
     async def stream(req: Annotated[PoemRequest, Query()]) -> StreamingResponse:
         if req.n != 1 or req.best_of != 1 or req.beam:
             raise SampleError("the stream writes one poem as it is drawn: use it without n, best_of or beam")
-        served = pick(req.model)
+        served = pick(req.model, POEM)
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         job, future = await submit(served, req, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
@@ -231,7 +247,10 @@ def create_app(models: list[ServedModel], max_body: int = 16384, cors: list[str]
 
     @app.get("/v1/models", summary="The models this server holds")
     async def list_models() -> dict:
-        return {"default": models[0].name, "models": [m.describe() for m in models]}
+        # default: what POST /v1/poems uses without a model; default_couplet: what POST /v1/couplets uses.
+        return {"default": getattr(default[POEM], "name", None),
+                "default_couplet": getattr(default[COUPLET], "name", None),
+                "models": [m.describe() for m in models]}
 
     @app.get("/v1/stats", summary="Batching counters per model")
     async def stats() -> dict:
@@ -242,10 +261,15 @@ def create_app(models: list[ServedModel], max_body: int = 16384, cors: list[str]
     async def healthz() -> dict:
         return {"status": "ok", "models": [m.name for m in models]}
 
-    @app.post("/v1/couplets", summary="Couplets (not yet)", status_code=501)
-    async def couplets() -> JSONResponse:
-        return error(501, "couplets need a pair (上联 -> 下联) model, which poetgen does not have yet; "
-                          "write poems with POST /v1/poems")
+    @app.post("/v1/couplets", summary="Answer first lines (对句) with a pair model",
+              openapi_extra=_body_schema(CoupletRequest))
+    async def couplets(request: Request) -> dict:
+        req = await _options(request, CoupletRequest)
+        served = pick(req.model, COUPLET)
+        future, done = _answer_slot()
+        # Checking is cheap (no masks built yet): on the event loop. Decoding runs in the model's worker thread.
+        job = served.batcher.submit(req.first_lines(), req.options(), done)
+        return couplet_json(served, await _answer(served, job, future))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -258,6 +282,61 @@ def create_app(models: list[ServedModel], max_body: int = 16384, cors: list[str]
         asgi = CORSMiddleware(asgi, allow_origins=list(cors), allow_methods=["GET", "POST"],
                               allow_headers=["Content-Type"])
     return AccessLog(BodyLimit(asgi, max_body))
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _answer_slot() -> tuple[asyncio.Future, Any]:
+    """A future on this event loop, and the ``on_done(result, error)`` that settles it once from any thread."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, e: Exception | None) -> None:
+        if not future.done():
+            future.set_exception(e) if e is not None else future.set_result(result)
+
+    return future, lambda result, e: loop.call_soon_threadsafe(settle, result, e)
+
+
+async def _answer(served: ServedModel, job: Any, future: asyncio.Future) -> Any:
+    """The request's result (or its error, raised). Its decoder answers by its own --timeout; a little later than
+    that, the handler stops waiting anyway; a client gone or a handler that gave up cancels the job."""
+    try:
+        return await asyncio.wait_for(future, served.batcher.limits.timeout + GRACE)
+    except (asyncio.CancelledError, asyncio.TimeoutError):
+        job.cancel()
+        raise
+
+
+async def _options(request: Request, model: type[BaseModel]) -> Any:
+    """A request body as ``model``: read here rather than declared, so that it is JSON whatever its Content-Type
+    says (curl -d). SampleError (400) with pydantic's complaint in one line."""
+    try:
+        raw = json.loads(await request.body() or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SampleError(f"the body is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise SampleError("the body must be a JSON object of options")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise SampleError(_validation_message(list(e.errors()))) from None
+
+
+def _none_of(kind: str) -> str:
+    if kind == COUPLET:
+        return ("no pair (对句) model on this server: start poetgen serve with -c PAIR_CKPT (a checkpoint trained on a "
+                "pair dataset, see poetgen prepare --pairs) to answer first lines; write poems with POST /v1/poems")
+    return ("no poem model on this server, only pair (对句) models: answer first lines with POST /v1/couplets, or "
+            "start poetgen serve with -c for a poem model too")
+
+
+def _other_kind(name: str, kind: str) -> str:
+    if kind == COUPLET:
+        return f"model {name!r} writes poems, not couplets: ask it with POST /v1/poems (or GET /v1/poems/stream)"
+    return f"model {name!r} is a pair (对句) model, which answers a first line: ask it with POST /v1/couplets"
 
 
 def _late() -> str:

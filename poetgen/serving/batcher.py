@@ -136,6 +136,28 @@ class Job:
         self.cancelled = True
 
 
+def answer_whole(job: Any, work: Callable[[], Any], release: Callable[[], None], stats: Stats) -> bool:
+    """Run a request decoded whole in a worker thread (``work``), unless its client went away (``job.cancelled``),
+    and answer it once through ``job.on_done``. ``release`` frees its place in the queue first, so that a client
+    that asks again as soon as it has its answer (one at a time, --queue 1) is not refused by its own last request.
+    -> whether it was answered with a result."""
+    result, error = None, None
+    try:
+        if job.cancelled:
+            return False
+        result = work()
+    except Exception as e:  # noqa: BLE001 - handed to the caller, who answers it
+        error = e
+    finally:
+        release()
+    if error is not None:
+        stats.failed += 1
+    else:
+        stats.requests += 1
+    job.on_done(result, error)
+    return error is None
+
+
 class _Streams:
     """The uniform numbers of one sample_step call over a group of jobs: each job's rows from its own Generator, in
     row order (what ``rng.random(b)`` would give each job alone)."""
@@ -243,23 +265,18 @@ class Batcher:
     # --- best_of and beam: generate, whole, in a worker thread -------------------------------------------
 
     def _search(self, job: Job) -> None:
-        try:
-            if job.cancelled:
-                return
+        def work() -> SampleResult:
             if self._fork is None:
                 self._fork = self.model.fork()
             copies = self.copies() if self.copies is not None else None
-            result = generate(self._fork, self.vocab, [job.prime], job.options, threads=self.threads, copies=copies)
-        except Exception as e:  # noqa: BLE001 - handed to the caller, who answers it
-            self.stats.failed += 1
-            job.on_done(None, e)
-        else:
-            self.stats.requests += 1
+            return generate(self._fork, self.vocab, [job.prime], job.options, threads=self.threads, copies=copies)
+
+        if answer_whole(job, work, self._searched, self.stats):
             self.stats.searches += 1
-            job.on_done(result, None)
-        finally:
-            with self._cond:
-                self._searching -= 1
+
+    def _searched(self) -> None:
+        with self._cond:
+            self._searching -= 1
 
     # --- the batcher's thread --------------------------------------------------------------------------------
 

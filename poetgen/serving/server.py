@@ -28,7 +28,8 @@ def _log_to_stderr() -> None:
 def run(checkpoints: list[str], host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
         max_body: int = 16384, cors: list[str] | None = None, threads: int | None = None) -> None:
     """Serve until interrupted. ``checkpoints``: paths, run directories or shipped names, each loaded once (none:
-    the shipped tang model, else the newest run). Errors loading them are raised before anything listens."""
+    the shipped tang model, else the newest run); a pair (对句) checkpoint answers POST /v1/couplets. Errors loading
+    them are raised before anything listens."""
     import uvicorn
 
     from poetgen.serving.app import create_app
@@ -39,7 +40,7 @@ def run(checkpoints: list[str], host: str = "127.0.0.1", port: int = 8000, limit
     for note in notes:
         log.info("%s", note)
     for m in models:
-        log.info("Model %s: %s (vocabulary %d)", m.name, m.path, len(m.opened.vocab))
+        log.info("Model %s (%s): %s (vocabulary %d)", m.name, m.kind, m.path, len(m.opened.vocab))
     app = create_app(models, max_body=max_body, cors=cors)
     log.info("Serving on http://%s:%d/ (Ctrl-C stops)", host if ":" not in host else f"[{host}]", port)
     config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning",
