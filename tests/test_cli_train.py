@@ -324,3 +324,64 @@ def test_a_checkpoint_from_before_the_adaptive_head_resumes_with_its_full_head()
     adaptive = ModelConfig(vocab_size=6000, head="adaptive")
     c = saved_train_config(TrainConfig().to_dict(), adaptive, "new.ckpt")  # recorded settings are kept
     assert c.head == "auto"
+
+
+# --- --attention: a pair dataset's encoder-decoder ----------------------------------------------------------------
+
+PAIR_TINY = ["--cell", "gru", "--layers", "1", "--hidden", "16", "--embed", "8", "--batch-size", "8", "--lr", "1e-2",
+             "--warmup", "1", "--sample-every", "0", "--threads", "1", "--eval-every", "2", "-q"]
+
+
+@pytest.fixture
+def pair_dataset(tmp_path):
+    from poetgen.data.prepare import PrepareOptions, prepare
+
+    table = dict(zip("天地山水风雨花月", "地天水山雨风月花"))
+    rows = ["".join(list(table)[(i * 3 + k) % 8] for k in range(4)) for i in range(60)]
+    (tmp_path / "pairs.tsv").write_text("".join(f"{a}\t{''.join(table[c] for c in a)}\n" for a in rows),
+                                        encoding="utf-8")
+    prepare([str(tmp_path / "pairs.tsv")], tmp_path / "pairs", PrepareOptions(pairs=True, val_fraction=0.1))
+    return tmp_path / "pairs"
+
+
+def test_attention_reaches_the_pair_model_and_its_checkpoint(cwd, pair_dataset):
+    sizes = {}
+    for attention in ("dot", "additive"):
+        r = invoke(pair_dataset, *PAIR_TINY, "--attention", attention, "--dry-run", "--json")
+        assert r.exit_code == 0, r.output
+        sizes[attention] = json.loads(r.stdout)["parameters"]
+    assert sizes["additive"] > sizes["dot"]  # additive has its own projections and scoring vector
+    r = invoke(pair_dataset, *PAIR_TINY, "--attention", "additive", "--max-steps", "2", "--name", "add")
+    assert r.exit_code == 0, r.output
+    run = cwd / "checkpoints" / "add"
+    ckpt = load_checkpoint(run / "last.ckpt")
+    assert (ckpt.model_config.kind, ckpt.model_config.attention) == ("seq2seq", "additive")
+    model, _ = load_model(run / "last.ckpt")
+    assert model.num_parameters() == sizes["additive"]
+    assert invoke(pair_dataset, *PAIR_TINY, "--max-steps", "2", "--name", "plain").exit_code == 0
+    assert load_checkpoint(cwd / "checkpoints" / "plain" / "last.ckpt").model_config.attention == "dot"  # default
+
+
+def test_attention_on_resume_and_init_from_is_the_checkpoint_s_as_for_hidden(cwd, pair_dataset):
+    assert invoke(pair_dataset, *PAIR_TINY, "--attention", "additive", "--max-steps", "2", "--name", "a").exit_code == 0
+    r = invoke("--resume", "a", "--attention", "dot", "--max-steps", "4")
+    assert r.exit_code == 1 and r.stderr.strip() == ("Error: these settings cannot change on --resume (fine-tune with "
+                                                     "--init-from instead): attention ('additive' -> 'dot')")
+    r = invoke(pair_dataset, "--init-from", "checkpoints/a", "--attention", "dot", "--max-steps", "2", "--dry-run")
+    assert r.exit_code == 1 and "fixes the architecture; these flags disagree with it: attention ('additive' -> " \
+                                "'dot')" in r.stderr
+    r = invoke("--resume", "a", "--attention", "additive", "--max-steps", "4", "--json")  # the same: fine
+    assert r.exit_code == 0, r.output
+    ckpt = load_checkpoint(cwd / "checkpoints" / "a" / "last.ckpt")
+    assert ckpt.train_state["step"] == 4 and ckpt.model_config.attention == "additive"
+    r = invoke("--resume", "a", "--max-steps", "6")  # without the flag: the checkpoint's
+    assert r.exit_code == 0 and load_checkpoint(cwd / "checkpoints" / "a" / "last.ckpt").model_config.attention == \
+        "additive"
+
+
+def test_attention_is_a_usage_error_on_text_or_with_a_bad_name(cwd, tiny_dataset):
+    r = invoke(tiny_dataset, *TINY, "--attention", "dot", "--max-steps", "2", "--name", "t")
+    assert r.exit_code == 2 and "--attention is for a pair dataset" in r.output and "holds text" in r.output
+    assert not (cwd / "checkpoints" / "t").exists()
+    r = invoke(tiny_dataset, *TINY, "--attention", "luong", "--max-steps", "2")
+    assert r.exit_code == 2 and "--attention must be one of dot, additive, got 'luong'" in r.output

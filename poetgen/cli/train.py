@@ -11,7 +11,7 @@ import typer
 
 from poetgen.cli.common import fail, fmt_bytes, fmt_time, handles_errors, print_json, status, stderr_console
 from poetgen.evaluation.units import LN2
-from poetgen.model.config import AUTO_HEAD_MIN_VOCAB
+from poetgen.model.config import ATTENTIONS, AUTO_HEAD_MIN_VOCAB, DEFAULT_ATTENTION
 from poetgen.paths import RUNS_DIR
 from poetgen.training.config import FIELD_NAMES, preset_help
 
@@ -45,6 +45,11 @@ def train(
     hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden units per layer."),
     embed: Optional[int] = typer.Option(None, "--embed", help="Embedding size."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout on embeddings, between layers, output."),
+    attention: Optional[str] = typer.Option(
+        None, "--attention", metavar="dot|additive",
+        help="A pair dataset's encoder-decoder (对句) only: dot (multiplicative, Luong's) or additive (Bahdanau's) "
+        f"attention over the first line. Default: {DEFAULT_ATTENTION}.",
+    ),
     tie_weights: Optional[bool] = typer.Option(
         None, "--tie-weights/--no-tie-weights", help="Share the embedding and output matrices (needs embed == hidden)."
     ),
@@ -107,7 +112,7 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Train a character-level RNN / LSTM / GRU language model.
+    """Train a character-level RNN / LSTM / GRU language model (on a pair dataset: the 对句 encoder-decoder).
 
     Truncated backpropagation through time over --batch-size contiguous streams; AdamW with warmup and cosine
     decay; evaluation on the whole validation split; last.ckpt, best.ckpt and metrics.jsonl in
@@ -124,8 +129,11 @@ def train(
     from poetgen.training.distributed import init_from_env, reported_by_rank0
     from poetgen.training.session import Session, TrainRequest
 
+    if attention is not None and attention not in ATTENTIONS:
+        raise typer.BadParameter(f"--attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
     given = {k: v for k, v in locals().items() if k in FIELD_NAMES and v is not None}
-    request = TrainRequest(data, preset, config_file, given, resume, init_from, runs_dir, name, map_unknown)
+    request = TrainRequest(data, preset, config_file, given, resume, init_from, runs_dir, name, map_unknown,
+                           attention=attention)
     if nproc is not None and nproc > 1 and not dry_run:
         raise typer.Exit(_launch(request, nproc))
     ctx = init_from_env()  # torchrun's process group; a plain single process otherwise
@@ -134,6 +142,7 @@ def train(
     try:
         with status(console, "Preparing data…"):
             setup = session.open()
+        _check_flags(request, setup, ctx.is_main)
         if session.preset_note() and not quiet and ctx.is_main:
             typer.echo(session.preset_note(), err=True)
         plan = session.plan()
@@ -168,8 +177,17 @@ def _launch(request, nproc: int) -> int:
     args = sys.argv[1:]
     if "train" not in args:
         raise fail("--nproc needs `poetgen train ...` on the command line", 2)
-    check_launch(request, nproc)
+    _check_flags(request, check_launch(request, nproc))
     return launch(nproc, strip_option(args, "--nproc"))
+
+
+def _check_flags(request, setup, speaks: bool = True) -> None:
+    """Usage errors that need the dataset (exit 2; under torchrun rank 0 says it, the others just stop)."""
+    if request.attention is not None and not setup.dataset.is_pairs:
+        if not speaks:
+            raise typer.Exit(2)
+        raise typer.BadParameter(f"--attention is for a pair dataset (prepare --pairs: the 对句 encoder-decoder); "
+                                 f"{setup.dataset.path} holds text")
 
 
 def _report_training(result, ctx, json_out: bool, quiet: bool) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from poetgen.errors import ConfigError
 from poetgen.paths import RUNS_DIR
 from poetgen.training.config import auto_preset, parse_duration
 from poetgen.training.runs import RunSetup, setup_run
@@ -33,6 +34,7 @@ class TrainRequest:
     runs_dir: str | Path = RUNS_DIR
     name: str | None = None
     map_unknown: bool = False
+    attention: str | None = None  # --attention: a pair dataset's encoder-decoder (None: its default, or the source's)
 
     def __post_init__(self) -> None:
         if isinstance(self.overrides.get("max_time"), str):
@@ -59,20 +61,40 @@ class TrainRequest:
         return setup, (measured[-1] if measured else None)
 
 
-def plan_run(setup: RunSetup, world_size: int = 1, local_rank: int | None = None) -> Any:
-    """The run's poetgen.training.loop.Plan, for the vocabulary it will train (a resumed or fine-tuned model's)."""
+def model_options(request: TrainRequest, setup: RunSetup) -> dict[str, Any] | None:
+    """Model fields beyond TrainConfig's, from the flags: {"attention": ...} for a pair dataset's encoder-decoder
+    (the flag on a text dataset is the CLI's usage error). A resumed or fine-tuned model keeps its own, so a flag
+    that disagrees with its checkpoint is refused, as --hidden is (ConfigError)."""
+    if request.attention is None:
+        return None
+    source = setup.resume or setup.init_from
+    saved = getattr(source.model_config, "attention", None) if source is not None else None
+    if saved is not None and saved != request.attention:
+        why = ("these settings cannot change on --resume (fine-tune with --init-from instead)" if setup.resume
+               else f"--init-from {source.path} fixes the architecture; these flags disagree with it")
+        raise ConfigError(f"{why}: attention ({saved!r} -> {request.attention!r})")
+    return {"attention": request.attention}
+
+
+def plan_run(setup: RunSetup, world_size: int = 1, local_rank: int | None = None,
+             options: dict[str, Any] | None = None) -> Any:
+    """The run's poetgen.training.loop.Plan, for the vocabulary it will train (a resumed or fine-tuned model's).
+    ``options``: model_options()."""
     from poetgen.training.loop import make_plan
 
     source = setup.resume or setup.init_from
     vocab = source.vocab if source else setup.dataset.vocab
-    return make_plan(setup.config, setup.dataset, len(vocab), world_size=world_size, local_rank=local_rank)
+    return make_plan(setup.config, setup.dataset, len(vocab), world_size=world_size, local_rank=local_rank,
+                     model_options=options)
 
 
-def check_launch(request: TrainRequest, nproc: int) -> None:
+def check_launch(request: TrainRequest, nproc: int) -> RunSetup:
     """Set up and plan the run as its ``nproc`` workers will (no speed probe, as under torchrun), so that a mistake
-    is raised here, once, before torchrun starts. A raw corpus is prepared here, into the cache the workers read."""
+    is raised here, once, before torchrun starts. A raw corpus is prepared here, into the cache the workers read.
+    -> the setup (for the CLI's own checks of its flags)."""
     setup, _ = request.setup(probe=False)
-    plan_run(setup, nproc)
+    plan_run(setup, nproc, options=model_options(request, setup))
+    return setup
 
 
 class Session:
@@ -86,7 +108,12 @@ class Session:
         self.speed: float | None = None
 
     def open(self) -> RunSetup:
-        self.setup, self.speed = self.ctx.agree_in_turn(lambda: self.request.setup(probe=self.world_size == 1))
+        def setup() -> tuple[RunSetup, float | None]:
+            found = self.request.setup(probe=self.world_size == 1)
+            model_options(self.request, found[0])  # a flag the checkpoint disagrees with: refused on every rank
+            return found
+
+        self.setup, self.speed = self.ctx.agree_in_turn(setup)
         return self.setup
 
     def preset_note(self) -> str | None:
@@ -101,7 +128,8 @@ class Session:
     def plan(self) -> Any:
         assert self.setup is not None, "open() first"
         ctx = self.ctx
-        return ctx.agree(lambda: plan_run(self.setup, self.world_size, ctx.local_rank if ctx.distributed else None))
+        return ctx.agree(lambda: plan_run(self.setup, self.world_size, ctx.local_rank if ctx.distributed else None,
+                                          model_options(self.request, self.setup)))
 
     def run(self, callbacks: Any = None, stop: Any = None) -> Any:
         """Train; -> poetgen.training.loop.TrainResult."""
@@ -110,4 +138,5 @@ class Session:
         s = self.setup
         assert s is not None, "open() first"
         return train(s.config, s.dataset, s.run_dir, resume=s.resume, init_from=s.init_from,
-                     map_unknown=self.request.map_unknown, callbacks=callbacks, stop=stop)
+                     map_unknown=self.request.map_unknown, callbacks=callbacks, stop=stop,
+                     model_options=model_options(self.request, s))
