@@ -133,6 +133,41 @@ def test_both_readers_dequantize_to_float32_and_agree(trained, tmp_path):
     assert 0 < np.abs(scores_torch - scores_fp32).max() < 0.5
 
 
+def test_read_model_can_keep_int8_rows_for_the_runtime(trained, tmp_path):
+    """keep_int8 (what `poetgen sample` reads with): the int8 matrices as stored, everything else as read_model gives
+    it; the Runtime made from them is the one made from the float32 weights, bit for bit."""
+    from poetgen.model.runtime import Int8Rows
+
+    ds, ckpt = trained
+    rep = export_model(ckpt, tmp_path / "m.safetensors", quantize="int8")
+    dense, kept = read_model(rep.path), read_model(rep.path, keep_int8=True)
+    assert kept.model_config == dense.model_config and kept.vocab == dense.vocab and kept.data == dense.data
+    assert "int8" in rep.tensors.values() and kept.weights.keys() == dense.weights.keys()
+    for name, kind in rep.tensors.items():
+        w = kept.weights[name]
+        if kind == "int8":
+            assert isinstance(w, Int8Rows) and w.q.dtype == np.int8 and w.shape == dense.weights[name].shape
+            np.testing.assert_array_equal(w.q.astype(np.float32) * w.scale[:, None], dense.weights[name])
+        else:
+            assert w.dtype == np.float32
+            np.testing.assert_array_equal(w, dense.weights[name])
+    a, b = Runtime(dense.model_config, dense.weights), Runtime(kept.model_config, kept.weights)
+    ids = [0, *ds.train[:12]]
+    assert a.prefix([ids]).tobytes() == b.prefix([ids]).tobytes()
+    assert a.step(np.array([ids[1]])).tobytes() == b.step(np.array([ids[1]])).tobytes()
+
+
+def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path):
+    import hashlib
+
+    for blob in (b"", b"x", bytes(range(256)) * 40_000):
+        path = tmp_path / "f.bin"
+        path.write_bytes(blob)
+        assert file_sha256(path) == hashlib.sha256(blob).hexdigest() == file_sha256(path, blob)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        file_sha256(tmp_path / "absent.bin")
+
+
 def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
     vocab = Vocab(["<eot>", "<unk>", *"床前明月光疑是地上霜"])
     torch.manual_seed(0)

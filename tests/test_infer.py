@@ -1,5 +1,5 @@
-"""The numpy runtime (poetgen.model.runtime) against the torch CharRNN, its checkpoint reader against poetgen.checkpoint.torch_io's,
-and `poetgen sample` on the CPU without torch."""
+"""The numpy runtime (poetgen.model.runtime) against the torch CharRNN, its checkpoint reader against
+poetgen.checkpoint.torch_io's, the BLAS thread tuner, and `poetgen sample` on the CPU without torch."""
 
 from __future__ import annotations
 
@@ -122,6 +122,40 @@ def test_table_can_be_switched_on_mid_stream():
     with torch.no_grad():
         expected = model(torch.tensor([[0, 1, 2, 3]]))[0][0, -1].numpy()
     assert np.abs(s - expected).max() < 1e-4
+
+
+
+@pytest.mark.parametrize("cell, head", [("lstm", {}), ("gru", {}), ("rnn", {}), ("lstm", {"head": "adaptive"}),
+                                        ("gru", {"tie": True})])
+def test_int8_rows_give_the_runtime_of_their_float32_weights_bit_for_bit(cell, head):
+    """A compact file's int8 matrices, scaled by the Runtime as it lays them out (the start-up path of `poetgen
+    sample`), give exactly the weights, states and scores of the same matrices dequantized first: same samples."""
+    from poetgen.checkpoint.compact import quantize_rows
+    from poetgen.model.runtime import Int8Rows
+
+    if head.get("head") == "adaptive":
+        model = _model(cell, 2, V=40, H=16, head="adaptive", cutoffs=(10, 25))
+    else:
+        model = _model(cell, 2, H=16, **head)
+    dense, rows = {}, {}
+    for name, w in model.state_dict().items():
+        w = w.numpy()
+        if w.ndim == 2:
+            q, scale = quantize_rows(w)
+            dense[name], rows[name] = q.astype(np.float32) * scale[:, None], Int8Rows(q, scale)
+        else:
+            dense[name] = rows[name] = w
+    if model.config.tie_weights:  # one array under two names, as the readers give it
+        dense["head.weight"], rows["head.weight"] = dense["embedding.weight"], rows["embedding.weight"]
+    a, b = Runtime(model.config, dense), Runtime(model.config, rows)
+    for x, y in zip([a.embedding, *a._w], [b.embedding, *b._w]):
+        assert x.dtype == y.dtype == np.float32 and x.tobytes() == y.tobytes()
+    prefixes = [[0, 5, 6, 7], [0, 2], [0, 8, 9, 1]]
+    assert a.prefix(prefixes).tobytes() == b.prefix(prefixes).tobytes()  # one-row groups: BLAS's vector path
+    for t in range(3):
+        tokens = np.array([3 + t, 4, 9 - t])
+        assert a.step(tokens).tobytes() == b.step(tokens).tobytes()
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(a.hidden(), b.hidden()))
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -281,7 +315,7 @@ class FakeClock:
 
 def test_thread_tuner_moves_to_the_faster_count_and_stays(monkeypatch):
     clock = FakeClock(monkeypatch, lambda n, i: 1e-5 / n)  # two threads twice as fast
-    with ThreadTuner((1, 2), trial=4, every=32) as tuner:
+    with ThreadTuner((1, 2), trial=4, every=32, warmup=0) as tuner:
         used = clock.run(tuner, 200)
     assert used[:4] == [1] * 4  # one thread first, while its own time is measured
     assert used[4:40] == [2] * 36
@@ -291,7 +325,7 @@ def test_thread_tuner_moves_to_the_faster_count_and_stays(monkeypatch):
 
 def test_thread_tuner_keeps_one_thread_and_backs_off_when_more_lose(monkeypatch):
     clock = FakeClock(monkeypatch, lambda n, i: 1e-5 * n)  # two threads twice as slow
-    with ThreadTuner((1, 2), trial=4, every=32) as tuner:
+    with ThreadTuner((1, 2), trial=4, every=32, warmup=0) as tuner:
         used = clock.run(tuner, 5000)
     assert tuner.current == 1 and used.count(1) > 0.98 * len(used)
     # lost trials double the wait: 32, 64, ... up to 64 x 32 steps, so few trials over 5,000 steps
@@ -302,7 +336,7 @@ def test_thread_tuner_keeps_one_thread_and_backs_off_when_more_lose(monkeypatch)
 def test_thread_tuner_cuts_a_stalled_trial_short(monkeypatch):
     # one thread 10 us per row; two threads stall (10x slower) on every step
     clock = FakeClock(monkeypatch, lambda n, i: 1e-5 if n == 1 else 1e-4)
-    with ThreadTuner((1, 2), trial=4, every=32) as tuner:
+    with ThreadTuner((1, 2), trial=4, every=32, warmup=0) as tuner:
         used = clock.run(tuner, 40)
     first_two = used.index(2)
     # the step after the switch is not counted, the next one stalls: back to one thread after two steps on two
@@ -312,11 +346,29 @@ def test_thread_tuner_cuts_a_stalled_trial_short(monkeypatch):
 def test_thread_tuner_leaves_a_count_that_turns_slow(monkeypatch):
     # two threads win while the machine is idle, then lose 4x from step 300 on (another process took a core)
     clock = FakeClock(monkeypatch, lambda n, i: (5e-6 if i < 300 else 4e-5) if n == 2 else 1e-5)
-    with ThreadTuner((1, 2), trial=4, every=32) as tuner:
+    with ThreadTuner((1, 2), trial=4, every=32, warmup=0) as tuner:
         used = clock.run(tuner, 400)
     assert used[250:300].count(2) > 40
     # the moving average crossed 1.5x one thread's figure within a few steps; later trials of two lose at once
     assert set(used[306:330]) == {1} and used[306:].count(2) <= 6
+
+
+def test_thread_tuner_tries_nothing_else_before_its_warmup(monkeypatch):
+    """A short call stays on one thread even where two would win: a trial costs steps it could not win back
+    (`poetgen sample -n 4` with the shipped model is 0.13 s of steps). A longer one tries after WARMUP seconds."""
+    from poetgen.generation.threads import WARMUP
+
+    step = 1e-3 * 64  # one thread: 64 ms per 64-row step; two threads twice as fast
+    clock = FakeClock(monkeypatch, lambda n, i: 1e-3 / n)
+    short = int(WARMUP / step)  # steps that, with the uncounted first one, stay under WARMUP
+    with ThreadTuner((1, 2)) as tuner:
+        assert clock.run(tuner, short) == [1] * short and tuner.switches == 0
+    with ThreadTuner((1, 2)) as tuner:
+        used = clock.run(tuner, short + 20)
+    first = used.index(2)
+    # the first tick measures nothing, the second counts no step (threads start): counted steps before the switch
+    assert (first - 2) * step < WARMUP <= (first - 1) * step
+    assert used[first:] == [2] * (len(used) - first)
 
 
 def test_thread_tuner_with_one_choice_never_switches(monkeypatch):
@@ -334,7 +386,7 @@ def test_thread_tuner_restores_the_blas_threads(monkeypatch):
         pytest.skip("numpy's BLAS here is not OpenBLAS")
     before = found[1]()
     clock = FakeClock(monkeypatch, lambda n, i: 1e-5 / n)
-    with ThreadTuner((1, 2)) as tuner:
+    with ThreadTuner((1, 2), warmup=0) as tuner:
         clock.run(tuner, 50)
         assert found[1]() == tuner.current == 2
     assert found[1]() == before

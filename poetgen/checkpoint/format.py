@@ -254,11 +254,13 @@ def _dtype(t: Any) -> str:
     return str(t.dtype).rsplit(".", 1)[-1]
 
 
-def dequantize(path: Path, tensors: dict[str, Any], to_float32: Callable[[Any], Any]) -> dict[str, Any]:
+def dequantize(path: Path, tensors: dict[str, Any], to_float32: Callable[[Any], Any],
+               int8: Callable[[Any, Any], Any] | None = None) -> dict[str, Any]:
     """The tensors with every model weight in float32: an int8 ``model/<name>`` (rows, columns) times its float32
     ``scale/<name>`` (rows,), row by row (poetgen.checkpoint.compact's per-row symmetric quantization); a float16
     one converted. The ``scale/`` tensors are dropped; anything else passes unchanged. ``to_float32`` converts one
-    array or tensor to a new float32 one (numpy and torch alike), which is then scaled in place."""
+    array or tensor to a new float32 one (numpy and torch alike), which is then scaled in place; ``int8(q, scale)``,
+    when given, makes an int8 weight instead (a one-pass product, or the pair kept for the numpy runtime)."""
     out = {k: t for k, t in tensors.items() if not k.startswith("scale/")}
     for key, s in tensors.items():
         if key.startswith("scale/"):
@@ -276,9 +278,12 @@ def dequantize(path: Path, tensors: dict[str, Any], to_float32: Callable[[Any], 
             scale = tensors.get(f"scale/{key[len('model/') :]}")
             if scale is None:
                 raise CheckpointError(f"{path} is damaged: int8 weights {key[len('model/') :]} without their scale")
-            w = to_float32(t)
-            w *= scale[:, None]
-            out[key] = w
+            if int8 is not None:
+                out[key] = int8(t, scale)
+            else:
+                w = to_float32(t)
+                w *= scale[:, None]
+                out[key] = w
         elif kind == "float16":
             out[key] = to_float32(t)
     return out
@@ -479,20 +484,23 @@ class ModelFile:
     path: Path
     model_config: Any  # poetgen.model.config.ModelConfig
     vocab: Vocab
-    weights: dict[str, Any]  # state_dict name -> float32 numpy array (tied names share one array)
+    weights: dict[str, Any]  # state_dict name -> float32 numpy array (tied names share one; see read_model's keep_int8)
     format_version: int = CHECKPOINT_VERSION
     data: dict = field(default_factory=dict)  # the file's JSON metadata (train_config, dataset_meta, card, ...)
 
 
-def read_model(path: str | Path) -> ModelFile:
+def read_model(path: str | Path, keep_int8: bool = False) -> ModelFile:
     """The model of a checkpoint (or of a run directory's best one) as numpy arrays, checked exactly as
-    poetgen.checkpoint.torch_io.load_checkpoint checks it. Only the model's tensors are read (not the optimizer's)."""
+    poetgen.checkpoint.torch_io.load_checkpoint checks it. Only the model's tensors are read (not the optimizer's).
+
+    ``keep_int8``: a compact file's int8 matrices stay as they are stored, each a poetgen.model.runtime.Int8Rows (its
+    int8 numbers and row scales), for the numpy Runtime, which scales them as it lays out its weights (no float32
+    copy of the model in between: a third of the shipped model's start-up load)."""
     import numpy as np
     from safetensors import safe_open
 
-    from poetgen.model.config import AnyModelConfig
-
     from poetgen.checkpoint.shipped import verify_card
+    from poetgen.model.config import AnyModelConfig
 
     path = find_checkpoint(path)
     verify_card(path)
@@ -504,7 +512,13 @@ def read_model(path: str | Path) -> ModelFile:
                        for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type; the file is damaged either way
         raise CheckpointError(f"{path} is damaged: {e}") from None
-    tensors = dequantize(path, tensors, lambda a: a.astype(np.float32))
+    if keep_int8:
+        from poetgen.model.runtime import Int8Rows
+
+        int8: Callable[[Any, Any], Any] = Int8Rows
+    else:  # float32(q) * scale in one pass, the same numbers as a float32 copy scaled in place
+        int8 = lambda q, scale: np.multiply(q, scale[:, None], dtype=np.float32)  # noqa: E731
+    tensors = dequantize(path, tensors, lambda a: a.astype(np.float32), int8)
     parsed = parse_checkpoint(path, tensors, meta, AnyModelConfig)
     if getattr(parsed.model_config, "kind", "charrnn") != "charrnn":
         raise CheckpointError(f"{path} holds a {parsed.model_config.kind} (对句 encoder-decoder) model, which the "

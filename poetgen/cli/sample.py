@@ -121,7 +121,8 @@ def sample(
     threads: Optional[int] = typer.Option(
         None, "--threads",
         help="CPU threads for the matrix products. Default: chosen while sampling by timing the steps on 1 thread "
-        "and on more (more help big batches on idle cores; 1 is faster for one stream or on a busy machine).",
+        "and, after half a second of them, on more (more help big batches on idle cores; 1 is faster for one "
+        "stream or on a busy machine).",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Say nothing on stderr but errors."),
 ) -> None:

@@ -108,7 +108,7 @@ def load_runtime(path: str | Path) -> Runtime:
     tensors are decoded."""
     from poetgen.checkpoint.format import read_model
 
-    ckpt = read_model(path)
+    ckpt = read_model(path, keep_int8=True)
     return Runtime(ckpt.model_config, ckpt.weights, ckpt.vocab, ckpt.path)
 
 
@@ -168,6 +168,6 @@ def open_model(path: str | Path, device: str = "auto", threads: int | None = Non
             return OpenedModel(model, ckpt.vocab, path, str(torch_device), ckpt.dataset_meta)
     from poetgen.checkpoint.format import read_model
 
-    mf = read_model(path)
+    mf = read_model(path, keep_int8=True)  # int8 weights scaled once, into the Runtime's own layout
     return OpenedModel(Runtime(mf.model_config, mf.weights, mf.vocab, mf.path), mf.vocab, path, "cpu",
                        mf.data.get("dataset_meta") or {})

@@ -63,6 +63,10 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# Seconds of steps on one thread before another count is first tried (see ThreadTuner).
+WARMUP = 0.5
+
+
 class ThreadTuner:
     """Picks numpy's BLAS thread count for a loop of like steps by timing the steps themselves.
 
@@ -77,18 +81,26 @@ class ThreadTuner:
     cut short at its first step 3x slower than the current count (a stall: contention), and every lost trial
     doubles the wait before the next (from ``every`` steps up to 64x that), so a busy machine pays for a few
     stalled steps per call at most. While running, the current count's time is followed (a moving average); if
-    it grows past 1.5x what the other count last measured, the other is tried at once. Use::
+    it grows past 1.5x what the other count last measured, the other is tried at once.
+
+    No trial starts before the first count has run ``warmup`` seconds of steps: a trial costs slow steps (threads
+    waking up, stalls on a busy machine, two cores' CPU time), and a short call has little to win back. `poetgen sample -c tang -n 4` (22 steps of 4 rows, 2x768:
+    0.13-0.19 s of steps on one thread) spent 0.08-0.17 s more CPU with a trial from its fifth step on, beside a
+    training on both cores (measured 2026-12-02); a long call loses at most ``warmup`` seconds of a faster count's
+    gain. Use::
 
         with ThreadTuner() as tuner:
             for ...:
                 tuner.tick(rows)   # before each step; rows: the batch this step runs
     """
 
-    def __init__(self, choices: tuple[int, ...] | None = None, trial: int = 4, every: int = 32):
+    def __init__(self, choices: tuple[int, ...] | None = None, trial: int = 4, every: int = 32,
+                 warmup: float = WARMUP):
         if choices is None:
             choices = (1, min(usable_cores(), 4)) if _openblas() is not None and usable_cores() > 1 else (1,)
         self.choices = tuple(dict.fromkeys(choices))
-        self.trial, self.every = trial, every
+        self.trial, self.every, self.warmup = trial, every, warmup
+        self.ran = 0.0  # seconds of counted steps on the first count, until warmup is reached
         self.current = self.incumbent = self.choices[0]
         self.measured: dict[int, float] = {}  # seconds per row: a moving average for the incumbent, the last trial
         self.trying: list[float] | None = None  # per-row times of the running trial
@@ -144,9 +156,11 @@ class ThreadTuner:
         if counted:
             old = self.measured.get(self.incumbent)
             self.measured[self.incumbent] = per_row if old is None else 0.8 * old + 0.2 * per_row
+            if self.ran < self.warmup:
+                self.ran += now - last[0]
         self.countdown -= 1
         other = self._other()
         slower = self.measured.get(self.incumbent, 0.0) > 1.5 * self.measured.get(other, float("inf"))
-        if self.countdown <= 0 or slower:
+        if (self.countdown <= 0 and self.ran >= self.warmup) or slower:
             self.trying = []
             self._set(other)

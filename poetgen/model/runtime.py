@@ -57,6 +57,39 @@ def length_groups(prefixes: list[list[int]]) -> tuple[list[list[int]], np.ndarra
     return groups, inverse
 
 
+@dataclass(frozen=True)
+class Int8Rows:
+    """A weight matrix as a compact model file stores it (poetgen.checkpoint.compact): int8 ``q`` (rows, cols) and
+    float32 ``scale`` (rows,), the weight being ``q[r] * scale[r]`` row by row. ``Runtime`` takes it in a state dict
+    in place of the float32 matrix and scales it while laying it out, with the same float32 numbers the checkpoint
+    readers' dequantization gives (``read_model(path, keep_int8=True)`` hands these over)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+
+def _dense(w: Any) -> np.ndarray:
+    """A weight as a C-contiguous float32 array (an Int8Rows scaled: float32(q) * scale, as the readers do)."""
+    if isinstance(w, Int8Rows):
+        return np.multiply(w.q, w.scale[:, None], dtype=F32)
+    return np.ascontiguousarray(w, dtype=F32)
+
+
+def _put_t(out: np.ndarray, w: Any, rows: slice, factor: float = 1.0) -> None:
+    """out[...] = factor * float32(w)[rows].T, written in place in one pass (two with a factor), the numbers exactly
+    those of the float32 expression: the product is rounded to float32 first, then multiplied by ``factor``."""
+    if isinstance(w, Int8Rows):
+        np.multiply(w.q[rows].T, w.scale[rows][None, :], out=out)
+    else:
+        np.copyto(out, np.asarray(w[rows], dtype=F32).T)
+    if factor != 1.0:
+        out *= F32(factor)
+
+
 @dataclass
 class _Layer:
     n_in: int  # columns of the layer input in X (0 for layer 0 with the lookup table)
@@ -68,7 +101,8 @@ class _Layer:
 class Runtime:
     """A CharRNN's forward pass in numpy float32, with the recurrent state of B rows carried between calls.
 
-    Build it with ``poetgen.generation.engines.load_runtime(checkpoint)`` or ``Runtime.from_state(config, state_dict)``. Then::
+    Build it with ``poetgen.generation.engines.load_runtime(checkpoint)`` or
+    ``Runtime.from_state(config, state_dict)``. Then::
 
         scores = rt.prefix([[0, 5, 9], [0, 7]])   # (2, V): state now holds 2 rows, each after its whole prefix
         rt.select(np.array([0, 0, 1]))            # rows 0, 0, 1 (repeat, reorder or drop rows)
@@ -83,7 +117,7 @@ class Runtime:
         self.cell, self.H, self.V, self.L = c.cell, c.hidden, c.vocab_size, c.layers
         H = self.H
         self.G = H if c.cell == "rnn" else 4 * H
-        self.embedding = np.ascontiguousarray(state["embedding.weight"], dtype=F32)  # (V, E)
+        self.embedding = _dense(state["embedding.weight"])  # (V, E)
         self._w: list[np.ndarray] = []  # per layer (n_in + H + 1, G) fused
         for i in range(self.L):
             w_ih, w_hh = state[f"rnn.weight_ih_l{i}"], state[f"rnn.weight_hh_l{i}"]  # (G0, n_in), (G0, H)
@@ -103,30 +137,38 @@ class Runtime:
 
     # --- weights ---------------------------------------------------------------------------------------------
 
-    def _fuse(self, w_ih: np.ndarray, w_hh: np.ndarray, b_ih: np.ndarray, b_hh: np.ndarray) -> np.ndarray:
-        """torch's (G0, n_in), (G0, H), (G0,), (G0,) -> one (n_in + H + 1, G) matrix for [x | h | 1] @ W."""
+    def _fuse(self, w_ih: Any, w_hh: Any, b_ih: np.ndarray, b_hh: np.ndarray) -> np.ndarray:
+        """torch's (G0, n_in), (G0, H), (G0,), (G0,) -> one (n_in + H + 1, G) matrix for [x | h | 1] @ W.
+
+        Each block is written in its place in one pass (``_put_t``), from float32 or straight from int8 rows: the
+        copies in between were most of a 2x768 model's build time (tens of MB of fresh memory)."""
         H, n_in = self.H, w_ih.shape[1]
-        w_ih, w_hh = w_ih.astype(F32), w_hh.astype(F32)
-        b_ih, b_hh = b_ih.astype(F32), b_hh.astype(F32)
+        b_ih, b_hh = np.asarray(b_ih, dtype=F32), np.asarray(b_hh, dtype=F32)
         W = np.zeros((n_in + H + 1, self.G), dtype=F32)
         xs, hs, bs = slice(0, n_in), slice(n_in, n_in + H), n_in + H
         if self.cell == "rnn":
-            W[xs], W[hs], W[bs] = w_ih.T, w_hh.T, b_ih + b_hh
+            _put_t(W[xs], w_ih, slice(None))
+            _put_t(W[hs], w_hh, slice(None))
+            np.add(b_ih, b_hh, out=W[bs])
         elif self.cell == "lstm":
             order = [0, 1, 3, 2]  # torch (i, f, g, o) -> (i, f, o, g)
             scale = [0.5, 0.5, 0.5, 1.0]  # sigmoid gates through tanh(x / 2)
             for dst, (src, s) in enumerate(zip(order, scale)):
                 cols, rows = slice(dst * H, (dst + 1) * H), slice(src * H, (src + 1) * H)
-                W[xs, cols], W[hs, cols] = s * w_ih[rows].T, s * w_hh[rows].T
+                _put_t(W[xs, cols], w_ih, rows, s)
+                _put_t(W[hs, cols], w_hh, rows, s)
                 W[bs, cols] = s * (b_ih[rows] + b_hh[rows])
         else:  # gru, torch order (r, z, n)
             for k in range(2):  # r, z: both inputs summed, halved for the tanh sigmoid
-                cols, rows = slice(k * H, (k + 1) * H), slice(k * H, (k + 1) * H)
-                W[xs, cols], W[hs, cols] = 0.5 * w_ih[rows].T, 0.5 * w_hh[rows].T
+                cols = rows = slice(k * H, (k + 1) * H)
+                _put_t(W[xs, cols], w_ih, rows, 0.5)
+                _put_t(W[hs, cols], w_hh, rows, 0.5)
                 W[bs, cols] = 0.5 * (b_ih[rows] + b_hh[rows])
             n = slice(2 * H, 3 * H)
-            W[xs, 2 * H : 3 * H], W[bs, 2 * H : 3 * H] = w_ih[n].T, b_ih[n]
-            W[hs, 3 * H :], W[bs, 3 * H :] = w_hh[n].T, b_hh[n]
+            _put_t(W[xs, 2 * H : 3 * H], w_ih, n)
+            W[bs, 2 * H : 3 * H] = b_ih[n]
+            _put_t(W[hs, 3 * H :], w_hh, n)
+            W[bs, 3 * H :] = b_hh[n]
         return W
 
     def use_table(self, enable: bool = True) -> None:
@@ -328,7 +370,7 @@ def _make_head(config: Any, state: dict[str, np.ndarray]):
     """The output layer as a function (x (B, H + 1) = [h | 1], out (B, V)) -> out. One per head type."""
     head = getattr(config, "head", "full")
     if head == "full":
-        W = np.concatenate([state["head.weight"].T, state["head.bias"][None, :]]).astype(F32)  # (H + 1, V)
+        W = _with_bias(state["head.weight"], state["head.bias"])  # (H + 1, V)
 
         def full(x: np.ndarray, out: np.ndarray) -> np.ndarray:
             return np.matmul(x, W, out=out)
@@ -337,6 +379,20 @@ def _make_head(config: Any, state: dict[str, np.ndarray]):
     if head == "adaptive":
         return _adaptive_head(config, state)
     raise CheckpointError(f"the numpy sampler has no output layer {head!r}")
+
+
+def _with_bias(w: Any, b: np.ndarray) -> np.ndarray:
+    """torch's Linear weight (n, d) and bias (n,) -> [W^T; b] (d + 1, n), for [x | 1] @ it. Laid out in memory as
+    torch's rows with the bias appended (a transposed view: no transposing copy), which is also the layout the
+    products' float32 results were checked in: for one row, BLAS sums in a layout-dependent order."""
+    n, d = w.shape
+    out = np.empty((n, d + 1), dtype=F32)
+    if isinstance(w, Int8Rows):
+        np.multiply(w.q, w.scale[:, None], out=out[:, :d])
+    else:
+        out[:, :d] = np.asarray(w, dtype=F32)
+    out[:, d] = b
+    return out.T
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -353,13 +409,13 @@ def _adaptive_head(config: Any, state: dict[str, np.ndarray]):
     cutoffs = tuple(config.cutoffs)
     bounds = (*cutoffs, config.vocab_size)
     C = cutoffs[0]
-    root = np.concatenate([state["head.root.weight"].T, state["head.root.bias"][None, :]]).astype(F32)  # (H+1, C+K)
+    root = _with_bias(state["head.root.weight"], state["head.root.bias"])  # (H + 1, C + K)
     tails = []
     for i in range(len(cutoffs)):
-        proj = np.ascontiguousarray(state[f"head.tails.{i}.proj.weight"].T, dtype=F32)  # (H, d)
-        out = np.concatenate([state[f"head.tails.{i}.out.weight"].T,
-                              state[f"head.tails.{i}.out.bias"][None, :]]).astype(F32)  # (d + 1, n_i)
-        tails.append((proj, out))
+        w = state[f"head.tails.{i}.proj.weight"]  # (d, H)
+        proj = np.empty(w.shape[::-1], dtype=F32)  # (H, d)
+        _put_t(proj, w, slice(None))
+        tails.append((proj, _with_bias(state[f"head.tails.{i}.out.weight"], state[f"head.tails.{i}.out.bias"])))
 
     def adaptive(x: np.ndarray, out: np.ndarray) -> np.ndarray:
         r = log_softmax(x @ root)  # (B, C + K)
@@ -374,6 +430,3 @@ def _adaptive_head(config: Any, state: dict[str, np.ndarray]):
         return out
 
     return adaptive
-
-
-# --- loading ----------------------------------------------------------------------------------------------------
