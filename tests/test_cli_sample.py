@@ -230,3 +230,32 @@ def test_prime_that_is_not_text_is_a_clean_error(ckpt):
     # A command-line argument in no encoding arrives with lone surrogates (surrogateescape).
     r = run("-c", str(ckpt), "--prime", "床\udced", "--seed", "1")
     assert r.exit_code == 1 and "\nError: text that is not valid Unicode" in r.stderr and "Traceback" not in r.output
+
+
+def test_the_shipped_model_samples_without_modules_start_up_does_not_need():
+    """A new user's first command, `poetgen sample -c tang --prime 床前 -n 4` (start-up under a second, issue 17):
+    poems, exit 0, and none of the modules that would slow it down loaded: torch (seconds), rich (the CLI's
+    progress bars), OpenCC and pypinyin (script conversion and modern readings: not needed for a prime the model
+    knows, without --rhyme-book xinyun)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from poetgen.cli.app import main\n"
+        "sys.argv = ['poetgen', 'sample', '-c', 'tang', '--prime', '床前', '-n', '4', '--seed', '1', '-q']\n"
+        "code = None\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "heavy = [m for m in ('torch', 'rich', 'opencc', 'pypinyin') if m in sys.modules]\n"
+        "print('EXIT', code, 'LOADED', heavy, file=sys.stderr)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "POETGEN_SHIPPED_DIR"} | {"PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                       encoding="utf-8")
+    assert r.stderr == "EXIT 0 LOADED []\n", r.stderr
+    poems = r.stdout.rstrip("\n").split("\n\n")
+    assert len(poems) == 4 and all(p.startswith("床前") and len(p) > 5 for p in poems), r.stdout
