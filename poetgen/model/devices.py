@@ -72,6 +72,13 @@ def cpu_bf16_native() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def bf16_candidate(device: str | torch.device) -> bool:
+    """Whether precision auto should weigh bf16 on ``device``: a CPU that multiplies bf16 natively. (On CUDA auto is
+    bf16 without a probe; a CPU without native bf16 would emulate it, 10-20x slower.)"""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    return dev.type == "cpu" and cpu_bf16_native()
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """bf16 autocast on CUDA (auto or bf16); on a CPU with native bf16 when asked for (bf16); fp32 elsewhere."""
     if precision == "fp32":

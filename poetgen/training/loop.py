@@ -27,6 +27,7 @@ import json
 import math
 import random
 import signal
+import statistics
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -41,7 +42,7 @@ from poetgen import __version__
 from poetgen.checkpoint.torch_io import BEST, LAST, Checkpoint, restore_rng, save_checkpoint
 from poetgen.training.config import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, MODEL_FIELDS, TrainConfig
 from poetgen.data.dataset import Dataset
-from poetgen.model.devices import autocast_dtype, resolve_device
+from poetgen.model.devices import autocast, autocast_dtype, bf16_candidate, resolve_device
 from poetgen.training.distributed import Local, context, mark_reported, rank_seed, restore_rank_rng, rng_tensors
 from poetgen.errors import PoetgenError, TrainingError
 from poetgen.model.rnn import CharRNN, ModelConfig
@@ -159,13 +160,16 @@ def _head_width(model: ModelConfig, tokens: np.ndarray | None) -> float:
 REFERENCE_CHARS_PER_SEC = 11_000.0
 
 
-def machine_speed(device: str = "auto", threads: int | None = None, seconds: float = 0.6, max_steps: int = 12) -> float:
+def machine_speed(device: str = "auto", threads: int | None = None, seconds: float = 0.6, max_steps: int = 12,
+                  precision: str = "fp32") -> float:
     """This machine's training speed as a multiple of the one preset `auto`'s thresholds were measured on: the
     `short` model's full training step (forward, backward, clipping, AdamW) on random tokens, 2 warm-up steps, then
     timed for ``seconds`` (at most ``max_steps``); chars/s over REFERENCE_CHARS_PER_SEC. 1-2.5 s on a 2-core CPU,
     model building and oneDNN's first calls included; readings of one machine spread about +-10%. Its threads are
-    set as training will set them; the previous count is restored."""
+    set as training will set them; the previous count is restored. ``precision``: fp32 (what the thresholds were
+    measured in) or bf16 (autocast, as training runs it)."""
     dev = torch.device(resolve_device(device))
+    amp = autocast_dtype(dev, precision)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -176,7 +180,8 @@ def machine_speed(device: str = "auto", threads: int | None = None, seconds: flo
         batch = torch.randint(0, 65, (32, 65), generator=gen).to(dev)
 
         def step() -> None:
-            loss, _ = model(batch[:, :-1], None, batch[:, 1:])
+            with autocast(dev, amp):
+                loss, _ = model(batch[:, :-1], None, batch[:, 1:])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0).item()  # .item(): waits for the device
@@ -192,6 +197,59 @@ def machine_speed(device: str = "auto", threads: int | None = None, seconds: flo
     finally:
         torch.set_num_threads(before)
     return rate / REFERENCE_CHARS_PER_SEC
+
+
+@dataclass
+class PrecisionProbe:
+    """What ``precision_probe`` measured: training characters per second in fp32 and in bf16 (each the median of
+    ``trials`` alternating trials) at the run's own model and batch."""
+
+    fp32: float
+    bf16: float
+    trials: int
+
+    @property
+    def gain(self) -> float:
+        return self.bf16 / self.fp32
+
+
+def precision_probe(config: TrainConfig, dataset: Dataset, model_options: dict | None = None,
+                    seconds: float = 3.0) -> PrecisionProbe:
+    """Full training steps (forward, backward, clipping, AdamW) of the model and batch ``config`` describes, on the
+    dataset's first batch, in fp32 and in bf16 autocast, alternating (one warm-up step each, then up to three trials
+    each, fewer when a step is slow, about ``seconds`` in all); the medians. Touches no random state of the run
+    (torch's generator is forked) and restores the thread count."""
+    task_class(dataset).sizes(config, dataset, 1)  # a configuration with no batch at all: the plan's own error
+    dev = torch.device(resolve_device(config.device))
+    amps = {"fp32": None, "bf16": torch.bfloat16}
+    before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            task = task_class(dataset)(config, dataset, None, Local())
+            model = build_model(task.model_config(config, len(dataset.vocab), model_options)).to(dev).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+
+            def step(amp) -> tuple[int, float]:
+                t0 = time.perf_counter()
+                loss, tokens = task.loss(model, 0, dev, amp)  # step 0: the first batch, nothing carried
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or 1e9).item()
+                opt.step()
+                return tokens, time.perf_counter() - t0
+
+            warm = [step(amps[name])[1] for name in amps]  # oneDNN builds its primitives on a first call
+            trials = max(1, min(3, int(seconds / (2 * max(warm)))))
+            rates: dict[str, list[float]] = {name: [] for name in amps}
+            for _ in range(trials):
+                for name, amp in amps.items():
+                    tokens, took = step(amp)
+                    rates[name].append(tokens / took)
+    finally:
+        torch.set_num_threads(before)
+    return PrecisionProbe(statistics.median(rates["fp32"]), statistics.median(rates["bf16"]), trials)
 
 
 def make_plan(

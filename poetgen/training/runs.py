@@ -17,7 +17,7 @@ import re
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -141,6 +141,7 @@ class RunSetup:
     run_dir: Path
     resume: Checkpoint | None = None
     init_from: Checkpoint | None = None
+    notes: list[str] = field(default_factory=list)  # what the set-up measured and chose, for the user (stderr)
 
 
 def locate_run(run: str | Path, runs_dir: Path) -> tuple[Path, Path]:
