@@ -106,9 +106,33 @@ def test_resume_of_a_pair_run_is_exact(toy, tmp_path):
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("attention", ["dot", "additive"])
 def test_checkpoint_shapes_are_the_models(cell, attention):
-    config = Seq2SeqConfig(13, cell=cell, layers=2, hidden=8, embed=5, attention=attention)
-    real = {k: tuple(v.shape) for k, v in Seq2Seq(config).state_dict().items()}
-    assert seq2seq_shapes(config) == real
+    for head in ({"head": "full"}, {"head": "adaptive", "cutoffs": (4, 9)}):
+        config = Seq2SeqConfig(13, cell=cell, layers=2, hidden=8, embed=5, attention=attention, **head)
+        real = {k: tuple(v.shape) for k, v in Seq2Seq(config).state_dict().items()}
+        assert seq2seq_shapes(config) == real
+
+
+def test_adaptive_head_scores_and_loss_agree():
+    """The adaptive head's scores are log-probabilities (each row sums to 1), forward's loss is their cross-entropy,
+    and a decoding step gives the same numbers as the teacher-forced pass; head auto picks it for a large vocabulary
+    as CharRNN's does."""
+    from poetgen.model.config import AUTO_HEAD_MIN_VOCAB
+
+    torch.manual_seed(0)
+    model = Seq2Seq(Seq2SeqConfig(40, hidden=16, embed=8, layers=1, head="adaptive", cutoffs=(10, 25))).eval()
+    src, tgt = torch.randint(2, 40, (3, 5)), torch.randint(2, 40, (3, 5))
+    from poetgen.data.pairs import teacher_inputs
+
+    with torch.no_grad():
+        scores, _ = model(src, teacher_inputs(tgt))
+        loss, _ = model(src, teacher_inputs(tgt), tgt)
+        values, keys, state = model.encode(src)
+        first, _, _ = model.step(torch.zeros(3, dtype=torch.long), state, values, keys)
+    assert torch.allclose(scores.exp().sum(-1), torch.ones(3, 5), atol=1e-5)
+    assert torch.allclose(loss, -scores.gather(2, tgt[..., None]).mean(), atol=1e-6)
+    assert torch.allclose(first, scores[:, 0], atol=1e-5)
+    assert Seq2SeqConfig(AUTO_HEAD_MIN_VOCAB, head="auto").head == "adaptive"
+    assert Seq2SeqConfig(AUTO_HEAD_MIN_VOCAB - 1, head="auto").head == "full"
 
 
 def _crafted(tmp_path, model_config: dict):
@@ -134,7 +158,8 @@ def _crafted(tmp_path, model_config: dict):
     ({"attention": "additive"}, "weights do not match"),
     ({"kind": "transformer"}, "unknown model kind"),
     ({"cell": "rnn"}, "gru or lstm"),
-    ({"head": "adaptive"}, "full softmax"),
+    ({"head": "adaptive", "cutoffs": [3]}, "weights do not match"),
+    ({"tie_weights": True}, "tie-weights"),
 ])
 def test_crafted_checkpoint_refused(tmp_path, claim, message):
     good, bad = _crafted(tmp_path, claim)

@@ -389,16 +389,21 @@ def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         shapes[f"rnn.weight_ih_l{i}"] = (G * H, E if i == 0 else H)
         shapes[f"rnn.weight_hh_l{i}"] = (G * H, H)
         shapes[f"rnn.bias_ih_l{i}"] = shapes[f"rnn.bias_hh_l{i}"] = (G * H,)
-    if getattr(config, "head", "full") == "adaptive":  # see poetgen.model.rnn.AdaptiveHead
-        bounds = (*config.cutoffs, V)
-        shapes["head.root.weight"] = (config.cutoffs[0] + len(config.cutoffs), H)
-        shapes["head.root.bias"] = (config.cutoffs[0] + len(config.cutoffs),)
-        for i in range(len(config.cutoffs)):
-            d, n = max(1, int(H // config.div_value ** (i + 1))), bounds[i + 1] - bounds[i]
-            shapes[f"head.tails.{i}.proj.weight"] = (d, H)
-            shapes[f"head.tails.{i}.out.weight"], shapes[f"head.tails.{i}.out.bias"] = (n, d), (n,)
-    else:
-        shapes["head.weight"], shapes["head.bias"] = (V, H), (V,)
+    return shapes | head_shapes(config, "head")
+
+
+def head_shapes(config: Any, name: str) -> dict[str, tuple[int, ...]]:
+    """The output layer's shapes under ``name``: a full (V, H) layer, or poetgen.model.rnn.AdaptiveHead."""
+    V, H = config.vocab_size, config.hidden
+    if getattr(config, "head", "full") != "adaptive":
+        return {f"{name}.weight": (V, H), f"{name}.bias": (V,)}
+    bounds = (*config.cutoffs, V)
+    shortlist = config.cutoffs[0] + len(config.cutoffs)
+    shapes = {f"{name}.root.weight": (shortlist, H), f"{name}.root.bias": (shortlist,)}
+    for i in range(len(config.cutoffs)):
+        d, n = max(1, int(H // config.div_value ** (i + 1))), bounds[i + 1] - bounds[i]
+        shapes[f"{name}.tails.{i}.proj.weight"] = (d, H)
+        shapes[f"{name}.tails.{i}.out.weight"], shapes[f"{name}.tails.{i}.out.bias"] = (n, d), (n,)
     return shapes
 
 
@@ -420,8 +425,7 @@ def seq2seq_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     if config.attention == "additive":
         shapes["decoder.attention.query.weight"], shapes["decoder.attention.v.weight"] = (H, H), (1, H)
     shapes["decoder.combine.weight"], shapes["decoder.combine.bias"] = (H, 3 * H), (H,)
-    shapes["decoder.out.weight"], shapes["decoder.out.bias"] = (V, H), (V,)
-    return shapes
+    return shapes | head_shapes(config, "decoder.out")
 
 
 def check_weights(path: Path, config: Any, found: dict[str, tuple[int, ...]]) -> None:

@@ -48,6 +48,33 @@ def check_type(name: str, value: object, type_name: object) -> None:
         raise ConfigError(f"{name} must be {type_name}, got {type(value).__name__} {value!r}")
 
 
+def resolve_head(c: Any) -> None:
+    """Resolve a model config's head = auto and empty cutoffs to concrete values (what a checkpoint records), then
+    check them; ``c`` is a ModelConfig or a Seq2SeqConfig (vocab_size, head, cutoffs, div_value, tie_weights)."""
+    if c.head not in HEAD_CHOICES:
+        raise ConfigError(f"head must be full, adaptive or auto, got {c.head!r}")
+    if c.head == "auto":
+        c.head = "adaptive" if c.cutoffs or c.vocab_size >= AUTO_HEAD_MIN_VOCAB else "full"
+    if c.head == "full":
+        if c.cutoffs:
+            raise ConfigError("cutoffs apply to the adaptive head only: add --head adaptive, or drop --cutoffs")
+        return
+    if not (1.0 <= c.div_value and math.isfinite(c.div_value)):
+        raise ConfigError(f"div_value must be a number of at least 1, got {c.div_value}")
+    if c.tie_weights:
+        raise ConfigError("tie_weights needs the full head: the adaptive head has no (V, H) output matrix to share")
+    if c.vocab_size < 3:
+        raise ConfigError(f"the adaptive head needs at least 3 symbols, got {c.vocab_size}")
+    if not c.cutoffs:
+        c.cutoffs = auto_cutoffs(c.vocab_size)
+    cut, V = c.cutoffs, c.vocab_size
+    if any(b <= a for a, b in zip(cut, cut[1:])) or cut[0] < 1 or cut[-1] >= V:
+        raise ConfigError(
+            f"cutoffs must rise strictly from 1 to at most vocab_size - 1 = {V - 1} (the shortlist size, then "
+            f"the start of each further cluster), got {', '.join(map(str, cut))}"
+        )
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int
@@ -82,29 +109,7 @@ class ModelConfig:
         self._check_head()
 
     def _check_head(self) -> None:
-        """Resolve head = auto and empty cutoffs to concrete values (what a checkpoint records), then check."""
-        if self.head not in HEAD_CHOICES:
-            raise ConfigError(f"head must be full, adaptive or auto, got {self.head!r}")
-        if self.head == "auto":
-            self.head = "adaptive" if self.cutoffs or self.vocab_size >= AUTO_HEAD_MIN_VOCAB else "full"
-        if self.head == "full":
-            if self.cutoffs:
-                raise ConfigError("cutoffs apply to the adaptive head only: add --head adaptive, or drop --cutoffs")
-            return
-        if not (1.0 <= self.div_value and math.isfinite(self.div_value)):
-            raise ConfigError(f"div_value must be a number of at least 1, got {self.div_value}")
-        if self.tie_weights:
-            raise ConfigError("tie_weights needs the full head: the adaptive head has no (V, H) output matrix to share")
-        if self.vocab_size < 3:
-            raise ConfigError(f"the adaptive head needs at least 3 symbols, got {self.vocab_size}")
-        if not self.cutoffs:
-            self.cutoffs = auto_cutoffs(self.vocab_size)
-        c, V = self.cutoffs, self.vocab_size
-        if any(b <= a for a, b in zip(c, c[1:])) or c[0] < 1 or c[-1] >= V:
-            raise ConfigError(
-                f"cutoffs must rise strictly from 1 to at most vocab_size - 1 = {V - 1} (the shortlist size, then "
-                f"the start of each further cluster), got {', '.join(map(str, c))}"
-            )
+        resolve_head(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,9 +140,9 @@ DEFAULT_ATTENTION = "dot"
 @dataclass
 class Seq2SeqConfig:
     """The 对句 encoder-decoder: a bidirectional encoder of ``layers`` x ``hidden`` per direction, a decoder of
-    ``layers`` x ``hidden`` with ``attention`` over the encoder's outputs, one embedding for both. tie_weights, head,
-    cutoffs and div_value exist so that the training code reads every model's architecture alike; the
-    encoder-decoder has the full softmax only."""
+    ``layers`` x ``hidden`` with ``attention`` over the encoder's outputs, one embedding for both; its output layer
+    is CharRNN's (head full or adaptive, with cutoffs and div_value; auto as there). tie_weights exists so that the
+    training code reads every model's architecture alike, and is refused."""
 
     vocab_size: int
     kind: str = "seq2seq"
@@ -169,11 +174,10 @@ class Seq2SeqConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
-        if self.head == "auto" and not self.cutoffs:
-            self.head = "full"
-        if self.head != "full" or self.cutoffs or self.tie_weights:
-            raise ConfigError("the encoder-decoder has a full softmax head: no --head adaptive, --cutoffs or "
+        if self.tie_weights:
+            raise ConfigError("the encoder-decoder's output layer reads the attention's mix, not the embedding: no "
                               "--tie-weights")
+        resolve_head(self)  # full, or the adaptive softmax (auto: from AUTO_HEAD_MIN_VOCAB symbols on, as CharRNN)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from poetgen.model.config import Seq2SeqConfig
+from poetgen.model.rnn import AdaptiveHead
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # (L, B, H), or (h, c) for the LSTM
 BOS_ID = 0  # the decoder's first input: <eot>
@@ -89,16 +90,27 @@ class AttnDecoder(nn.Module):
         self.rnn = _rnn(c, bidirectional=False)
         self.attention = Attention(c.hidden, c.attention)
         self.combine = nn.Linear(3 * c.hidden, c.hidden)  # [h; context] -> H
-        self.out = nn.Linear(c.hidden, c.vocab_size)
+        self.out: nn.Module = (AdaptiveHead(c.hidden, c.vocab_size, c.cutoffs, c.div_value) if c.head == "adaptive"
+                               else nn.Linear(c.hidden, c.vocab_size))
 
     def forward(self, tgt_in: torch.Tensor, state: State, values: torch.Tensor, keys: torch.Tensor,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, State, torch.Tensor]:
-        """tgt_in (B, T): <eot> then the answer's characters but the last -> logits (B, T, V), state, weights
-        (B, T, S). One step of decoding is T = 1."""
+                mask: torch.Tensor | None = None, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """tgt_in (B, T): <eot> then the answer's characters but the last -> scores (B, T, V) (logits, or the
+        adaptive head's log-probabilities), state, weights (B, T, S); with targets (B, T) the mean cross-entropy
+        instead of the scores (the adaptive head then never builds them). One step of decoding is T = 1."""
         h, state = self.rnn(self.drop(self.embedding(tgt_in)), state)  # (B, T, H)
         context, weights = self.attention(h, keys, values, mask)  # (B, T, 2H), (B, T, S)
-        mixed = torch.tanh(self.combine(torch.cat([h, context], dim=-1)))  # (B, T, H)
-        return self.out(self.drop(mixed)), state, weights
+        mixed = self.drop(torch.tanh(self.combine(torch.cat([h, context], dim=-1))))  # (B, T, H)
+        if isinstance(self.out, AdaptiveHead):
+            flat = mixed.reshape(-1, mixed.size(-1))
+            if targets is not None:
+                return self.out.loss(flat, targets.reshape(-1)), state, weights
+            return self.out.log_probs(flat).view(*mixed.shape[:-1], -1), state, weights
+        logits = self.out(mixed)
+        if targets is not None:
+            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)), state, weights
+        return logits, state, weights
 
 
 class Seq2Seq(nn.Module):
@@ -112,13 +124,12 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """src (B, S), tgt_in (B, T) -> logits (B, T, V) and attention weights (B, T, S); with targets (B, T): the
-        mean cross-entropy (a scalar) instead of the logits (the training step goes through forward, for DDP)."""
+        """src (B, S), tgt_in (B, T) -> scores (B, T, V) (logits, or the adaptive head's log-probabilities) and
+        attention weights (B, T, S); with targets (B, T): the mean cross-entropy (a scalar) instead of the scores
+        (the training step goes through forward, for DDP)."""
         values, state = self.encoder(src)
-        logits, _, weights = self.decoder(tgt_in, state, values, self.decoder.attention.key(values))
-        if targets is not None:
-            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)), weights
-        return logits, weights
+        out, _, weights = self.decoder(tgt_in, state, values, self.decoder.attention.key(values), targets=targets)
+        return out, weights
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, State]:
         """src (B, S) -> values (B, S, 2H), keys (B, S, H), the decoder's initial state: what every step reuses."""
@@ -128,8 +139,8 @@ class Seq2Seq(nn.Module):
     def step(self, tokens: torch.Tensor, state: State, values: torch.Tensor, keys: torch.Tensor
              ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One decoding step: tokens (B,) -> log-probabilities (B, V), the new state, attention weights (B, S)."""
-        logits, state, weights = self.decoder(tokens[:, None], state, values, keys)
-        return F.log_softmax(logits[:, 0].float(), dim=-1), state, weights[:, 0]
+        scores, state, weights = self.decoder(tokens[:, None], state, values, keys)
+        return F.log_softmax(scores[:, 0].float(), dim=-1), state, weights[:, 0]  # (a no-op on log-probabilities)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
