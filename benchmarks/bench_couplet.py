@@ -2,12 +2,15 @@
 same 全唐诗 poems.
 
     python benchmarks/bench_couplet.py --budget 30m [--data ../shared/data/tang] [--limit-files N]
-                                       [--attention dot,additive] [--work DIR] [--threads 2]
+                                       [--attention dot,additive] [--work DIR] [--threads 2] [--side-by-side]
 
 1. Prepares the pairs (prepare --pairs --script simplified) and, from the same files with the same options, the
    text dataset: the split is by poem and seeded by each poem's text, so both hold out the same poems.
 2. Trains the encoder-decoder (one per --attention kind) on the pairs, and the anchor on the text, each for
-   --budget of wall time; the anchor is what `poetgen train --max-time BUDGET` trains (preset auto).
+   --budget of wall time; the anchor is what `poetgen train --max-time BUDGET` trains (preset auto). One after the
+   other with --threads; with --side-by-side all at once, each in a process pinned to a core of its own with one
+   thread (on a 2-core machine: the anchor and one encoder-decoder), so that other work on the machine slows both
+   alike.
 3. On every pair of the validation split: the cross-entropy of the answering line given its first line (nats per
    answer character; the anchor reads <eot>, the first line and its ，then scores the answer), and character BLEU-4
    with beam 4 for both (the same masks for both: the first line's length and punctuation, Han characters, no
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +45,9 @@ from poetgen.data.prepare import PrepareOptions, prepare  # noqa: E402
 from poetgen.evaluation.couplets import bleu4, evaluate_couplets  # noqa: E402
 from poetgen.generation.couplet import Masks  # noqa: E402
 from poetgen.model.rnn import select_hidden  # noqa: E402
-from poetgen.training.config import TrainConfig, parse_duration, resolve_config  # noqa: E402
-from poetgen.training.loop import machine_speed, train  # noqa: E402
+from poetgen.training.config import parse_duration  # noqa: E402
+from poetgen.training.loop import train  # noqa: E402
+from poetgen.training.session import TrainRequest  # noqa: E402
 
 
 def source_files(data: Path, limit: int | None) -> list[str]:
@@ -51,10 +57,13 @@ def source_files(data: Path, limit: int | None) -> list[str]:
     return [str(f) for f in files[:limit]]
 
 
-def seq2seq_config(args, budget: float) -> TrainConfig:
-    return TrainConfig(cell="gru", layers=2, hidden=args.hidden, embed=128, dropout=0.1, batch_size=64, lr=3e-3,
-                       warmup_steps=100, max_time=budget, eval_every=args.eval_every, patience=0, sample_every=0,
-                       device="cpu", threads=args.threads, seed=1)
+def seq2seq_flags(args, budget: float) -> dict:
+    """The encoder-decoder's recipe as `poetgen train PAIRS` flags (the adaptive head is automatic for the 全唐诗's
+    vocabulary; batches of 256 pairs: a pair has only 5-7 answer characters, and smaller batches leave the matrix
+    products too small to be efficient)."""
+    return {"cell": "gru", "layers": 2, "hidden": args.hidden, "embed": 128, "dropout": 0.1, "batch_size": 256,
+            "lr": 3e-3, "warmup_steps": 100, "max_time": budget, "eval_every": args.eval_every, "patience": 0,
+            "sample_every": 0, "device": "cpu", "threads": args.threads, "seed": 1}
 
 
 @torch.no_grad()
@@ -113,14 +122,72 @@ def main() -> None:
     ap.add_argument("--val-limit", type=int, default=None, help="Score only the first N validation pairs.")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     ap.add_argument("--work", type=Path, default=None, help="Keep the datasets and runs here (default: temporary).")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="Train the models at once, each pinned to a core of its own with one thread (else one after "
+                         "the other with --threads).")
+    ap.add_argument("--train-one", default=None, help=argparse.SUPPRESS)  # a child of --side-by-side
+    ap.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     budget = parse_duration(args.budget)
+    if args.train_one:
+        os.sched_setaffinity(0, {args.core})
+        torch.set_num_threads(1)
+        train_one(args, budget, args.work, args.train_one)
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-couplet-"))
     try:
         run(args, budget, work)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def train_one(args, budget: float, work: Path, name: str) -> None:
+    """Train the model ``name`` (anchor, or an attention kind) into work/runs/<name>, set up as `poetgen train` sets
+    a run up (poetgen.training.session: preset auto's speed probe, precision auto's bf16 probe). The anchor is
+    `poetgen train TEXT --max-time BUDGET`; the encoder-decoder `poetgen train PAIRS <seq2seq_flags> --attention
+    NAME`."""
+    if name == "anchor":
+        flags = {"max_time": budget, "device": "cpu", "threads": args.threads, "sample_every": 0}
+        request = TrainRequest(str(work / "text"), overrides=flags)
+    else:
+        request = TrainRequest(str(work / "pairs"), overrides=seq2seq_flags(args, budget), attention=name)
+    setup, _ = request.setup(probe=True)
+    for note in setup.notes:
+        print(f"{name}: {note}", file=sys.stderr)
+    train(setup.config, setup.dataset, work / "runs" / (name if name == "anchor" else f"seq2seq-{name}"),
+          model_options=None if name == "anchor" else {"attention": name})
+
+
+def train_side_by_side(args, work: Path, names: list[str]) -> None:
+    """One process per model, each pinned to a core of its own with one thread, all at once: the same wall time
+    on the same machine, and whatever else runs beside them slows them alike (one after the other, a burst of other
+    work would fall on one of them)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(names) > len(cores):
+        sys.exit(f"--side-by-side trains {len(names)} models at once and needs as many cores; this process has "
+                 f"{len(cores)}")
+    procs = []
+    for name, core in zip(names, cores):
+        cmd = [sys.executable, __file__, "--train-one", name, "--core", str(core), "--budget", args.budget,
+               "--hidden", str(args.hidden), "--eval-every", str(args.eval_every), "--threads", "1",
+               "--work", str(work)]
+        procs.append((name, subprocess.Popen(cmd)))
+    failed = [name for name, p in procs if p.wait() != 0]
+    if failed:
+        sys.exit(f"training failed: {', '.join(failed)}")
+
+
+def trained(work: Path, name: str):
+    from poetgen.checkpoint.torch_io import load_model
+
+    run = work / "runs" / name
+    model, ckpt = load_model(run / "best.ckpt" if (run / "best.ckpt").exists() else run / "last.ckpt")
+    return model, ckpt, int(ckpt.train_state.get("step", 0))
+
+
+def precision(ckpt) -> str:
+    return "bf16" if ckpt.train_config.get("precision") == "bf16" else "fp32"
 
 
 def run(args, budget: float, work: Path) -> None:
@@ -134,42 +201,46 @@ def run(args, budget: float, work: Path) -> None:
           f"train pairs, {len(pairs_ds.pairs['val']):,} val pairs; text {len(text_ds.train):,} / {len(text_ds.val):,} "
           "characters", file=sys.stderr)
 
+    attentions = args.attention.split(",")
+    if args.side_by_side:
+        train_side_by_side(args, work, ["anchor", *attentions])
+    else:
+        for name in ["anchor", *attentions]:
+            train_one(args, budget, work, name)
+
     rows = np.arange(len(pairs_ds.pairs["val"]))[: args.val_limit]
     lines = pairs_ds.pair_lines("val", rows)
     pairs = [(pairs_ds.vocab.decode(f.tolist()), pairs_ds.vocab.decode(a.tolist())) for f, a, _ in lines]
     refs = [a for _, a in pairs]
     results = []
 
-    # the anchor: what `poetgen train --max-time BUDGET` trains on the text of the same poems
-    anchor_cfg = resolve_config(None, None, {"max_time": budget, "device": "cpu", "threads": args.threads,
-                                             "sample_every": 0}, train_tokens=len(text_ds.train),
-                                speed=lambda settings: machine_speed("cpu", args.threads or None))
-    r = train(anchor_cfg, text_ds, work / "runs" / "anchor")
-    from poetgen.checkpoint.torch_io import load_model
-
-    lm, ckpt = load_model(r.best_checkpoint or r.last_checkpoint)
+    lm, ckpt, steps = trained(work, "anchor")
     unknown = {c for f, a in pairs for c in f + a + "，" if c not in ckpt.vocab}
     if unknown:
         sys.exit(f"the text vocabulary lacks {''.join(sorted(unknown))}: the datasets differ")
     nats, answers = anchor_scores(lm, ckpt.vocab, pairs)
-    results.append({"model": f"left-to-right LM ({anchor_cfg.cell} {anchor_cfg.layers}x{anchor_cfg.hidden}, "
-                             f"{r.step:,} steps)", "nats": nats, "bleu": bleu4(answers, refs),
-                    "exact": sum(a == b for a, b in zip(answers, refs)) / len(refs), "middle": None})
+    mc = ckpt.model_config
+    results.append({"model": f"left-to-right LM ({mc.cell} {mc.layers}x{mc.hidden}, {mc.head} head, {precision(ckpt)}, "
+                             f"{steps:,} steps)", "nats": nats,
+                    "bleu": bleu4(answers, refs), "exact": sum(a == b for a, b in zip(answers, refs)) / len(refs),
+                    "middle": None})
 
-    for attention in args.attention.split(","):
-        cfg = seq2seq_config(args, budget)
-        r = train(cfg, pairs_ds, work / "runs" / f"seq2seq-{attention}", model_options={"attention": attention})
-        model, ckpt = load_model(r.best_checkpoint or r.last_checkpoint)
+    for attention in attentions:
+        model, ckpt, steps = trained(work, f"seq2seq-{attention}")
         full = evaluate_couplets(model, ckpt, [str(work / "pairs")], beam=4, limit=args.val_limit)
         has_middle = bool(np.any(pairs_ds.pairs["val"][:, 2] & MIDDLE))
         middle = [evaluate_couplets(model, ckpt, [str(work / "pairs")], beam=4, tones=tones, middle_only=True)
                   for tones in (False, True)] if has_middle else None
-        results.append({"model": f"encoder-decoder, {attention} attention (gru 2x{args.hidden}, {r.step:,} steps)",
+        mc = ckpt.model_config
+        results.append({"model": f"encoder-decoder, {attention} attention ({mc.cell} {mc.layers}x{mc.hidden}, "
+                                 f"{mc.head} head, {precision(ckpt)}, {steps:,} steps)",
                         "nats": full.nats_per_char, "bleu": full.bleu4, "exact": full.exact_match, "middle": middle})
 
     anchor = results[0]["nats"]
-    print(f"\n### 对句: encoder-decoder vs left-to-right LM, {args.budget} each ({len(files)} file(s) of 全唐诗, "
-          f"{len(pairs):,} val pairs)\n")
+    how = "side by side, one core and one thread each" if args.side_by_side else f"one after the other, " \
+        f"{args.threads or torch.get_num_threads()} threads"
+    print(f"\n### 对句: encoder-decoder vs left-to-right LM, {args.budget} each, {how} ({len(files)} file(s) of "
+          f"全唐诗, {len(pairs):,} val pairs)\n")
     print("| model | nats/char of the answer given the first line | vs LM | BLEU-4 (char, beam 4) | exact match | "
           "律诗 middle: end tones opposed, --tones | same length (plain / --tones) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
