@@ -239,6 +239,36 @@ def test_never_a_dead_end(chars, form, tones, rhyme, book, pattern, seed):
             assert check_rhyme(lines, book, first=False).rhymes, text
 
 
+def test_joined_batch_constraints_step_as_their_parts_would():
+    """BatchConstraint.joined (the server's many requests of one form, stepped at once) gives each part the masks
+    and states it would have had alone, rows finishing on the way included; parts of two forms are refused."""
+    vocab = common_vocab()
+    c = FormConstraint(vocab, "五律", rhyme=True, tones=True)
+    rng = np.random.default_rng(0)
+    parts = [BatchConstraint(c, [c.start()] * n) for n in (1, 3, 1, 2)]
+    alone = [BatchConstraint(c, [c.start()] * n) for n in (1, 3, 1, 2)]
+    for t in range(c.length + 1):
+        joined = BatchConstraint.joined(parts)
+        allowed = joined.allowed()
+        assert np.array_equal(allowed, np.concatenate([a.allowed() for a in alone]))
+        token = (rng.random(allowed.shape) * allowed).argmax(axis=1)
+        joined.advance(token)
+        joined.split(parts)
+        at = 0
+        for part, a in zip(parts, alone):
+            a.advance(token[at : at + len(a.pos)])
+            at += len(a.pos)
+            assert [x.tolist() for x in (part.pos, part.groups, part.patterns)] == [
+                x.tolist() for x in (a.pos, a.groups, a.patterns)]
+        if t == 10:  # a row of the second part ends, the third part's only row too
+            for part in (parts, alone):
+                part[1].keep(np.array([0, 2]))
+                part[2].keep(np.array([], dtype=np.intp))
+    other = BatchConstraint(FormConstraint(vocab, "五绝"), [FormConstraint(vocab, "五绝").start()])
+    with pytest.raises(ValueError):
+        BatchConstraint.joined([parts[0], other])
+
+
 def test_a_vocabulary_that_cannot_rhyme_or_fill_a_pattern_is_refused_up_front():
     only_oblique = Vocab(["<eot>", "<unk>", *"月白雪国独", "，", "。"])
     with pytest.raises(SampleError, match="no character of the model's vocabulary is level"):

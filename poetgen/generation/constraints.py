@@ -29,7 +29,9 @@ So each step's mask has a character: the one any remaining pattern and group all
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -411,3 +413,25 @@ class BatchConstraint:
 
     def keep(self, index: np.ndarray) -> None:
         self.pos, self.groups, self.patterns = self.pos[index], self.groups[index], self.patterns[index]
+
+    @classmethod
+    def joined(cls, parts: Sequence[BatchConstraint]) -> BatchConstraint:
+        """The rows of ``parts`` (BatchConstraints of one FormConstraint) as one, in that order, so that
+        ``allowed()`` and ``advance`` run once for all (a server's many one-row requests: one numpy call each
+        instead of one per request); ``split(parts)`` hands each part its rows back."""
+        first = parts[0]
+        if any(p.rows is not first.rows for p in parts):
+            raise ValueError("BatchConstraints of different FormConstraints cannot be joined")
+        out = copy.copy(first)
+        out.pos = np.concatenate([p.pos for p in parts])
+        out.groups = np.concatenate([p.groups for p in parts])
+        out.patterns = np.concatenate([p.patterns for p in parts])
+        return out
+
+    def split(self, parts: Sequence[BatchConstraint]) -> None:
+        """Each of ``parts`` (what this one was ``joined`` from) takes its rows of this one's state."""
+        at = 0
+        for p in parts:
+            end = at + len(p.pos)
+            p.pos, p.groups, p.patterns = self.pos[at:end], self.groups[at:end], self.patterns[at:end]
+            at = end
