@@ -95,9 +95,9 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; a CPU run repeats step for step."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (cuda, mps, cpu) | cpu | cuda | cuda:N | mps."),
     precision: Optional[str] = typer.Option(
-        None, "--precision", help="auto (bf16 autocast on CUDA, else fp32) | fp32 | bf16 (CUDA, or a CPU with "
-        "native bf16: AVX512-BF16 or AMX; there about 1.4x the steps per second for 2x384 and up, each a little "
-        "less exact: see the README)."
+        None, "--precision", help="auto (the default: bf16 autocast on CUDA; on a CPU with native bf16, AVX512-BF16 "
+        "or AMX, bf16 when a probe of this run's model measures a step at least 1.3x faster, else fp32) | fp32 | "
+        "bf16 (CUDA, or a CPU with native bf16). See the README."
     ),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; 0 = torch's default."),
