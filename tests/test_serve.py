@@ -537,6 +537,88 @@ def test_with_no_model_named_the_shipped_tang_comes_first_else_the_newest_run(mo
         m.batcher.stop()
 
 
+class RowWise:
+    """A model whose scores for a row depend on that row's own symbols only, with no product across rows: decoded
+    beside others, a request's numbers are then exactly its numbers alone, so a batch's bookkeeping (groups of
+    options, forms stepped together, rows leaving) can be held to ``generate``'s output to the bit."""
+
+    def __init__(self, V: int):
+        self.V, self.state = V, np.zeros(0, dtype=np.uint64)
+
+    def _scores(self) -> np.ndarray:
+        return np.stack([np.random.default_rng(int(h)).standard_normal(self.V).astype(np.float32) * 3
+                         for h in self.state]).reshape(len(self.state), self.V)
+
+    def _feed(self, state: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        return (state * np.uint64(1_000_003) + tokens.astype(np.uint64) + np.uint64(1)) % np.uint64(2**61 - 1)
+
+    def prefix(self, prefixes: list[list[int]]) -> np.ndarray:
+        self.state = np.zeros(len(prefixes), dtype=np.uint64)
+        for u, ids in enumerate(prefixes):
+            for i in ids:
+                self.state[u : u + 1] = self._feed(self.state[u : u + 1], np.array([i]))
+        return self._scores()
+
+    def append(self, prefixes: list[list[int]]) -> np.ndarray:
+        held = self.state
+        scores = self.prefix(prefixes)
+        self.state = np.concatenate([held, self.state])
+        return scores
+
+    def select(self, index: np.ndarray) -> None:
+        self.state = self.state[index]
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        self.state = self._feed(self.state, tokens)
+        return self._scores()
+
+    def fork(self) -> RowWise:
+        return RowWise(self.V)
+
+
+def test_requests_decoded_together_are_each_what_generate_writes_alone(model_path):
+    """Sixteen requests of different forms and options (n > 1, an acrostic that rhymes, a prime, greedy, top-k,
+    top-p, a repetition penalty, rows that end early) joined into one batch: each answer is generate's, to the bit,
+    and the stream of one is its poem."""
+    from poetgen.generation.engines import open_model
+    from poetgen.generation.sample import SampleOptions, generate
+    from poetgen.serving.batcher import Batcher
+
+    vocab = open_model(model_path, "cpu").vocab
+    asks = [("", SampleOptions(form="五绝", seed=s)) for s in range(5)] + [
+        ("", SampleOptions(form="七绝", acrostic="明月白日", rhyme=True, seed=3, num_samples=3)),
+        ("白日", SampleOptions(form="五绝", seed=4, num_samples=2)),
+        ("", SampleOptions(form="五律", temperature=1.0, top_k=5, seed=5)),
+        ("", SampleOptions(form="五绝", temperature=0, seed=6)),
+        ("", SampleOptions(length=12, num_samples=3, top_p=0.9, seed=7)),
+        ("床前", SampleOptions(length=10, num_samples=2, repetition_penalty=1.3, seed=8)),
+        ("", SampleOptions(length=30, temperature=1.5, num_samples=4, seed=9)),  # some rows draw <eot> early
+    ] + [("", SampleOptions(form="七律", seed=s, style="明月")) for s in range(10, 14)]
+    batcher = Batcher(RowWise(len(vocab)), vocab)  # started once every request waits: one batch
+    answers: dict[int, tuple] = {}
+    pieces: list[str] = []
+    for i, (prime, o) in enumerate(asks):
+        batcher.submit(prime, o, lambda r, e, i=i: answers.setdefault(i, (r, e)),
+                       pieces.append if i == 5 else None)
+    batcher.start()
+    deadline = time.monotonic() + 60
+    while len(answers) < len(asks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batcher.stop()
+    assert batcher.stats.max_requests == len(asks) and batcher.stats.steps < 70
+    ended_early = 0
+    for i, (prime, o) in enumerate(asks):
+        result, error = answers[i]
+        assert error is None, error
+        want = generate(RowWise(len(vocab)), vocab, [prime], o)
+        assert [(s.text, s.mean_logprob, s.tokens, s.ended) for s in result.samples] == [
+            (s.text, s.mean_logprob, s.tokens, s.ended) for s in want.samples], (prime, o)
+        assert result.seed == o.seed and len(result.samples) == o.num_samples
+        ended_early += sum(s.ended and s.tokens < 30 for s in result.samples) if o.length == 30 else 0
+    assert ended_early > 0  # rows left the batch before their request's end
+    assert "".join(pieces) == answers[5][0].samples[0].text
+
+
 def test_a_failure_in_the_batcher_answers_the_requests_it_held(model_path, monkeypatch):
     """A bug must not leave a client waiting: the request that was joining the batch gets the error."""
     from poetgen.generation.engines import open_model
