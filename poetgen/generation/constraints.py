@@ -422,6 +422,8 @@ class BatchConstraint:
         first = parts[0]
         if any(p.rows is not first.rows for p in parts):
             raise ValueError("BatchConstraints of different FormConstraints cannot be joined")
+        if len(parts) == 1:
+            return first  # (split then has nothing to do)
         out = copy.copy(first)
         out.pos = np.concatenate([p.pos for p in parts])
         out.groups = np.concatenate([p.groups for p in parts])
@@ -430,6 +432,8 @@ class BatchConstraint:
 
     def split(self, parts: Sequence[BatchConstraint]) -> None:
         """Each of ``parts`` (what this one was ``joined`` from) takes its rows of this one's state."""
+        if len(parts) == 1 and parts[0] is self:
+            return
         at = 0
         for p in parts:
             end = at + len(p.pos)
