@@ -13,13 +13,15 @@ size) and 6,000 (about a simplified Tang corpus'), full softmax; at 6,000 also w
   the cost of --tones --rhyme (平水韵) per poem against --form alone for 五绝 and 七律: whole generate calls of 64
   poems, one BLAS thread, trials alternating, median (issue 16: at most 1.3x).
 * anchor: the loop a user writes first, in torch — Embedding -> nn.LSTM -> Linear, softmax of logits / 1.0,
-  torch.multinomial, one forward call per character with the state carried (``plain_loop``).
+  torch.multinomial, one forward call per character with the state carried (``PlainLoop``). The free-text rows
+  with an anchor time the two in turns (poetgen, anchor, poetgen, ...; TRIALS of each after a warm-up of both)
+  and give each side's median, so both see the same minutes of a machine whose speed drifts (issue 20).
 * whole processes: `poetgen sample` calls (start-up, checkpoint load, sampling, output) on a saved 6,000-symbol
   checkpoint, `poetgen --help`, and `python -c "import torch"` for scale; the median of a few runs.
 
 Threads: poetgen as the CLI runs it (numpy's OpenBLAS threads picked by generation.threads.ThreadTuner while sampling,
 OPENBLAS_THREAD_TIMEOUT=4 as the CLI sets it); the anchor at the better of torch's 1 thread and its default count,
-each measured. benchmarks/run.py imports ``measure``.
+each measured once before the trials. benchmarks/run.py runs ``--json``.
 """
 
 from __future__ import annotations
@@ -116,36 +118,60 @@ def prosody_cost(runtime: Runtime, vocab: Vocab, form: str, batch: int, trials: 
     return statistics.median(times["plain"]), statistics.median(times["prosody"])
 
 
-def plain_loop(V: int, batch: int, length: int, repeats: int) -> tuple[float, int]:
-    """The anchor: characters per second of a per-step nn.LSTM sampling loop, best of ``repeats`` at each of
-    torch's thread counts 1 and its default; -> (rate, threads)."""
-    default = torch.get_num_threads()
-    results = []
-    try:
-        for threads in dict.fromkeys((1, default)):
-            torch.set_num_threads(threads)
-            results.append((_plain_loop(V, batch, length, repeats), threads))
-    finally:
-        torch.set_num_threads(default)
-    return max(results)
+TRIALS = {False: 5, True: 3}  # alternating trials of each side, by quick
 
 
-def _plain_loop(V: int, batch: int, length: int, repeats: int) -> float:
-    torch.manual_seed(0)
-    emb, lstm, head = nn.Embedding(V, 128), nn.LSTM(128, 256, 2, batch_first=True), nn.Linear(256, V)
-    gen = torch.Generator().manual_seed(0)
-    best = 0.0
-    with torch.inference_mode():
-        for r in range(repeats + 1):  # the first run warms up
-            x, hidden = torch.zeros(batch, 1, dtype=torch.long), None
-            t = time.perf_counter()
-            for _ in range(length):
-                out, hidden = lstm(emb(x), hidden)
-                probs = torch.softmax(head(out[:, -1]) / 1.0, dim=-1)  # (batch, V)
-                x = torch.multinomial(probs, 1, generator=gen)  # (batch, 1)
-            if r:
-                best = max(best, batch * length / (time.perf_counter() - t))
-    return best
+class PlainLoop:
+    """The anchor: a per-step nn.LSTM sampling loop, its model and generator built once."""
+
+    def __init__(self, V: int):
+        torch.manual_seed(0)
+        self.emb, self.lstm, self.head = nn.Embedding(V, 128), nn.LSTM(128, 256, 2, batch_first=True), nn.Linear(256, V)
+        self.gen = torch.Generator().manual_seed(0)
+        self.threads = torch.get_num_threads()
+
+    def rate(self, batch: int, length: int) -> float:
+        """Characters per second of one run of ``length`` steps at ``batch`` streams, on self.threads threads."""
+        default = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                x, hidden = torch.zeros(batch, 1, dtype=torch.long), None
+                t = time.perf_counter()
+                for _ in range(length):
+                    out, hidden = self.lstm(self.emb(x), hidden)
+                    probs = torch.softmax(self.head(out[:, -1]) / 1.0, dim=-1)  # (batch, V)
+                    x = torch.multinomial(probs, 1, generator=self.gen)  # (batch, 1)
+                return batch * length / (time.perf_counter() - t)
+        finally:
+            torch.set_num_threads(default)
+
+    def pick_threads(self, batch: int, length: int) -> int:
+        """The better of torch's 1 thread and its default count for this shape (a warm-up run, then one run each)."""
+        rates = {}
+        for threads in dict.fromkeys((1, torch.get_num_threads())):
+            self.threads = threads
+            self.rate(batch, min(length, 20))
+            rates[threads] = self.rate(batch, length)
+        self.threads = max(rates, key=rates.get)
+        return self.threads
+
+
+def side_by_side(engine, vocab: Vocab, V: int, batch: int, length: int, trials: int) -> dict:
+    """poetgen's ``generate`` and the plain loop in turns, ``trials`` runs each after a warm-up of both: each side's
+    median characters per second, the BLAS threads poetgen's last call ended on, the anchor's torch threads."""
+    anchor = PlainLoop(V)
+    anchor_threads = anchor.pick_threads(batch, length)
+    generate(engine, vocab, [""], SampleOptions(num_samples=batch, length=5, seed=0))
+    ours, theirs, threads = [], [], 1
+    for trial in range(trials):
+        res = generate(engine, vocab, [""], SampleOptions(num_samples=batch, length=length, temperature=1.0,
+                                                          seed=trial))
+        ours.append(sum(x.tokens for x in res.samples) / res.seconds)
+        threads = res.threads
+        theirs.append(anchor.rate(batch, length))
+    return {"value": statistics.median(ours), "anchor": statistics.median(theirs), "threads": threads,
+            "anchor_threads": anchor_threads, "trials": trials, "values": ours, "anchors": theirs}
 
 
 def wall(cmd: list[str], repeats: int, cwd: Path) -> float:
@@ -173,11 +199,9 @@ def measure(quick: bool = False) -> list[dict]:
         model = make_model(V)
         runtime = Runtime.from_state(model.config, model.state_dict())
         for batch, length in lengths.items():
-            cps, threads = poetgen_rate(NoEnd(runtime), vocab, batch, SampleOptions(length=length, temperature=1.0),
-                                        repeats)
-            anchor, anchor_threads = plain_loop(V, batch, length, repeats)
-            row(f"free text, vocab {V:,}, {batch} stream{'s' * (batch > 1)}", cps, "chars/s", anchor, ANCHOR,
-                vocab=V, streams=batch, threads=threads, anchor_threads=anchor_threads)
+            x = side_by_side(NoEnd(runtime), vocab, V, batch, length, TRIALS[quick])
+            row(f"free text, vocab {V:,}, {batch} stream{'s' * (batch > 1)}", x.pop("value"), "chars/s",
+                x.pop("anchor"), ANCHOR, vocab=V, streams=batch, **x)
         if V >= 1000:
             for batch in lengths:
                 cps, threads = poetgen_rate(runtime, vocab, batch, SampleOptions(form="五绝", rhyme=True), repeats)
@@ -243,7 +267,8 @@ def main() -> None:
         anchor = fmt.format(r["anchor"]) if r["anchor"] else f"{'':>12}"
         ratio = f"{r['value'] / r['anchor']:>6.2f}x" if r["anchor"] else ""
         print(f"{r['name'] + ' (' + r['unit'] + ')':<58} {fmt.format(r['value'])} {anchor} {ratio}")
-    print("anchor: chars/s rows -", ANCHOR + "; seconds rows - python -c 'import torch'")
+    print("anchor: chars/s rows -", ANCHOR + f", median of {TRIALS[args.quick]} alternating trials of each side; "
+          "seconds rows - python -c 'import torch'")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 
     python benchmarks/bench_serve.py -c runs/poems        # any checkpoint; default: the shipped tang, else newest run
 
-Prints a table and exits 1 when a limit is missed.
+Prints a table and exits 1 when a limit is missed; with --json the table goes to stderr and one JSON object with
+the figures to stdout (benchmarks/run.py's `serve` group reads it).
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def main() -> int:
     ap.add_argument("--bad", type=int, default=1000)
     ap.add_argument("--log", default=os.devnull, help="where the server's log goes (default: nowhere)")
     ap.add_argument("--good-every", type=int, default=5, help="one good request per this many bad ones")
+    ap.add_argument("--json", action="store_true", help="the figures as one JSON object on stdout (table: stderr)")
     args = ap.parse_args()
+    out = sys.stderr if args.json else sys.stdout
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -136,7 +139,7 @@ def main() -> int:
             time.sleep(0.2)
         model = json.loads(call(base + "/v1/models")[1])["models"][0]
         print(f"model: {model['name']} ({model['cell']} {model['layers']}x{model['hidden']}, vocabulary "
-              f"{model['vocab_size']}), {args.clients} clients, 五绝")
+              f"{model['vocab_size']}), {args.clients} clients, 五绝", file=out)
         for s in range(4):  # warm up: first rhyme-book and numpy paths
             poem(base, 10_000 + s)
 
@@ -160,16 +163,16 @@ def main() -> int:
         lat_seq = [x for _, _, x in alone]
         lat_conc = [x for _, _, x in together]
         speedup = t_seq / t_conc
-        print(f"{'':12} {'poems/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"{'':12} {'poems/s':>9} {'p50 ms':>8} {'p99 ms':>8}", file=out)
         print(f"{'one by one':12} {len(seeds) / t_seq:9.1f} {1000 * statistics.median(lat_seq):8.1f} "
-              f"{1000 * percentile(lat_seq, 99):8.1f}")
+              f"{1000 * percentile(lat_seq, 99):8.1f}", file=out)
         print(f"{'concurrent':12} {len(seeds) / t_conc:9.1f} {1000 * statistics.median(lat_conc):8.1f} "
-              f"{1000 * percentile(lat_conc, 99):8.1f}")
+              f"{1000 * percentile(lat_conc, 99):8.1f}", file=out)
         print(f"rounds: one by one {' '.join(f'{t:.2f}' for t in seq_times)} s, concurrent "
-              f"{' '.join(f'{t:.2f}' for t in conc_times)} s")
+              f"{' '.join(f'{t:.2f}' for t in conc_times)} s", file=out)
         print(f"throughput {speedup:.1f}x (limit 5x); failed requests: {fails}; poems equal to the one written "
               f"alone: {same}/{len(alone)}; batches: {stats['steps']} steps, mean {stats['mean_batch']:.1f} rows, "
-              f"largest {stats['max_batch']} rows / {stats['max_requests']} requests")
+              f"largest {stats['max_batch']} rows / {stats['max_requests']} requests", file=out)
 
         # 2. malformed and oversized requests among good ones
         rng = random.Random(0)
@@ -211,11 +214,26 @@ def main() -> int:
         n_bad, n_good = sum(k == "bad" for k, _ in results), sum(k == "good" for k, _ in results)
         growth = rss[-1] - rss[0]
         print(f"abuse: {n_bad} bad requests, {bad_ok} answered 4xx; {n_good} good, {good_ok} answered 200; "
-              f"{t_abuse:.1f} s; server RSS {' -> '.join(f'{r:.0f}' for r in rss)} MB (growth {growth:+.1f} MB)")
+              f"{t_abuse:.1f} s; server RSS {' -> '.join(f'{r:.0f}' for r in rss)} MB (growth {growth:+.1f} MB)",
+              file=out)
         for line in wrong[:10]:
-            print("  wrong:", line)
+            print("  wrong:", line, file=out)
         ok = speedup >= 5 and fails == 0 and bad_ok == n_bad and good_ok == n_good and growth < 50
-        print("PASS" if ok else "FAIL")
+        print("PASS" if ok else "FAIL", file=out)
+        if args.json:
+            print(json.dumps({
+                "model": model, "clients": args.clients, "rounds": args.rounds, "form": "五绝",
+                "sequential_seconds": seq_times, "concurrent_seconds": conc_times,
+                "sequential_poems_per_sec": len(seeds) / t_seq, "concurrent_poems_per_sec": len(seeds) / t_conc,
+                "speedup": speedup, "limit": 5.0,
+                "p50_ms": {"sequential": 1000 * statistics.median(lat_seq),
+                           "concurrent": 1000 * statistics.median(lat_conc)},
+                "p99_ms": {"sequential": 1000 * percentile(lat_seq, 99),
+                           "concurrent": 1000 * percentile(lat_conc, 99)},
+                "failed": fails, "equal_to_alone": same, "requests": len(alone), "batches": stats,
+                "bad": n_bad, "bad_answered_4xx": bad_ok, "good": n_good, "good_answered_200": good_ok,
+                "rss_mb": rss, "rss_growth_mb": growth, "wrong": wrong[:10], "ok": ok,
+            }, ensure_ascii=False))
         return 0 if ok else 1
     finally:
         proc.send_signal(signal.SIGINT)

@@ -3,9 +3,12 @@
     python benchmarks/flops.py peak [--quick] [--threads N] [--json]
     python benchmarks/flops.py bf16 [--quick] [--threads N] [--json] [--dataset DIR]
 
-`peak`: the best fp32 rate of a large matrix product through oneDNN (torch._C._nn.mkldnn_linear on tensors in
-oneDNN's layout: the library PyTorch's CPU LSTM runs on), through torch.matmul, and of a bf16 F.linear; best over
-a few shapes, each timed several times (the best time counts: other processes only ever slow a run down).
+`peak`: the best rate of a large matrix product through oneDNN (torch._C._nn.mkldnn_linear on tensors in oneDNN's
+layout: the library PyTorch's CPU LSTM runs on) in fp32 and in bf16, through torch.matmul (fp32), and of a bf16
+F.linear; best over a few shapes, each timed several times (the best time counts: other processes only ever slow a
+run down). bf16 is emulated on a CPU without bf16 instructions (some 20 GFLOP/s): a shape whose one product would
+take more than BF16_MAX_CALL seconds at the rate measured so far is left out. `bf16_native`: what
+poetgen.model.devices.cpu_bf16_native says of this CPU (AVX512-BF16 or AMX-BF16).
 
 `bf16`: poetgen's training step (poetgen.model.rnn.CharRNN, the AdamW with the parameter groups, betas and gradient
 clipping the train loop uses, cross-entropy on fp32 logits, hidden state carried and detached) at LSTM 512 x 2,
@@ -67,7 +70,45 @@ def peak(quick: bool) -> dict:
     a, w = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16()
     bf16 = 2.0 * M * K * N / best_time(lambda: F.linear(a, w), max(2, repeats - 2)) / 1e9
     return {"onednn_gflops": onednn, "matmul_gflops": matmul, "bf16_linear_gflops": bf16,
-            "bf16_linear_shape": [M, K, N], "shapes": per_shape, "threads": torch.get_num_threads()}
+            "bf16_linear_shape": [M, K, N], **bf16_peak(shapes, repeats, per_shape), "shapes": per_shape,
+            "threads": torch.get_num_threads(), "bf16_native": bf16_native()}
+
+
+BF16_MAX_CALL = 1.5  # seconds: larger products are left out of the bf16 peak (emulated bf16 is slow)
+
+
+def bf16_peak(shapes: list[tuple[int, int, int]], repeats: int, per_shape: list[dict]) -> dict:
+    """The best bf16 GFLOP/s through oneDNN (mkldnn_linear on bf16 tensors in oneDNN's layout); F.linear on bf16
+    tensors where that path is refused (its error kept). Shapes smallest first, each timed only when one product
+    is expected to take at most BF16_MAX_CALL seconds."""
+    best, error, how = 0.0, None, "mkldnn_linear"
+    for M, K, N in sorted(shapes, key=lambda s: s[0] * s[1] * s[2]):
+        flop = 2.0 * M * K * N
+        if best and flop / (best * 1e9) > BF16_MAX_CALL:
+            continue
+        a, w = torch.randn(M, K), torch.randn(N, K)
+        try:
+            am, wm = a.to_mkldnn(torch.bfloat16), w.to_mkldnn(torch.bfloat16)
+            f = lambda: torch._C._nn.mkldnn_linear(am, wm, None)  # noqa: E731
+            t = best_time(f, 1, warmup=1)
+        except RuntimeError as e:  # a CPU oneDNN refuses bf16 on: the bf16 F.linear PyTorch falls back to
+            error, how = str(e).splitlines()[0][:200], "F.linear"
+            ab, wb = a.bfloat16(), w.bfloat16()
+            f = lambda: F.linear(ab, wb)  # noqa: E731
+            t = best_time(f, 1, warmup=1)
+        rate = flop / min(t, best_time(f, max(1, repeats - 2) if t < BF16_MAX_CALL / 3 else 1, warmup=0)) / 1e9
+        best = max(best, rate)
+        next((x for x in per_shape if x["shape"] == [M, K, N]), {})["onednn_bf16_gflops"] = rate
+    return {"onednn_bf16_gflops": best, "onednn_bf16_how": how, "onednn_bf16_error": error}
+
+
+def bf16_native() -> bool | None:
+    """poetgen's own test of native bf16 (None when poetgen cannot be imported here)."""
+    try:
+        from poetgen.model.devices import cpu_bf16_native
+    except ImportError:
+        return None
+    return bool(cpu_bf16_native())
 
 
 # --- poetgen's step -----------------------------------------------------------------------------------------------

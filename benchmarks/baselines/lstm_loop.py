@@ -8,7 +8,8 @@ random ids (speed does not depend on the values). After --warmup steps, --steps 
 median step gives characters per second and model FLOPs per second (common.lstm_train_flops_per_char).
 
 Then the same step under torch.autocast("cpu", dtype=torch.bfloat16): its speed, or the error it raises (oneDNN
-has no bf16 LSTM primitive on CPUs without bf16 support).
+has no bf16 LSTM primitive on CPUs without bf16 support). --precision fp32 or bf16 measures one of the two only
+(benchmarks/run.py alternates one precision per process with poetgen's loop); the other's figures are then None.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both")
     args = ap.parse_args()
     torch = setup_torch(args.threads, args.seed)
     from torch import nn
@@ -65,21 +67,27 @@ def main() -> None:
         return [step(args.warmup + i, bf16) for i in range(args.steps)]
 
     flops_per_char = lstm_train_flops_per_char(V, args.embed, args.hidden, args.layers)
-    times = measure(False)
-    fp32 = statistics.median(times)
     result = {
         "model": f"Embedding {V}x{args.embed} -> nn.LSTM {args.layers}x{args.hidden} -> Linear {args.hidden}x{V}",
-        "batch": B, "seq": T, "step_seconds": fp32, "step_times": times, "chars_per_sec": B * T / fp32,
-        "flops_per_char": flops_per_char, "gflops": flops_per_char * B * T / fp32 / 1e9,
-        "threads": torch.get_num_threads(),
+        "batch": B, "seq": T, "flops_per_char": flops_per_char, "threads": torch.get_num_threads(),
+        "step_seconds": None, "step_times": None, "chars_per_sec": None, "gflops": None,
     }
-    try:
-        bf16 = statistics.median(measure(True))
-        result.update(bf16_step_seconds=bf16, bf16_chars_per_sec=B * T / bf16, bf16_speedup=fp32 / bf16,
-                      bf16_error=None)
-    except RuntimeError as e:
-        result.update(bf16_step_seconds=None, bf16_chars_per_sec=None, bf16_speedup=None,
-                      bf16_error=str(e).splitlines()[0][:200])
+    fp32 = None
+    if args.precision in ("both", "fp32"):
+        times = measure(False)
+        fp32 = statistics.median(times)
+        result.update(step_seconds=fp32, step_times=times, chars_per_sec=B * T / fp32,
+                      gflops=flops_per_char * B * T / fp32 / 1e9)
+    if args.precision in ("both", "bf16"):
+        try:
+            times = measure(True)
+            bf16 = statistics.median(times)
+            result.update(bf16_step_seconds=bf16, bf16_step_times=times, bf16_chars_per_sec=B * T / bf16,
+                          bf16_gflops=flops_per_char * B * T / bf16 / 1e9,
+                          bf16_speedup=fp32 / bf16 if fp32 else None, bf16_error=None)
+        except RuntimeError as e:
+            result.update(bf16_step_seconds=None, bf16_step_times=None, bf16_chars_per_sec=None, bf16_gflops=None,
+                          bf16_speedup=None, bf16_error=str(e).splitlines()[0][:200])
     report(result, args.json)
 
 
