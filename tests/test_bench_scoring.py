@@ -1,11 +1,17 @@
-"""The benchmark baselines score exactly what they claim to (benchmarks/baselines, benchmarks/run.py).
+"""The benchmark baselines score exactly what they claim to, and benchmarks/run.py states each target against its
+same-run anchor (benchmarks/baselines, benchmarks/run.py).
 
 Timing is not tested here (benchmarks/run.py measures it); these check the accounting that makes the side-by-side
-figures comparable: every validation symbol scored once, with the context promised, padding excluded.
+figures comparable (every validation symbol scored once, with the context promised, padding excluded), the rows
+run.py builds from its measurements, and (slow) one `run.py --quick` end to end on stand-in data.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -172,7 +178,8 @@ poetgen sample --form 五绝            1.75
     monkeypatch.setattr(run, "HERE", tmp_path)
     rows = run.bench_sample_rows(FakeRunner(), [])
     speed = [(x["name"], x["streams"], x["value"]) for x in rows if x["unit"] == "chars/s"]
-    assert speed == [("free text, length 400, 1 stream", 1, 6123.0), ("free text, length 100, 64 streams", 64, 150000.0)]
+    assert speed == [("free text, length 400, 1 stream", 1, 6123.0),
+                     ("free text, length 100, 64 streams", 64, 150000.0)]
     walls = [(x["name"], x["value"], x["anchor"]) for x in rows if x["unit"] == "s"]
     assert walls == [("poetgen --help", 0.21, 2.51), ("poetgen sample --form 五绝", 1.75, 2.51),
                      ("poetgen sample --form 五绝 --rhyme -n 64", 2.10, 2.51)]
@@ -181,15 +188,17 @@ poetgen sample --form 五绝            1.75
 def test_sample_rows_pick_the_issue_targets(tmp_path, monkeypatch):
     rows = [
         {"name": "free text, vocab 65, 1 stream", "value": 7000.0, "unit": "chars/s", "anchor": 1000.0,
-         "anchor_name": "plain loop", "streams": 1, "vocab": 65, "threads": 1, "anchor_threads": 2},
-        {"name": "free text, vocab 65, 64 streams", "value": 99000.0, "unit": "chars/s", "anchor": 40000.0,
-         "anchor_name": "plain loop", "streams": 64, "vocab": 65},
+         "anchor_name": "plain loop", "streams": 1, "vocab": 65, "threads": 1, "anchor_threads": 2, "trials": 5},
+        {"name": "free text, vocab 65, 64 streams", "value": 99000.0, "unit": "chars/s", "anchor": 60000.0,
+         "anchor_name": "plain loop", "streams": 64, "vocab": 65, "trials": 5},
         {"name": "free text, vocab 6,000, 1 stream", "value": 6000.0, "unit": "chars/s", "anchor": 1500.0,
          "anchor_name": "plain loop", "streams": 1, "vocab": 6000},
         {"name": "free text, vocab 6,000, 64 streams", "value": 90000.0, "unit": "chars/s", "anchor": 60000.0,
          "anchor_name": "plain loop", "streams": 64, "vocab": 6000},
         {"name": "free text, vocab 6,000 adaptive head (2000,), 1 stream", "value": 9.0, "unit": "chars/s",
          "anchor": None, "anchor_name": "", "streams": 1, "vocab": 6000},
+        {"name": "五绝 --tones --rhyme vs --form, ms/poem", "value": 1.4, "unit": "ms/poem", "anchor": 1.0,
+         "anchor_name": "--form alone", "limit": 1.3},
         {"name": "whole `poetgen sample -l 100` call (vocab 6,000)", "value": 2.5, "unit": "s", "anchor": 2.0,
          "anchor_name": "python -c 'import torch'"},
         {"name": "whole `poetgen sample --form 五绝 -n 4` call (vocab 6,000)", "value": 1.5, "unit": "s",
@@ -208,12 +217,95 @@ def test_sample_rows_pick_the_issue_targets(tmp_path, monkeypatch):
     g = run.GroupResult("sample")
     run.group_sample(FakeRunner(), g)
     got = [(x.target, x.poetgen, x.anchor, x.status) for x in g.rows]
-    # the issue's targets on the small vocabulary its anchors were measured at; a Tang-sized one for scale
-    assert got == [(">= 5,000", 7000.0, 1000.0, "pass"), (">= 100,000", 99000.0, 40000.0, "FAIL"),
-                   (">= 5,000 (info)", 6000.0, 1500.0, "info"), (">= 100,000 (info)", 90000.0, 60000.0, "info"),
-                   ("< 2", 1.5, 2.0, "pass"), ("< 0.3", 0.4, 2.0, "FAIL")]
-    assert g.rows[4].measure == "whole `poetgen sample --form 五绝 -n 4` call (vocab 6,000): seconds"
+    # issue 20, target 5: ratios to the plain loop, at the small vocabulary; a Tang-sized one for scale
+    assert got == [(">= 5 x anchor", 7000.0, 1000.0, "pass"), (">= 2 x anchor", 99000.0, 60000.0, "FAIL"),
+                   (">= 5 x anchor (info)", 6000.0, 1500.0, "info"), (">= 2 x anchor (info)", 90000.0, 60000.0, "info"),
+                   ("<= 1.3 x anchor", 1.4, 1.0, "FAIL"), ("< 2", 1.5, 2.0, "pass"), ("< 0.3", 0.4, 2.0, "FAIL")]
+    assert g.rows[0].ratio == 7.0 and g.rows[1].ratio == pytest.approx(1.65)
+    assert g.rows[5].measure == "whole `poetgen sample --form 五绝 -n 4` call (vocab 6,000): seconds"
+    assert g.rows[0].note.startswith("median of 5 alternating trials each")
     assert "1 BLAS thread" in g.rows[0].note and "default threads: 2" in g.rows[0].note
+
+
+class _Runner:
+    """The part of run.Runner the row builders read."""
+
+    def __init__(self, bf16: bool, quick: bool = False, answer: dict | None = None):
+        self.quick, self.mode, self.machine, self.answer = quick, int(quick), {"bf16_native": bf16}, answer
+        self.work: Path | None = None  # the scratch directory: set by a test that needs one
+        self.bf16 = bf16
+        self.calls: list[list[str]] = []
+
+    def poetgen(self, *args):
+        return ["poetgen", *map(str, args)]
+
+    def json(self, argv, what, ok_codes=(0,), cwd=None):
+        self.calls.append([str(a) for a in argv])
+        return self.answer
+
+
+def _run(nats: float, precision: str) -> dict:
+    return {"val_nats": nats, "precision": precision, "config": {"layers": 2, "hidden": 512}, "steps": 100,
+            "epoch": 1.0, "parameters": 1000, "notes": []}
+
+
+def test_precision_variants_share_their_budget_and_say_their_flag():
+    r = _Runner(bf16=True)
+    assert run.budget(r, "shakespeare-85s-bf16") == run.BUDGETS["shakespeare-85s"][0]
+    argv = run.poetgen_argv(r, "shakespeare-10m-fp32", dataset="DS")
+    assert argv == ["poetgen", "train", "DS", "--max-time", run.BUDGETS["shakespeare-10m"][0], "--precision", "fp32"]
+    assert run.poetgen_argv(r, "shakespeare-nanogpt-time", dataset="DS", budget="111.3")[-2:] == ["--max-time",
+                                                                                                    "111.3"]
+
+
+def test_precision_auto_against_the_better_of_fp32_and_bf16():
+    r = _Runner(bf16=True)
+    runs = {("85s", "auto"): _run(1.66, "bf16"), ("85s", "fp32"): _run(1.71, "fp32"),
+            ("85s", "bf16"): _run(1.645, "bf16")}
+    rows = run.precision_rows(r, runs, "85s", "85")
+    assert [(x.poetgen, x.anchor, x.status) for x in rows] == [(1.66, 1.645, "pass"), (1.71, 1.66, "info"),
+                                                               (1.645, 1.66, "info")]
+    assert "auto (ran bf16)" in rows[0].measure and "(bf16)" in rows[0].anchor_name and "+0.015" in rows[0].note
+    runs["85s", "auto"] = _run(1.67, "bf16")  # 0.025 above the better one: more than 0.02
+    assert run.precision_rows(r, runs, "85s", "85")[0].status == "FAIL"
+
+
+def test_without_native_bf16_auto_is_the_fp32_row_and_bf16_is_na():
+    r = _Runner(bf16=False)
+    rows = run.precision_rows(r, {("10m", "auto"): _run(1.44, "fp32")}, "10m", "10m")
+    assert [(x.poetgen, x.status) for x in rows] == [(1.44, "pass"), (1.44, "info"), (None, "n/a")]
+    assert rows[2].note == "n/a: no native bf16"
+    rows = run.precision_rows(r, {("10m", "auto"): _run(1.44, "bf16")}, "10m", "10m")
+    assert rows[0].status == "FAIL"  # auto must stay fp32 where bf16 is not native
+
+
+def test_serve_row_is_concurrent_against_one_at_a_time(tmp_path):
+    answer = {"model": {"name": "tang", "cell": "lstm", "layers": 2, "hidden": 768, "vocab_size": 6000},
+              "clients": 64, "form": "五绝", "concurrent_poems_per_sec": 60.0, "sequential_poems_per_sec": 10.0,
+              "speedup": 6.0, "failed": 0, "equal_to_alone": 128, "requests": 128, "batches": {"mean_batch": 30.0,
+              "max_batch": 64}, "p50_ms": {"sequential": 100.0, "concurrent": 500.0}, "bad": 50,
+              "bad_answered_4xx": 50, "good": 10, "good_answered_200": 10, "rss_growth_mb": 1.0}
+    r = _Runner(bf16=False, answer=answer)
+    r.work = tmp_path
+    g = run.GroupResult("serve")
+    run.group_serve(r, g)
+    (row,) = g.rows
+    assert (row.poetgen, row.anchor, row.ratio, row.status, row.target) == (60.0, 10.0, 6.0, "pass", ">= 5 x anchor")
+    assert r.calls[0][2:] == [*run.SERVE_ARGS.split(), "--rounds", str(run.TRIALS["serve"][0]), "--bad", "1000",
+                              "--json"]
+    g = run.GroupResult("serve")
+    r = _Runner(bf16=False, answer=dict(answer, failed=1))
+    r.work = tmp_path
+    run.group_serve(r, g)
+    assert g.rows[0].status == "FAIL"  # a failed request fails the row whatever the speed
+
+
+def test_machine_line_gives_both_peaks():
+    m = {"cpu": "Test CPU", "cpus_usable": 2, "matmul_flags": ["avx512f", "amx_bf16"], "bf16_native": True,
+         "peak": {"onednn_gflops": 470.4, "onednn_bf16_gflops": 2228.0, "onednn_bf16_how": "mkldnn_linear"}}
+    line = run.machine_line(m, 2)
+    assert "flags avx512f amx_bf16 (native bf16)" in line and "fp32 470, bf16 2,228 GFLOP/s" in line
+    assert "matmul peaks not measured" in run.machine_line({"cpu": "x"}, 0)
 
 
 def test_a_failed_rerun_keeps_the_earlier_figures(tmp_path):
@@ -227,3 +319,54 @@ def test_a_failed_rerun_keeps_the_earlier_figures(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert "| 0.500 |" in text and "boom" not in text
     assert "Not measured: shared data absent" in text  # a group never run before says why it is empty
+
+
+def _tiny_shared_data(root: Path) -> Path:
+    """A stand-in for ../shared/data at a few hundred kilobytes: a play-like English text and two files of
+    chinese-poetry records (五言 quatrains), so that run.py --quick runs every group anywhere, in minutes."""
+    rng = np.random.default_rng(0)
+    words = "the of and to my lord good sir love heart night day king queen thou art not what shall".split()
+    lines = []
+    for _ in range(2500):
+        lines += ["ROMEO:" if rng.random() < 0.5 else "JULIET:",
+                  " ".join(rng.choice(words, size=int(rng.integers(4, 10)))).capitalize() + ".", ""]
+    (root / "tinyshakespeare").mkdir(parents=True)
+    (root / "tinyshakespeare" / "input.txt").write_text("\n".join(lines), encoding="utf-8")
+    chars = [chr(0x4E00 + i) for i in range(400)]
+    (root / "tang").mkdir()
+    for name in run.QUICK_TANG_FILES:
+        poems = [{"author": "無名", "title": "題", "paragraphs": [
+            "".join(rng.choice(chars, 5)) + "，" + "".join(rng.choice(chars, 5)) + "。" for _ in range(2)]}
+            for _ in range(1500)]
+        (root / "tang" / name).write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
+    return root
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_every_group_and_states_every_target_as_a_ratio(tmp_path):
+    """`run.py --quick` end to end on stand-in data: every group runs without error and each target row carries
+    its same-run anchor and their ratio (a few minutes on 2 cores)."""
+    env = dict(os.environ, POETGEN_SHARED_DATA=str(_tiny_shared_data(tmp_path / "shared")))
+    r = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--json"], capture_output=True, text=True,
+                       env=env, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    groups = {g["name"]: g for g in out["groups"]}
+    assert list(groups) == list(run.GROUPS)
+    assert all(g["error"] is None for g in groups.values()), [g["error"] for g in groups.values()]
+    bf16 = bool(out["machine"].get("bf16_native"))
+    assert out["machine"]["peak"]["onednn_gflops"] > 0 and out["machine"]["peak"]["onednn_bf16_gflops"] > 0
+    rows = [x for g in out["groups"] for x in g["rows"]]
+    assert {x["status"] for x in rows} <= {"pass", "FAIL", "info", "n/a"}
+    targets = [x for x in rows if x["status"] in ("pass", "FAIL")]
+    assert all(x["poetgen"] is not None and x["anchor"] is not None and x["ratio"] is not None for x in targets)
+    count = {name: sum(x["group"] == name for x in rows) for name in run.GROUPS}
+    assert count["shakespeare"] == 2 + 2 * 3 and count["tang"] == 2 and count["serve"] == 1
+    assert count["flops"] == (3 if bf16 else 2)
+    shakespeare = [x for x in rows if x["group"] == "shakespeare"]
+    nanogpt = groups["shakespeare"]["raw"]["nanogpt"]["train_seconds"]
+    assert f"--max-time {max(nanogpt, run.QUICK_MIN_T):.1f} (nanoGPT's time)" in shakespeare[0]["measure"]
+    assert [x["status"] == "n/a" for x in shakespeare].count(True) == (0 if bf16 else 2)
+    # which precision auto ran is in the rows
+    assert all(re.search(r"auto \(ran (fp32|bf16)\)", x["measure"]) for x in shakespeare[2::3])
+    assert "median of 2 alternating trials" in [x for x in rows if x["group"] == "tang"][1]["anchor_name"]
