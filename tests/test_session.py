@@ -23,8 +23,9 @@ def fake_machine(monkeypatch, *, native: bool, gain: float, speeds: dict[str, fl
     calls: list = []
     monkeypatch.setattr(devices, "cpu_bf16_native", lambda: native)
 
-    def probe(config, dataset, model_options=None, seconds=3.0):
-        calls.append(("precision_probe", config.hidden))
+    def probe(config, dataset, model_options=None, seconds=3.0, vocab_size=None, id_map=None):
+        calls.append(("precision_probe", config.hidden) if vocab_size is None else
+                     ("precision_probe", config.hidden, vocab_size, id_map is not None))
         return PrecisionProbe(fp32=1000.0, bf16=1000.0 * gain, trials=3)
 
     def speed(device="auto", threads=None, seconds=0.6, max_steps=12, precision="fp32"):
@@ -93,6 +94,36 @@ def test_the_preset_follows_the_speed_of_the_precision_that_runs(monkeypatch, tm
     setup, speed = TrainRequest(str(data), overrides=overrides, runs_dir=tmp_path).setup(probe=True)
     assert (setup.config.precision, speed) == ("fp32", 1.0)
     assert setup.config.hidden == PRESETS["quick"]["hidden"]
+    # the run's own model changed with the preset: probed again, and the note is about the model that trains
+    assert [c[1] for c in calls if c[0] == "precision_probe"] == [384, PRESETS["quick"]["hidden"]]
+    assert f"LSTM 2×{PRESETS['quick']['hidden']}" in setup.notes[0]
+
+    # --precision bf16 forced: the preset is picked by bf16's speed, and fp32 is not even measured
+    calls = fake_machine(monkeypatch, native=True, gain=1.1, speeds=speeds)
+    request = TrainRequest(str(data), overrides={**overrides, "precision": "bf16"}, runs_dir=tmp_path)
+    setup, speed = request.setup(probe=True)
+    assert (setup.config.precision, speed, setup.config.hidden) == ("bf16", 20.0, 384)
+    assert calls == [("machine_speed", "bf16")]
+
+
+def test_fine_tuning_probes_the_model_that_trains(monkeypatch, tmp_path):
+    """--init-from: the probe builds the source's model (its vocabulary, the data mapped into it), not one of the
+    new data's vocabulary (which, with the source's adaptive cutoffs, could not even be built)."""
+    from helpers import make_dataset
+    from poetgen.training.loop import train
+    from poetgen.training.config import TrainConfig
+
+    big = make_dataset(tmp_path / "big", ["床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽"] * 20)
+    source = train(TrainConfig(**{**TINY, "max_steps": 1, "eval_every": 1, "sample_every": 0}), load_dataset(big),
+                   tmp_path / "src").last_checkpoint
+    small = make_dataset(tmp_path / "small", ["床前明月光，举头望明月。"] * 20)  # fewer symbols than the source
+    calls = fake_machine(monkeypatch, native=True, gain=2.0)
+    request = TrainRequest(str(small), overrides={"device": "cpu"}, init_from=str(source), runs_dir=tmp_path,
+                           map_unknown=True)
+    setup, _ = request.setup(probe=True)
+    vocab = len(setup.init_from.vocab)
+    assert vocab > len(load_dataset(small).vocab)
+    assert calls == [("precision_probe", 128, vocab, True)] and setup.config.precision == "bf16"
 
 
 def test_precision_probe_measures_both_and_leaves_the_run_alone(tiny_dataset):
@@ -107,4 +138,3 @@ def test_precision_probe_measures_both_and_leaves_the_run_alone(tiny_dataset):
     assert torch.equal(torch.rand(3), expected)  # the run's random stream is untouched
     assert torch.get_num_threads() == threads
     assert found.fp32 > 0 and found.bf16 > 0 and 1 <= found.trials <= 3
-    assert found.gain == found.bf16 / found.fp32

@@ -13,7 +13,7 @@ from poetgen.cli.common import fail, fmt_bytes, fmt_time, handles_errors, print_
 from poetgen.evaluation.units import LN2
 from poetgen.model.config import ATTENTIONS, AUTO_HEAD_MIN_VOCAB, DEFAULT_ATTENTION
 from poetgen.paths import RUNS_DIR
-from poetgen.training.config import FIELD_NAMES, preset_help
+from poetgen.training.config import BF16_MIN_GAIN, BF16_MIN_HIDDEN, FIELD_NAMES, preset_help
 
 
 @handles_errors
@@ -96,8 +96,9 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto (cuda, mps, cpu) | cpu | cuda | cuda:N | mps."),
     precision: Optional[str] = typer.Option(
         None, "--precision", help="auto (the default: bf16 autocast on CUDA; on a CPU with native bf16, AVX512-BF16 "
-        "or AMX, bf16 when a probe of this run's model measures a step at least 1.3x faster, else fp32) | fp32 | "
-        "bf16 (CUDA, or a CPU with native bf16). See the README."
+        f"or AMX, bf16 when a probe of this run's model measures a step at least {BF16_MIN_GAIN:g}x faster, else "
+        f"fp32; no probe below --hidden {BF16_MIN_HIDDEN} or under torchrun) | fp32 | bf16 (CUDA, or a CPU with native "
+        "bf16). See the README."
     ),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch; 0 = torch's default."),

@@ -523,8 +523,9 @@ def pair_cross_entropy(
         with torch.no_grad(), autocast(device, amp):
             for rows in chunks[rank::world_size]:
                 src, tgt = (torch.from_numpy(a).to(device) for a in line_ids(ids, table[rows]))
-                logits, _ = model(src, teacher_inputs(tgt))  # (b, n, V)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tgt.reshape(-1), reduction="sum")
+                # (b, n, V) logits, or the adaptive head's log-probabilities (their log-softmax is themselves)
+                scores, _ = model(src, teacher_inputs(tgt))
+                loss = F.cross_entropy(scores.float().reshape(-1, scores.size(-1)), tgt.reshape(-1), reduction="sum")
                 sums[0] += float(loss)
                 sums[1] += tgt.numel()
     finally:

@@ -48,6 +48,9 @@ def blas_threads(n: int | None) -> Iterator[None]:
         return
     set_threads, get_threads = found
     before = get_threads()
+    if before == n:  # nothing to change: leave the process-wide count alone (other threads may be in a BLAS call)
+        yield
+        return
     set_threads(int(n))  # type: ignore[arg-type]
     try:
         yield
@@ -84,7 +87,8 @@ class ThreadTuner:
     it grows past 1.5x what the other count last measured, the other is tried at once.
 
     No trial starts before the first count has run ``warmup`` seconds of steps: a trial costs slow steps (threads
-    waking up, stalls on a busy machine, two cores' CPU time), and a short call has little to win back. `poetgen sample -c tang -n 4` (22 steps of 4 rows, 2x768:
+    waking up, stalls on a busy machine, two cores' CPU time), and a short call has little to win back.
+    `poetgen sample -c tang -n 4` (22 steps of 4 rows, 2x768:
     0.13-0.19 s of steps on one thread) spent 0.08-0.17 s more CPU with a trial from its fifth step on, beside a
     training on both cores (measured 2026-12-02); a long call loses at most ``warmup`` seconds of a faster count's
     gain. Use::

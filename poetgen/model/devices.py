@@ -89,7 +89,9 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
         if device.type == "cpu" and cpu_bf16_native():
             return torch.bfloat16
         raise ConfigError(f"precision bf16 needs a CUDA device or a CPU with native bf16 (AVX512-BF16 or AMX); this "
-                          f"run uses {device}; use fp32 or auto")
+                          f"run uses {device}: use --precision fp32 or auto (a run that --precision auto put on bf16 "
+                          "elsewhere goes on here with --resume RUN --precision fp32; its numbers then differ from "
+                          "an unbroken run's)")
     return None
 
 

@@ -9,7 +9,8 @@ The shape of PyTorch's "Translation with a Sequence to Sequence Network and Atte
   q · W k) or ``additive`` (Bahdanau's v · tanh(W q + U k)).
 * ``AttnDecoder``: the same embedding, a stacked GRU or LSTM over the previous answer characters, attention from
   each of its outputs (Luong's order: attend after the step, so teacher-forced training runs the RNN over all T
-  steps at once), then tanh(W [h; context]) -> the V scores.
+  steps at once), then tanh(W [h; context]) -> the V scores through CharRNN's output layer (full, or the adaptive
+  softmax, whose scores are log-probabilities).
 
 Shapes: B batch, S source length, T target length, E embedding, H hidden (per direction in the encoder), L layers,
 V vocabulary. The decoder's first input is <eot> (id 0), which ends every line elsewhere in poetgen; the answer has

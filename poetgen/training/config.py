@@ -90,7 +90,9 @@ class TrainConfig:
     # runtime
     seed: int = 1337
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CUDA; on a CPU bf16 where native and measured faster
+    # auto: bf16 autocast on CUDA; on a CPU fp32, unless `poetgen train` (training.session) measured bf16 faster and
+    # wrote bf16 here
+    precision: str = "auto"
     compile: bool = False
     threads: int = 0  # CPU threads for torch; 0 = torch's default
 

@@ -42,7 +42,7 @@ from poetgen import __version__
 from poetgen.checkpoint.torch_io import BEST, LAST, Checkpoint, restore_rng, save_checkpoint
 from poetgen.training.config import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, MODEL_FIELDS, TrainConfig
 from poetgen.data.dataset import Dataset
-from poetgen.model.devices import autocast, autocast_dtype, bf16_candidate, resolve_device
+from poetgen.model.devices import autocast, autocast_dtype, resolve_device
 from poetgen.training.distributed import Local, context, mark_reported, rank_seed, restore_rank_rng, rng_tensors
 from poetgen.errors import PoetgenError, TrainingError
 from poetgen.model.rnn import CharRNN, ModelConfig
@@ -214,11 +214,13 @@ class PrecisionProbe:
 
 
 def precision_probe(config: TrainConfig, dataset: Dataset, model_options: dict | None = None,
-                    seconds: float = 3.0) -> PrecisionProbe:
+                    seconds: float = 3.0, vocab_size: int | None = None, id_map: np.ndarray | None = None
+                    ) -> PrecisionProbe:
     """Full training steps (forward, backward, clipping, AdamW) of the model and batch ``config`` describes, on the
     dataset's first batch, in fp32 and in bf16 autocast, alternating (one warm-up step each, then up to three trials
-    each, fewer when a step is slow, about ``seconds`` in all); the medians. Touches no random state of the run
-    (torch's generator is forked) and restores the thread count."""
+    each, fewer when a step is slow, about ``seconds`` in all); the medians. ``vocab_size`` and ``id_map``: the
+    model's vocabulary when it is not the dataset's (a fine-tuned model's, poetgen.data.batches.vocab_map). Touches
+    no random state of the run (torch's generator is forked) and restores the thread count."""
     task_class(dataset).sizes(config, dataset, 1)  # a configuration with no batch at all: the plan's own error
     dev = torch.device(resolve_device(config.device))
     amps = {"fp32": None, "bf16": torch.bfloat16}
@@ -227,8 +229,9 @@ def precision_probe(config: TrainConfig, dataset: Dataset, model_options: dict |
         torch.set_num_threads(config.threads)
     try:
         with torch.random.fork_rng(devices=[]):
-            task = task_class(dataset)(config, dataset, None, Local())
-            model = build_model(task.model_config(config, len(dataset.vocab), model_options)).to(dev).train()
+            task = task_class(dataset)(config, dataset, id_map, Local())
+            model = build_model(task.model_config(config, vocab_size or len(dataset.vocab), model_options))
+            model.to(dev).train()
             opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
 
             def step(amp) -> tuple[int, float]:

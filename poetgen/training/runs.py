@@ -188,13 +188,14 @@ def _refuse_changes(overrides: dict[str, Any], base: TrainConfig, keys: tuple[st
 
 
 def saved_train_config(train_config: dict, model_config: Any, where: str) -> TrainConfig:
-    """The training configuration a checkpoint recorded. Settings added to poetgen after it was written take their
-    value from the checkpoint's model where it has one (a checkpoint from before the adaptive head has no `head`:
-    its model has the full head, whatever today's default), else today's default."""
+    """The training configuration a checkpoint recorded. The output layer's settings are the checkpoint's model's
+    own, resolved (a checkpoint from before the adaptive head has no `head`, and one that recorded `auto` trained
+    what auto meant then: an encoder-decoder written before it had the adaptive head has the full one, whatever
+    `auto` means today); other settings added to poetgen after it was written take today's default."""
     d = dict(train_config) if isinstance(train_config, dict) else train_config
     if isinstance(d, dict):
         for k in ("head", "cutoffs", "div_value"):
-            if k not in d and hasattr(model_config, k):
+            if hasattr(model_config, k):
                 d[k] = getattr(model_config, k)
     return TrainConfig.from_dict(d, where)
 
