@@ -619,6 +619,38 @@ def test_requests_decoded_together_are_each_what_generate_writes_alone(model_pat
     assert "".join(pieces) == answers[5][0].samples[0].text
 
 
+def test_tuned_threads_are_chosen_apart_for_bursts_and_single_requests(monkeypatch):
+    """bench_serve's load on a tuned server (--threads 0): rounds of 64 one-row requests one at a time, where two
+    threads lose, then 64 at once, where they halve the step. The bursts move to two threads, the single requests
+    stay on one."""
+    import poetgen.generation.threads as threads
+    from poetgen.serving.batcher import _Tuners
+
+    count = [1]  # OpenBLAS's thread count, faked
+    monkeypatch.setattr(threads, "_openblas", lambda: (lambda n: count.__setitem__(0, n), lambda: count[0]))
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    per_row = {(1, 1): 2e-3, (1, 2): 2.5e-3, (64, 1): 0.33e-3, (64, 2): 0.18e-3}  # (rows, threads) -> seconds
+    tuners = _Tuners(None)
+    used: dict[int, list[int]] = {1: [], 64: []}
+    for _ in range(6):
+        for _ in range(64):
+            tuners.idle()
+            for _ in range(24):
+                with tuners.step(1):
+                    used[1].append(count[0])
+                    now[0] += per_row[1, count[0]]
+        tuners.idle()
+        for _ in range(25):
+            with tuners.step(64):
+                used[64].append(count[0])
+                now[0] += 64 * per_row[64, count[0]]
+    assert used[64][:25] == [1] * 25  # before the warm-up, one thread
+    assert used[64][-50:].count(2) >= 40  # then two, one thread tried again now and then
+    assert used[1].count(2) < 0.02 * len(used[1])  # a few lost trials
+
+
 def test_a_failure_in_the_batcher_answers_the_requests_it_held(model_path, monkeypatch):
     """A bug must not leave a client waiting: the request that was joining the batch gets the error."""
     from poetgen.generation.engines import open_model

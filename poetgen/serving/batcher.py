@@ -28,8 +28,9 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -53,7 +54,7 @@ from poetgen.generation.sample import (
     start_seen,
     symbol_text,
 )
-from poetgen.generation.threads import ThreadTuner
+from poetgen.generation.threads import ThreadTuner, blas_threads
 
 
 log = logging.getLogger("poetgen.serve")
@@ -173,6 +174,42 @@ class _Streams:
         return np.concatenate([j.rng.random(j.rows) for j in self.jobs])
 
 
+LARGE_BATCH = 16  # rows from which a step's BLAS threads are chosen apart (_Tuners)
+
+
+class _Tuners:
+    """The BLAS threads of the batcher's model steps: one ThreadTuner for steps of fewer than LARGE_BATCH rows,
+    another for the larger ones (``threads``: a fixed count for both; None: each tuner picks its own).
+
+    One tuner over both compared times per row across batch sizes, which says nothing (a 64-row step of the
+    shipped 2x768 model takes ~0.3 ms a row, a 1-row step ~2 ms): fed bench_serve's pattern (tests/test_serve.py)
+    it tried two threads on one-row steps only (memory-bound products, little to share) and never on the 64-row
+    steps of a burst, whose products are large enough to share."""
+
+    def __init__(self, threads: int | None):
+        choices = None if threads is None else (threads,)
+        self.small, self.large = ThreadTuner(choices), ThreadTuner(choices)
+        self.active = self.small
+        self.first = self.small.current  # the count to start with (a fixed count: the one count)
+
+    def idle(self) -> None:
+        self.small.last = self.large.last = None
+
+    @contextmanager
+    def step(self, rows: int) -> Iterator[None]:
+        """Around each model step of ``rows`` rows: its tuner's tick, then the step on the count it picked."""
+        tuner = self.large if rows >= LARGE_BATCH else self.small
+        if len(tuner.choices) == 1:  # a fixed count, set once for the whole loop (``first``)
+            yield
+            return
+        if tuner is not self.active:  # the other tuner's last step ends here, uncounted; this one starts afresh
+            self.active.last = tuner.last = None
+            self.active = tuner
+        tuner.tick(rows)
+        with blas_threads(tuner.current):  # (the other tuner's count may be the one set)
+            yield
+
+
 class Batcher:
     """Decodes the requests for one model: ``submit`` from any thread; answers come through each job's callbacks,
     from the batcher's thread. ``model``: a poetgen.model.runtime.Runtime (the CPU engine)."""
@@ -283,12 +320,12 @@ class Batcher:
     # --- the batcher's thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        tuner = ThreadTuner(choices=None if self.threads is None else (self.threads,))
-        with tuner:
+        tuners = _Tuners(self.threads)
+        with blas_threads(tuners.first):
             while True:
                 with self._cond:
                     if not self._waiting and not self._jobs:
-                        tuner.last = None  # the idle wait is no step's time: the next tick starts afresh
+                        tuners.idle()  # the idle wait is no step's time: the next tick starts afresh
                     while not self._stop and not self._waiting and not self._jobs:
                         self._cond.wait()
                     if self._stop:
@@ -296,7 +333,7 @@ class Batcher:
                     joining = self._admit()
                 try:
                     self._join(joining)
-                    self._step(tuner)
+                    self._step(tuners)
                 except Exception as e:  # noqa: BLE001 - a bug must not leave callers waiting forever
                     log.exception("the batcher failed; its requests are answered with the error")
                     self._fail_all(e, [j for j in joining if j not in self._jobs])  # (by identity)
@@ -347,7 +384,7 @@ class Batcher:
                 job.on_piece(_convert(plan.primes_model[0], o.output_script))  # as generate's on_text
             self._jobs.append(job)
 
-    def _step(self, tuner: ThreadTuner) -> None:
+    def _step(self, tuners: _Tuners) -> None:
         """One draw for every row, then one model step for the rows that go on.
 
         Per request, only a few list operations: with 64 one-row requests in the batch, anything done per request
@@ -425,8 +462,8 @@ class Batcher:
             return
         if len(index) != B:
             self.model.select(index)
-        tuner.tick(len(index))
-        self._scores = self.model.step(tokens[index])  # the Runtime's buffer: replaced, never reused, below
+        with tuners.step(len(index)):
+            self._scores = self.model.step(tokens[index])  # the Runtime's buffer: replaced, never reused, below
         s = self.stats
         s.steps += 1
         s.rows_stepped += len(index)
