@@ -651,6 +651,26 @@ def test_tuned_threads_are_chosen_apart_for_bursts_and_single_requests(monkeypat
     assert used[1].count(2) < 0.02 * len(used[1])  # a few lost trials
 
 
+def test_a_request_is_planned_on_the_event_loop_only_when_that_is_quick(model_path):
+    """The server submits a request from its event loop when planning it takes microseconds (texts the model knows,
+    a form whose masks are built), and from a worker thread otherwise (masks to build, a script to convert)."""
+    from poetgen.generation.engines import open_model
+    from poetgen.generation.sample import SampleOptions
+    from poetgen.serving.batcher import Batcher
+
+    opened = open_model(model_path, "cpu")
+    batcher = Batcher(opened.model, opened.vocab)  # not started: requests only queue
+    wujue, acrostic = SampleOptions(form="五绝", seed=1), SampleOptions(acrostic="明月白日", rhyme=True, seed=1)
+    assert batcher.plans_quickly("", SampleOptions(length=9)) and batcher.plans_quickly("白日", SampleOptions())
+    assert not batcher.plans_quickly("", wujue) and not batcher.plans_quickly("", acrostic)
+    batcher.submit("", wujue, lambda r, e: None)
+    batcher.submit("", acrostic, lambda r, e: None)
+    assert batcher.plans_quickly("床前", wujue) and batcher.plans_quickly("", acrostic)
+    assert not batcher.plans_quickly("", SampleOptions(form="五绝", rhyme=True))  # other masks
+    assert not batcher.plans_quickly("牀前", wujue)  # 牀 is not in the vocabulary: OpenCC may convert it
+    assert not batcher.plans_quickly("", SampleOptions(style="夜"))
+
+
 def test_a_failure_in_the_batcher_answers_the_requests_it_held(model_path, monkeypatch):
     """A bug must not leave a client waiting: the request that was joining the batch gets the error."""
     from poetgen.generation.engines import open_model

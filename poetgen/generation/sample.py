@@ -354,6 +354,11 @@ class Plan:
     notes: list[str]
 
 
+def constraint_key(o: SampleOptions, acrostic: str | None) -> tuple:
+    """What a FormConstraint is built from: ``plan_samples`` keeps them by it (``acrostic`` in the model's script)."""
+    return (o.form, acrostic, o.rhyme, o.line_length, o.rhyme_book, o.rhyme_group, o.tones, o.pattern)
+
+
 def plan_samples(vocab: Vocab, primes: Sequence[str], o: SampleOptions, constraints: dict | None = None) -> Plan:
     """Scripts, constraint and length for ``primes`` under validated options ``o``; SampleError for a prime,
     style or acrostic the model cannot write, or a length too short for the form. Shared by ``generate`` and the
@@ -370,7 +375,7 @@ def plan_samples(vocab: Vocab, primes: Sequence[str], o: SampleOptions, constrai
     constraint = None
     starts: list[ConstraintState] = []
     if o.form or acrostic:
-        key = (o.form, acrostic, o.rhyme, o.line_length, o.rhyme_book, o.rhyme_group, o.tones, o.pattern)
+        key = constraint_key(o, acrostic)
         constraint = constraints.get(key) if constraints is not None else None
         if constraint is None:
             constraint = FormConstraint(vocab, o.form, acrostic, o.rhyme, o.line_length, rhyme_book=o.rhyme_book,

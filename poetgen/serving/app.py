@@ -202,8 +202,11 @@ def create_app(models: list[ServedModel], max_body: int = 16384, cors: list[str]
 
     async def submit(served: ServedModel, req: PoemRequest, on_piece: Any = None) -> tuple[Any, asyncio.Future]:
         future, done = _answer_slot()
+        options = req.options()
+        if served.batcher.plans_quickly(req.prime, options):  # the common case: no hop to a worker thread
+            return served.batcher.submit(req.prime, options, done, on_piece), future
         # Planning builds the form's masks (milliseconds, more on a first rhyme book): off the event loop.
-        job = await run_in_threadpool(served.batcher.submit, req.prime, req.options(), done, on_piece)
+        job = await run_in_threadpool(served.batcher.submit, req.prime, options, done, on_piece)
         return job, future
 
     @app.post("/v1/poems", summary="Write poems", openapi_extra=_body_schema(PoemRequest))

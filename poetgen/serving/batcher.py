@@ -46,6 +46,7 @@ from poetgen.generation.sample import (
     _convert,
     _generator,
     _penalizable,
+    constraint_key,
     generate,
     plan_samples,
     row_sample,
@@ -271,6 +272,15 @@ class Batcher:
         if options.length is None and not (options.form or options.acrostic):
             options = replace(options, length=min(lim.max_length, 500))
         return options
+
+    def plans_quickly(self, prime: str, options: SampleOptions) -> bool:
+        """Whether ``submit`` takes microseconds: texts the vocabulary knows as given (no script conversion) and no
+        form, or one whose masks an earlier request built. Else it may take milliseconds (a form's masks) or more (a
+        first rhyme book, OpenCC): a server's event loop then calls it from a worker thread."""
+        if any(self.vocab.unknown(t) for t in (prime, options.style or "", options.acrostic or "")):
+            return False
+        planned = constraint_key(options, options.acrostic or None) in self._constraints
+        return planned or not (options.form or options.acrostic)
 
     def submit(self, prime: str, options: SampleOptions,
                on_done: Callable[[SampleResult | None, Exception | None], None],
