@@ -93,6 +93,23 @@ class AdaptiveHead(nn.Module):
         return total / y.numel()
 
 
+def head_scores(head: nn.Module, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """The output layer ``head`` (a full nn.Linear or an AdaptiveHead) over x (B, T, H): scores (B, T, V) (logits,
+    or the adaptive head's log-probabilities), or with targets (B, T) their mean cross-entropy (the adaptive head
+    then never builds the scores). Run as ``head_input`` says. CharRNN's and the encoder-decoder's one output path."""
+    x, precision = head_input(x)
+    with precision:
+        if isinstance(head, AdaptiveHead):
+            flat = x.reshape(-1, x.size(-1))  # (B·T, H)
+            if targets is not None:
+                return head.loss(flat, targets.reshape(-1))
+            return head.log_probs(flat).view(*x.shape[:-1], -1)
+        logits = head(x)  # (B, T, V)
+        if targets is not None:
+            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits
+
+
 class CharRNN(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -140,17 +157,7 @@ class CharRNN(nn.Module):
         """
         x = self.drop(self.embedding(idx))  # (B, T, E)
         out, hidden = self.rnn(x, hidden)  # (B, T, H)
-        out, precision = head_input(self.drop(out))
-        with precision:
-            if isinstance(self.head, AdaptiveHead):
-                flat = out.reshape(-1, out.size(-1))  # (B·T, H)
-                if targets is not None:
-                    return self.head.loss(flat, targets.reshape(-1)), hidden
-                return self.head.log_probs(flat).view(*out.shape[:-1], -1), hidden
-            logits = self.head(out)  # (B, T, V)
-            if targets is not None:
-                return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1)), hidden
-            return logits, hidden
+        return head_scores(self.head, self.drop(out), targets), hidden
 
     def init_hidden(self, batch_size: int, device: torch.device | str | None = None) -> Hidden:
         """Zero state, (L, B, H) per tensor, on ``device`` (default: where the weights are)."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from poetgen.model.config import Seq2SeqConfig
-from poetgen.model.rnn import AdaptiveHead, head_input
+from poetgen.model.rnn import AdaptiveHead, head_scores
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # (L, B, H), or (h, c) for the LSTM
 BOS_ID = 0  # the decoder's first input: <eot>
@@ -103,18 +103,7 @@ class AttnDecoder(nn.Module):
         h, state = self.rnn(self.drop(self.embedding(tgt_in)), state)  # (B, T, H)
         context, weights = self.attention(h, keys, values, mask)  # (B, T, 2H), (B, T, S)
         mixed = self.drop(torch.tanh(self.combine(torch.cat([h, context], dim=-1))))  # (B, T, H)
-        mixed, precision = head_input(mixed)
-        with precision:
-            if isinstance(self.out, AdaptiveHead):
-                flat = mixed.reshape(-1, mixed.size(-1))
-                if targets is not None:
-                    return self.out.loss(flat, targets.reshape(-1)), state, weights
-                return self.out.log_probs(flat).view(*mixed.shape[:-1], -1), state, weights
-            logits = self.out(mixed)
-            if targets is not None:
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-                return loss, state, weights
-            return logits, state, weights
+        return head_scores(self.out, mixed, targets), state, weights
 
 
 class Seq2Seq(nn.Module):
