@@ -3,6 +3,7 @@ same 全唐诗 poems.
 
     python benchmarks/bench_couplet.py --budget 30m [--data ../shared/data/tang] [--limit-files N]
                                        [--attention dot,additive] [--work DIR] [--threads 2] [--side-by-side]
+                                       [--hidden 256] [--dropout 0.1] [--augment reversed,across]
 
 1. Prepares the pairs (prepare --pairs --script simplified) and, from the same files with the same options, the
    text dataset: the split is by poem and seeded by each poem's text, so both hold out the same poems.
@@ -61,8 +62,8 @@ def seq2seq_flags(args, budget: float) -> dict:
     """The encoder-decoder's recipe as `poetgen train PAIRS` flags (the adaptive head is automatic for the 全唐诗's
     vocabulary; batches of 256 pairs: a pair has only 5-7 answer characters, and smaller batches leave the matrix
     products too small to be efficient)."""
-    return {"cell": "gru", "layers": 2, "hidden": args.hidden, "embed": 128, "dropout": 0.1, "batch_size": 256,
-            "lr": 3e-3, "warmup_steps": 100, "max_time": budget, "eval_every": args.eval_every, "patience": 0,
+    return {"cell": "gru", "layers": 2, "hidden": args.hidden, "embed": 128, "dropout": args.dropout,
+            "batch_size": 256, "lr": 3e-3, "warmup_steps": 100, "max_time": budget, "eval_every": args.eval_every, "patience": 0,
             "sample_every": 0, "device": "cpu", "threads": args.threads, "seed": 1}
 
 
@@ -118,6 +119,8 @@ def main() -> None:
     ap.add_argument("--budget", default="30m", help="Training wall time of each model (90s, 30m, ...).")
     ap.add_argument("--attention", default="dot", help="Attention kinds to train, comma-separated: dot,additive.")
     ap.add_argument("--hidden", type=int, default=256, help="Encoder-decoder hidden size (per direction).")
+    ap.add_argument("--dropout", type=float, default=0.1, help="Encoder-decoder dropout.")
+    ap.add_argument("--augment", default="", help="prepare --augment for the training pairs: reversed,across.")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--val-limit", type=int, default=None, help="Score only the first N validation pairs.")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
@@ -170,8 +173,8 @@ def train_side_by_side(args, work: Path, names: list[str]) -> None:
     procs = []
     for name, core in zip(names, cores):
         cmd = [sys.executable, __file__, "--train-one", name, "--core", str(core), "--budget", args.budget,
-               "--hidden", str(args.hidden), "--eval-every", str(args.eval_every), "--threads", "1",
-               "--work", str(work)]
+               "--hidden", str(args.hidden), "--dropout", str(args.dropout), "--eval-every", str(args.eval_every),
+               "--threads", "1", "--work", str(work)]
         procs.append((name, subprocess.Popen(cmd)))
     failed = [name for name, p in procs if p.wait() != 0]
     if failed:
@@ -194,7 +197,8 @@ def run(args, budget: float, work: Path) -> None:
     files = source_files(args.data, args.limit_files)
     t0 = time.perf_counter()
     options = dict(script="simplified", seed=1337, val_fraction=0.05)
-    prepare(files, work / "pairs", PrepareOptions(pairs=True, **options), force=True)
+    augment = tuple(a for a in args.augment.split(",") if a)
+    prepare(files, work / "pairs", PrepareOptions(pairs=True, augment=augment, **options), force=True)
     prepare(files, work / "text", PrepareOptions(**options), force=True)
     pairs_ds, text_ds = load_dataset(work / "pairs"), load_dataset(work / "text")
     print(f"prepared {len(files)} file(s) in {time.perf_counter() - t0:.0f} s: {len(pairs_ds.pairs['train']):,} "

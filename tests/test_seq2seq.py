@@ -14,7 +14,9 @@ from poetgen.checkpoint.format import checkpoint_kind, read_model, seq2seq_shape
 from poetgen.checkpoint.torch_io import load_checkpoint, load_model, save_checkpoint
 from poetgen.cli.app import app
 from poetgen.data.dataset import load_dataset
-from poetgen.data.prepare import PrepareOptions, couplets, prepare
+from poetgen.data.corpus import PAIR_SEP
+from poetgen.data.dataset import ACROSS, MIDDLE, REVERSED
+from poetgen.data.prepare import PrepareOptions, couplets, line_pairs, prepare
 from poetgen.data.vocab import Vocab
 from poetgen.errors import CheckpointError, SampleError
 from poetgen.evaluation.couplets import bleu4, evaluate_couplets
@@ -86,6 +88,49 @@ def test_poem_couplets_and_middle_flags():
     assert [m for _, _, m in found] == [False, True, True, False]
     assert [m for _, _, m in couplets("白日依山尽，黄河入海流。欲穷千里目，更上一层楼。")] == [False, False]
     assert couplets("长短不齐句，短句。") == []  # unequal lines are no couplet
+
+
+LUSHI = "国破山河在，城春草木深。感时花溅泪，恨别鸟惊心。烽火连三月，家书抵万金。白头搔更短，浑欲不胜簪。"
+
+
+def test_augmented_pairs_reversed_and_across_couplets():
+    plain = line_pairs(LUSHI)
+    both = line_pairs(LUSHI, ("reversed", "across"))
+    assert both[:4] == plain and [f for _, _, f in plain] == [0, MIDDLE, MIDDLE, 0]
+    extra = both[4:]
+    assert [(a, b) for a, b, f in extra if f == REVERSED][:2] == [("城春草木深", "国破山河在"), ("恨别鸟惊心", "感时花溅泪")]
+    assert [(a, b) for a, b, f in extra if f == ACROSS] == [
+        ("城春草木深", "感时花溅泪"), ("恨别鸟惊心", "烽火连三月"), ("家书抵万金", "白头搔更短")]
+    assert len(extra) == 4 + 3
+    # across needs two kept couplets in a row of one line length; a user pair gets nothing extra
+    broken = "白日依山尽，黄河入海流。欲穷千里目，更上一层。远上寒山石，白云生处有。"
+    assert [(a, b) for a, b, f in line_pairs(broken, ("across",)) if f == ACROSS] == []
+    assert line_pairs(f"天地{PAIR_SEP}地天", ("reversed", "across")) == [("天地", "地天", 0)]
+
+
+def test_prepare_augment_adds_training_pairs_only(tmp_path):
+    poems = []
+    rng = random.Random(3)
+    for i in range(60):  # distinct poems of two couplets: 5-character lines from the toy alphabet
+        lines = ["".join(rng.choice(SOURCE) for _ in range(5)) for _ in range(4)]
+        poems.append({"title": f"p{i}", "author": "a", "paragraphs": [f"{lines[0]}，{lines[1]}。", f"{lines[2]}，{lines[3]}。"]})
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "poet.tang.0.json").write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
+    plain = prepare([str(src)], tmp_path / "plain", PrepareOptions(pairs=True, val_fraction=0.2))
+    more = prepare([str(src)], tmp_path / "more", PrepareOptions(pairs=True, val_fraction=0.2,
+                                                                       augment=("reversed", "across")))
+    a, b = plain.counts, more.counts
+    assert b["val_pairs"] == a["val_pairs"] > 0 and b["val_tokens"] == a["val_tokens"]
+    assert b["train_reversed_pairs"] == a["train_pairs"] and b["train_across_pairs"] == a["train_pairs"] // 2
+    assert b["train_pairs"] == a["train_pairs"] * 2 + a["train_pairs"] // 2
+    data = load_dataset(tmp_path / "more")
+    assert not any(f & (REVERSED | ACROSS) for _, _, f in data.pair_lines("val"))
+    assert json.loads((tmp_path / "more" / "meta.json").read_text())["options"]["augment"] == ["reversed", "across"]
+    r = runner.invoke(app, ["prepare", str(src), "--augment", "reversed", "-o", str(tmp_path / "x"), "-q"])
+    assert r.exit_code == 1 and "needs --pairs" in r.output
+    r = runner.invoke(app, ["prepare", str(src), "--pairs", "--augment", "sideways", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "unknown --augment 'sideways'" in r.output
 
 
 def test_resume_of_a_pair_run_is_exact(toy, tmp_path):

@@ -72,6 +72,11 @@ def prepare(
         "length, ，then 。; 律诗 middle couplets flagged), and pair files: *.tsv (first line TAB answering line) and "
         "JSONL records of two text fields. Split by poem.",
     ),
+    augment: Optional[List[str]] = typer.Option(
+        None, "--augment",
+        help="With --pairs, more training pairs (validation keeps the couplets alone), comma-separated: reversed "
+        "(each couplet backwards too) | across (a couplet's answering line and the next couplet's first line).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary table."),
 ) -> None:
@@ -93,7 +98,7 @@ def prepare(
         text_fields=split_csv(text_field) or None, doc_sep=doc_sep, script=script, punct=punct,
         strip_notes=strip_notes, forms=split_csv(form), authors=split_csv(author), min_length=min_length,
         max_length=max_length, dedupe=not keep_duplicates, min_count=min_count, val_fraction=val_fraction,
-        split=split, seed=seed, pairs=pairs,
+        split=split, seed=seed, pairs=pairs, augment=split_csv(augment),
     )
     out = output or Path("datasets") / _default_dataset_name(sources or [])
     console = stderr_console(quiet)
@@ -130,6 +135,9 @@ def _print_prepare_summary(report) -> None:
     if "train_pairs" in c:
         rows.append(("pairs", f"train {c['train_pairs']:,} / val {c['val_pairs']:,} (律诗 middle couplets "
                               f"{c['train_middle_couplets']:,} / {c['val_middle_couplets']:,})"))
+        added = [f"{c[f'train_{kind}_pairs']:,} {kind}" for kind in ("reversed", "across") if f"train_{kind}_pairs" in c]
+        if added:
+            rows.append(("augmented", "training pairs among them: " + ", ".join(added)))
     if plain:
         for k, v in rows:
             typer.echo(f"{k}: {v}")

@@ -9,8 +9,9 @@ Layout of a dataset directory (written by :mod:`poetgen.data.prepare`)::
 
 A pair dataset (``prepare --pairs``, meta ``kind`` = "pairs") holds (first line, answering line) pairs: each split's
 ids are first line, <eot>, answering line, <eot>, pair after pair, and ``train_pairs.npy`` / ``val_pairs.npy`` (int64,
-(P, 3)) give each pair's start in those ids, its line length n and flags (MIDDLE: a 律诗's 颔联 or 颈联). The first
-line is ids[start : start + n], the answer ids[start + n + 1 : start + 2n + 1].
+(P, 3)) give each pair's start in those ids, its line length n and flags (MIDDLE: a 律诗's 颔联 or 颈联; REVERSED and
+ACROSS: training pairs added by ``prepare --augment``). The first line is ids[start : start + n], the answer
+ids[start + n + 1 : start + 2n + 1].
 
 Every document in the id streams ends in the end-of-text id (0), so the streams can be cut anywhere.
 The arrays are memory-mapped, so a dataset larger than memory trains fine.
@@ -32,6 +33,8 @@ FORMAT_VERSION = 1
 FILES = ("train.npy", "val.npy", "vocab.json", "meta.json")
 PAIRS = {"train": "train_pairs.npy", "val": "val_pairs.npy"}
 MIDDLE = 1  # pair flag: a middle couplet (颔联, 颈联) of a 五律 or 七律, antithetical by rule
+REVERSED = 2  # pair flag (training only, prepare --augment reversed): a couplet backwards
+ACROSS = 4  # pair flag (training only, prepare --augment across): a couplet's last line, the next one's first
 
 
 @dataclass

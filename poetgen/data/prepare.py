@@ -34,7 +34,7 @@ from poetgen.data.corpus import (
     DEFAULT_GLOBS, PAIR_GLOBS, PAIR_SEP, Batch, ReadOptions, SourceFile, Spool, expand_sources, file_sha256, inspect,
     read_pieces,
 )
-from poetgen.data.dataset import FORMAT, FORMAT_VERSION, MIDDLE, PAIRS, is_dataset_dir
+from poetgen.data.dataset import ACROSS, FORMAT, FORMAT_VERSION, MIDDLE, PAIRS, REVERSED, is_dataset_dir
 from poetgen.errors import CorpusError, DatasetError
 from poetgen.data.normalize import Normalizer, convert_script
 from poetgen.data.vocab import EOT_ID, UNK_ID, Vocab
@@ -74,6 +74,8 @@ class PrepareOptions:
     seed: int = 1337
     # (first line, answering line) pairs instead of text: every couplet of each poem, and user pair files
     pairs: bool = False
+    # more training pairs (the validation split keeps the couplets alone): AUGMENTS
+    augment: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -84,6 +86,11 @@ class PrepareOptions:
             raise CorpusError(f"no document can satisfy --min-length {self.min_length} --max-length {self.max_length}")
         if self.min_count < 1:
             raise CorpusError(f"--min-count must be at least 1, got {self.min_count}")
+        unknown = [a for a in self.augment if a not in AUGMENTS]
+        if unknown:
+            raise CorpusError(f"unknown --augment {unknown[0]!r}; choose from {', '.join(AUGMENTS)}")
+        if self.augment and not self.pairs:
+            raise CorpusError("--augment adds training pairs: it needs --pairs")
         if self.pairs and self.split == "tail":
             raise CorpusError("--pairs splits by poem (no poem has pairs on both sides): use --split random or auto")
 
@@ -507,7 +514,8 @@ def _prepare_into(sources, work: Path, output: Path, o: PrepareOptions, spool: S
         lut[EOT_CP] = EOT_ID
         dtype = vocab.dtype()
         if o.pairs:
-            pair_counts, train_w, val_w, unk, characters = _write_pairs(stream, doc_class, lut, dtype, work)
+            pair_counts, train_w, val_w, unk, characters = _write_pairs(stream, doc_class, lut, dtype, work,
+                                                                       o.augment)
             counts.update(pair_counts)
             n_train, n_val = pair_counts["train_tokens"], pair_counts["val_tokens"]
         else:
@@ -588,28 +596,50 @@ _CLAUSE = re.compile(r"([^，。？！；：、\s]+)([，。？！；：、])")
 _FIRST_MARKS, _ANSWER_MARKS = "，；：", "。？！"
 
 
+# --augment: training pairs beyond the couplets (flags beside MIDDLE; validation never holds them)
+AUGMENTS = {
+    "reversed": "each couplet backwards too (the answering line answered by the first: the same antithesis)",
+    "across": "a couplet's answering line and the next couplet's first line (consecutive lines across couplets)",
+}
+
+
 def couplets(text: str) -> list[tuple[str, str, bool]]:
     """The (first line, answering line, middle) pairs of one document: a user pair (its two lines joined by
     PAIR_SEP) as it is; in a poem, every couplet whose two lines are of equal length and all Han characters,
     ``middle`` for the 颔联 and 颈联 (second and third couplets) of a 五律 or 七律."""
+    return [(a, b, bool(flags & MIDDLE)) for a, b, flags in line_pairs(text)]
+
+
+def line_pairs(text: str, augment: Sequence[str] = ()) -> list[tuple[str, str, int]]:
+    """couplets() with the table's flags, plus the ``augment`` pairs of AUGMENTS: ``reversed`` adds (answering
+    line, first line) for each couplet, ``across`` (answering line, next couplet's first line) for two couplets in
+    a row of the same line length. A user pair file's pair gets no extra pairs (it is not a poem)."""
     if PAIR_SEP in text:
         first, second = text.split(PAIR_SEP, 1)
-        return [(first, second, False)]
+        return [(first, second, 0)]
     from poetgen.poetry.forms import detect_form, is_han
 
     clauses = _CLAUSE.findall(text)
     lushi = detect_form(text) in ("五律", "七律")
-    found, i, k = [], 0, 0
+    found, extra, i, k = [], [], 0, 0
+    previous = None  # the answering line of the couplet just before, when it was kept
     while i + 1 < len(clauses):
         (a, ma), (b, mb) = clauses[i], clauses[i + 1]
         if ma in _FIRST_MARKS and mb in _ANSWER_MARKS:
-            if len(a) == len(b) and all(is_han(c) for c in a + b):
-                found.append((a, b, lushi and k in (1, 2)))
+            kept = len(a) == len(b) and all(is_han(c) for c in a + b)
+            if kept:
+                found.append((a, b, MIDDLE if lushi and k in (1, 2) else 0))
+                if "reversed" in augment:
+                    extra.append((b, a, REVERSED))
+                if "across" in augment and previous is not None and len(previous) == len(a):
+                    extra.append((previous, a, ACROSS))
+            previous = b if kept else None
             k += 1
             i += 2
         else:
+            previous = None
             i += 1
-    return found
+    return found + extra
 
 
 def _documents(stream: _Stream):
@@ -625,8 +655,9 @@ def _documents(stream: _Stream):
         carry = cps[start:]
 
 
-def _write_pairs(stream: _Stream, doc_class: np.ndarray, lut: np.ndarray, dtype, work: Path):
-    """Pass 3 of --pairs: the couplets of each kept document to its split. A split's ids are first line, <eot>,
+def _write_pairs(stream: _Stream, doc_class: np.ndarray, lut: np.ndarray, dtype, work: Path,
+                 augment: Sequence[str] = ()):
+    """Pass 3 of --pairs: the couplets of each kept document to its split (and ``augment``'s pairs to training). A split's ids are first line, <eot>,
     answering line, <eot>, pair after pair; its table (poetgen.data.dataset.PAIRS) has a row (start, length, flags)
     per pair. Unlike text, the ids are gathered in memory (4 bytes a character) before they are written."""
     ids = {TRAIN: array("I"), VAL: array("I")}
@@ -635,11 +666,11 @@ def _write_pairs(stream: _Stream, doc_class: np.ndarray, lut: np.ndarray, dtype,
     for cls, text in zip(doc_class, _documents(stream)):
         if cls == DROP:
             continue
-        found = couplets(text)
+        found = line_pairs(text, augment if cls == TRAIN else ())
         counts["pair_documents_without_pairs"] += not found
         out = ids[int(cls)]
-        for first, second, middle in found:
-            rows[int(cls)].append((len(out), len(first), MIDDLE if middle else 0))
+        for first, second, flags in found:
+            rows[int(cls)].append((len(out), len(first), flags))
             out.extend(_codepoints(first).tolist())
             out.append(EOT_CP)
             out.extend(_codepoints(second).tolist())
@@ -658,6 +689,9 @@ def _write_pairs(stream: _Stream, doc_class: np.ndarray, lut: np.ndarray, dtype,
         characters += int(table[:, 1].sum() * 2)
         counts[f"{name}_pairs"] = len(table)
         counts[f"{name}_middle_couplets"] = int(np.count_nonzero(table[:, 2] & MIDDLE))
+        for flag, kind in ((REVERSED, "reversed"), (ACROSS, "across")):
+            if kind in augment and cls == TRAIN:
+                counts[f"train_{kind}_pairs"] = int(np.count_nonzero(table[:, 2] & flag))
         counts[f"{name}_tokens"] = len(mapped)
     if counts["train_pairs"] == 0:
         raise CorpusError("no pairs for training: no couplet of two equal lines of Han characters (ending in ，；： "
