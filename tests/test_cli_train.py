@@ -231,15 +231,16 @@ def test_quiet_says_nothing(cwd, tiny_dataset):
 
 
 def test_auto_preset_weighs_the_budget_and_the_corpus():
-    from poetgen.training.config import AUTO_MIN_TOKENS, PRESETS, QUICK_BELOW, SHORT_BELOW, auto_preset, resolve_config
+    from poetgen.training.config import AUTO_MIN_TOKENS, PRESETS, auto_preset, resolve_config
 
-    big, minute = AUTO_MIN_TOKENS, QUICK_BELOW - 1
+    big, minute = AUTO_MIN_TOKENS, 60.0
     assert auto_preset(minute, big) == "quick" and auto_preset(minute, None) == "quick"
-    assert auto_preset(QUICK_BELOW, big) == "short" and auto_preset(SHORT_BELOW - 1, big) == "short"
-    assert auto_preset(SHORT_BELOW, big) == "small"  # ten minutes and more: the wider model
+    # at the reference machine's speeds the curves cross near 95 s and 405 s (near the thresholds measured there)
+    assert auto_preset(85, big) == "quick" and auto_preset(110, big) == "short"
+    assert auto_preset(390, big) == "short" and auto_preset(420, big) == "small"  # ten minutes: the wider model
     assert auto_preset(0.0, big) == "small"  # no time budget (steps or epochs bound the run)
     assert auto_preset(minute, big - 1) == "small"  # a small corpus: quick (no dropout) would overfit it
-    assert auto_preset(SHORT_BELOW - 1, big - 1) == "small"
+    assert auto_preset(390, big - 1) == "small"
     c = resolve_config(overrides={"max_time": "4m"}, train_tokens=big)
     assert (c.hidden, c.batch_size, c.lr, c.dropout) == (256, 32, 0.015, 0.0)
     c = resolve_config(overrides={"max_time": "85"}, train_tokens=big)
@@ -251,32 +252,44 @@ def test_auto_preset_weighs_the_budget_and_the_corpus():
 
 
 def test_auto_preset_weighs_the_budget_by_the_machines_speed():
-    from poetgen.training.config import AUTO_MIN_TOKENS, QUICK_BELOW, SHORT_BELOW, auto_preset, resolve_config
+    from poetgen.training.config import AUTO_MIN_TOKENS, REFERENCE_STEPS_PER_SEC, auto_preset, predicted_loss, \
+        resolve_config
 
     big = AUTO_MIN_TOKENS
-    # 85 s on a machine 1.5x the reference is 127 s of the reference's compute: `short`, as measured (1.690 vs 1.703)
-    assert auto_preset(85, big, 1.5) == "short" and auto_preset(85, big, 1.0) == "quick"
-    assert auto_preset(SHORT_BELOW - 1, big, 0.5) == "short" and auto_preset(QUICK_BELOW, big, 0.5) == "quick"
-    assert auto_preset(SHORT_BELOW / 2, big, 2.01) == "small"
+
+    def machine(factor):  # a machine `factor` times the reference for every preset
+        return lambda preset: factor * REFERENCE_STEPS_PER_SEC[preset]
+
+    # 85 s on a machine 1.5x the reference buys what 127 s buys there: `short`, as measured (1.690 vs 1.703)
+    assert auto_preset(85, big, machine(1.5)) == "short" and auto_preset(85, big, machine(1.0)) == "quick"
+    assert auto_preset(390, big, machine(0.5)) == "short" and auto_preset(100, big, machine(0.5)) == "quick"
+    assert auto_preset(210, big, machine(2.05)) == "small"
+    # each preset at its own speed (AMX: bf16 speeds `small` 2x as much as `short`): small wins at 128 s
+    amx = {"quick": 20.0, "short": 9.0, "small": 4.5}.__getitem__
+    assert auto_preset(128, big, machine(1.3)) == "short" and auto_preset(128, big, amx) == "small"
+    # the curve: measured points exactly, log-linear between, the first segment extended, flat after the last
+    assert predicted_loss("short", 979) == pytest.approx(1.641) and predicted_loss("short", 10**6) == 1.494
+    assert 1.641 > predicted_loss("short", 1500) > 1.529 and predicted_loss("short", 300) > 1.726
     calls = []
 
-    def speed(settings):
-        calls.append(settings)
-        return 6.0
+    def speed(settings, preset):
+        calls.append((settings, preset))
+        return 6.0 * REFERENCE_STEPS_PER_SEC[preset]
 
     c = resolve_config(overrides={"max_time": 85.0, "device": "cpu", "threads": 1}, train_tokens=big, speed=speed)
-    assert c.hidden == 384 and calls == [{"max_time": 85.0, "device": "cpu", "threads": 1}]  # 510 s: small
+    assert c.hidden == 384 and calls == [({"max_time": 85.0, "device": "cpu", "threads": 1}, p)
+                                         for p in ("quick", "short", "small")]  # 510 s there: small
     # measured only when the choice depends on it
     resolve_config(overrides={"max_time": 85.0}, train_tokens=big - 1, speed=speed)
     resolve_config(overrides={}, train_tokens=big, speed=speed)
     resolve_config("quick", overrides={"max_time": 85.0}, train_tokens=big, speed=speed)
-    assert len(calls) == 1
+    assert len(calls) == 3
     # a bad value is refused before the probe runs with it (torch.set_num_threads(-1) would raise a RuntimeError)
     from poetgen.errors import ConfigError
 
     with pytest.raises(ConfigError, match="threads must be 0 or more"):
         resolve_config(overrides={"max_time": 85.0, "threads": -1}, train_tokens=big, speed=speed)
-    assert len(calls) == 1
+    assert len(calls) == 3
 
 
 def test_a_bad_flag_with_the_speed_probe_is_an_error_not_a_traceback(cwd, tmp_path):
@@ -290,16 +303,18 @@ def test_a_bad_flag_with_the_speed_probe_is_an_error_not_a_traceback(cwd, tmp_pa
     assert r.exit_code == 1 and "Error: threads must be 0 or more" in r.stderr and "Traceback" not in r.output
 
 
-def test_machine_speed_times_a_real_training_step():
+def test_preset_speed_times_a_real_training_step_of_each_preset():
     import torch
 
-    from poetgen.training.loop import REFERENCE_CHARS_PER_SEC, machine_speed
+    from poetgen.training.config import REFERENCE_STEPS_PER_SEC
+    from poetgen.training.loop import preset_speed
 
     before = torch.get_num_threads()
-    v = machine_speed("cpu", threads=1, seconds=0.0, max_steps=1)
+    rates = {p: preset_speed(p, "cpu", threads=1, seconds=0.0, max_steps=1) for p in ("quick", "short", "small")}
     assert torch.get_num_threads() == before
-    # one short-preset step is 2,016 characters: on any CPU that runs the suite, 0.001x to 1,000x the reference
-    assert 1e-3 < v < 1e3 and 1e-3 * REFERENCE_CHARS_PER_SEC < v * REFERENCE_CHARS_PER_SEC
+    for preset, rate in rates.items():  # on any CPU that runs the suite, 0.001x to 1,000x the reference
+        assert 1e-3 < rate / REFERENCE_STEPS_PER_SEC[preset] < 1e3
+    assert rates["quick"] > rates["small"]  # each preset's own model and batch: 2x128, 50x50 against 2x384, 64x64
 
 
 def test_auto_preset_through_the_cli(cwd, tiny_dataset):

@@ -8,7 +8,8 @@ import torch
 import poetgen.model.devices as devices
 import poetgen.training.loop as loop
 from poetgen.data.dataset import load_dataset
-from poetgen.training.config import BF16_MIN_GAIN, BF16_MIN_HIDDEN, PRESETS, QUICK_BELOW, auto_preset
+from poetgen.training.config import AUTO_CURVES, BF16_MIN_GAIN, BF16_MIN_HIDDEN, PRESETS, REFERENCE_STEPS_PER_SEC, \
+    auto_preset
 from poetgen.training.loop import PrecisionProbe, precision_probe
 from poetgen.training.session import TrainRequest
 
@@ -17,9 +18,10 @@ torch.set_num_threads(1)
 TINY = {"layers": 1, "hidden": 128, "embed": 16, "batch_size": 4, "seq_len": 16, "device": "cpu"}
 
 
-def fake_machine(monkeypatch, *, native: bool, gain: float, speeds: dict[str, float] | None = None) -> list:
+def fake_machine(monkeypatch, *, native: bool, gain: float, speeds: dict | None = None) -> list:
     """A CPU with or without native bf16 whose run-size probe measures ``gain`` and whose preset probe measures
-    ``speeds`` per precision; -> the list of calls made to the probes."""
+    ``speeds`` per precision (a multiple of the reference machine's, or {preset: steps a second}); -> the list of calls
+    made to the probes."""
     calls: list = []
     monkeypatch.setattr(devices, "cpu_bf16_native", lambda: native)
 
@@ -28,12 +30,13 @@ def fake_machine(monkeypatch, *, native: bool, gain: float, speeds: dict[str, fl
                      ("precision_probe", config.hidden, vocab_size, id_map is not None))
         return PrecisionProbe(fp32=1000.0, bf16=1000.0 * gain, trials=3)
 
-    def speed(device="auto", threads=None, seconds=0.6, max_steps=12, precision="fp32"):
-        calls.append(("machine_speed", precision))
-        return (speeds or {}).get(precision, 1.0)
+    def speed(preset, device="auto", threads=None, seconds=0.6, max_steps=12, precision="fp32"):
+        calls.append(("preset_speed", precision, preset))
+        found = (speeds or {}).get(precision, 1.0)
+        return found[preset] if isinstance(found, dict) else found * REFERENCE_STEPS_PER_SEC[preset]
 
     monkeypatch.setattr(loop, "precision_probe", probe)
-    monkeypatch.setattr(loop, "machine_speed", speed)
+    monkeypatch.setattr(loop, "preset_speed", speed)
     return calls
 
 
@@ -43,14 +46,15 @@ def test_auto_takes_bf16_when_native_and_fast_enough(monkeypatch, tiny_dataset, 
     assert setup.config.precision == "bf16"
     assert calls == [("precision_probe", 128)]  # no time budget: the preset does not depend on speed
     assert len(setup.notes) == 1 and setup.notes[0].startswith("Precision auto: bf16")
-    assert "1.31x" in setup.notes[0] and "1,310 against 1,000 chars/s" in setup.notes[0]
+    gain = BF16_MIN_GAIN + 0.01
+    assert f"{gain:.2f}x" in setup.notes[0] and f"{1000 * gain:,.0f} against 1,000 chars/s" in setup.notes[0]
 
 
 def test_auto_keeps_fp32_below_the_gain(monkeypatch, tiny_dataset, tmp_path):
     fake_machine(monkeypatch, native=True, gain=BF16_MIN_GAIN - 0.01)
     setup, _ = TrainRequest(str(tiny_dataset), overrides=TINY, runs_dir=tmp_path).setup(probe=True)
     assert setup.config.precision == "fp32"
-    assert "Precision auto: fp32" in setup.notes[0] and "1.29x" in setup.notes[0]
+    assert "Precision auto: fp32" in setup.notes[0] and f"{BF16_MIN_GAIN - 0.01:.2f}x" in setup.notes[0]
 
 
 def test_no_probe_without_native_bf16_or_with_a_precision_given(monkeypatch, tiny_dataset, tmp_path):
@@ -73,37 +77,59 @@ def test_no_probe_without_native_bf16_or_with_a_precision_given(monkeypatch, tin
 
 def test_the_preset_follows_the_speed_of_the_precision_that_runs(monkeypatch, tmp_path):
     """A budget that is `quick` at fp32's speed and `small` at bf16's: the preset must follow the final precision,
-    also when the run's own size overrules the preset probe's (small model) verdict."""
+    also when the run's own size overrules the preset probe's verdict."""
     from helpers import make_dataset
 
     docs = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 40] * 600  # over AUTO_MIN_TOKENS characters
     data = make_dataset(tmp_path / "big", docs, docs[:2])
-    budget = QUICK_BELOW / 2
+    budget = 50.0
     speeds = {"fp32": 1.0, "bf16": 20.0}
-    assert auto_preset(budget, 10**6, speeds["fp32"]) == "quick" and auto_preset(budget, 10**6, 20.0) == "small"
+    at = {name: (lambda p, f=f: f * REFERENCE_STEPS_PER_SEC[p]) for name, f in speeds.items()}
+    assert auto_preset(budget, 10**6, at["fp32"]) == "quick" and auto_preset(budget, 10**6, at["bf16"]) == "small"
     overrides = {"max_time": budget, "device": "cpu"}
 
     calls = fake_machine(monkeypatch, native=True, gain=2.0, speeds=speeds)
     setup, speed = TrainRequest(str(data), overrides=overrides, runs_dir=tmp_path).setup(probe=True)
-    assert (setup.config.precision, speed) == ("bf16", 20.0)
+    assert setup.config.precision == "bf16" and speed == {p: (at["bf16"](p), "bf16") for p in AUTO_CURVES}
     assert setup.config.hidden == PRESETS["small"].get("hidden", 384)
-    assert calls[:2] == [("machine_speed", "fp32"), ("machine_speed", "bf16")]
+    assert calls[:6] == [("preset_speed", prec, p) for p in AUTO_CURVES for prec in ("fp32", "bf16")]
 
-    # the small probe favours bf16, the run's size does not: fp32 runs, so the preset is fp32's (quick)
-    calls = fake_machine(monkeypatch, native=True, gain=1.1, speeds=speeds)
+    # the preset probe favours bf16, the run's size does not: fp32 runs, so the preset is fp32's (quick)
+    calls = fake_machine(monkeypatch, native=True, gain=1.05, speeds=speeds)
     setup, speed = TrainRequest(str(data), overrides=overrides, runs_dir=tmp_path).setup(probe=True)
-    assert (setup.config.precision, speed) == ("fp32", 1.0)
+    assert setup.config.precision == "fp32" and speed == {p: (at["fp32"](p), "fp32") for p in AUTO_CURVES}
     assert setup.config.hidden == PRESETS["quick"]["hidden"]
     # the run's own model changed with the preset: probed again, and the note is about the model that trains
     assert [c[1] for c in calls if c[0] == "precision_probe"] == [384, PRESETS["quick"]["hidden"]]
     assert f"LSTM 2×{PRESETS['quick']['hidden']}" in setup.notes[0]
 
     # --precision bf16 forced: the preset is picked by bf16's speed, and fp32 is not even measured
-    calls = fake_machine(monkeypatch, native=True, gain=1.1, speeds=speeds)
+    calls = fake_machine(monkeypatch, native=True, gain=1.05, speeds=speeds)
     request = TrainRequest(str(data), overrides={**overrides, "precision": "bf16"}, runs_dir=tmp_path)
     setup, speed = request.setup(probe=True)
-    assert (setup.config.precision, speed, setup.config.hidden) == ("bf16", 20.0, 384)
-    assert calls == [("machine_speed", "bf16")]
+    assert (setup.config.precision, setup.config.hidden) == ("bf16", 384)
+    assert calls == [("preset_speed", "bf16", p) for p in AUTO_CURVES]
+
+
+def test_each_preset_is_weighed_in_its_own_precision(monkeypatch, tmp_path):
+    """bf16 speeds the wider model more (AMX: 2x256 1.1x, 2x384 1.7x): at 128 s `short` wins at fp32's speeds, but
+    `small` in bf16 buys enough steps to win, and auto takes it, in bf16; the stderr note gives every preset's
+    figures."""
+    from helpers import make_dataset
+
+    from poetgen.training.session import auto_note
+
+    docs = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 40] * 600
+    data = make_dataset(tmp_path / "big", docs, docs[:2])
+    speeds = {"fp32": {"quick": 20.0, "short": 8.0, "small": 2.6}, "bf16": {"quick": 19.0, "short": 8.7, "small": 4.5}}
+    assert auto_preset(128, 10**6, speeds["fp32"].__getitem__) == "short"
+    fake_machine(monkeypatch, native=True, gain=1.5, speeds=speeds)
+    setup, speed = TrainRequest(str(data), overrides={"max_time": 128.0, "device": "cpu"},
+                                runs_dir=tmp_path).setup(probe=True)
+    assert speed == {"quick": (20.0, "fp32"), "short": (8.0, "fp32"), "small": (4.5, "bf16")}  # 1.09x: not bf16
+    assert (setup.config.hidden, setup.config.precision) == (384, "bf16")
+    note = auto_note(128.0, 10**6, speed)
+    assert note.startswith("Preset auto: small for 128 s") and "small 576 bf16 1.5" in note and "short 1,024 fp32" in note
 
 
 def test_fine_tuning_probes_the_model_that_trains(monkeypatch, tmp_path):

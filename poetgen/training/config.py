@@ -3,12 +3,13 @@
 Precedence, lowest first: the defaults below (= the ``small`` preset), then ``--preset`` (or a ``preset`` key in the
 config file), then the TOML config file, then command-line flags. Unknown keys and wrong types are refused.
 
-With no preset named anywhere, ``auto`` applies, by the --max-time budget: ``quick`` under QUICK_BELOW seconds,
-``short`` under SHORT_BELOW, else (and with no time budget) ``small``; on a training split under AUTO_MIN_TOKENS
-characters always ``small``. The seconds are the reference machine's: the budget is first scaled by this machine's
-measured speed against it (poetgen.training.loop.machine_speed). The presets and thresholds were found by measurement
-(benchmarks/RESULTS.md, "training recipe search"; the README's table): the shorter the budget, the narrower the LSTM
-that wins. ``PRESETS`` below is the one definition; the CLI's help text is made from it (``describe_preset``).
+With no preset named anywhere, ``auto`` applies, by the --max-time budget: of ``quick``, ``short`` and ``small`` the
+one whose measured loss curve (AUTO_CURVES, loss after n steps) is lowest at the steps the budget buys at that preset's
+own speed on this machine, in the precision it would run (poetgen.training.loop.preset_speed); with no time budget, or
+on a training split under AUTO_MIN_TOKENS characters, always ``small``. The presets and curves were found
+by measurement (benchmarks/RESULTS.md, "training recipe search"; the README's table): the shorter the budget, the
+narrower the LSTM that wins, and where bf16 speeds the wider model more (AMX), the wider model wins sooner.
+``PRESETS`` below is the one definition; the CLI's help text is made from it (``describe_preset``).
 
 A config file is flat TOML whose keys are the field names below (``batch_size`` or ``batch-size``)::
 
@@ -20,6 +21,7 @@ A config file is flat TOML whose keys are the field names below (``batch_size`` 
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import sys
@@ -32,8 +34,11 @@ from poetgen.model.config import HEAD_CHOICES, check_type
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # precision auto on a CPU with native bf16 (AVX512-BF16, AMX) takes bf16 when a training step of the run's own model is
-# at least this much faster in bf16 than in fp32 (poetgen.training.session; the issue that asked for it set 1.3x).
-BF16_MIN_GAIN = 1.3
+# at least this much faster in bf16 than in fp32 (poetgen.training.session). The issue that asked for it set 1.3x; with
+# the output layer in fp32 a bf16 step learns almost what an fp32 step does (0.013 nats behind after 400 steps), and
+# measured on Tiny Shakespeare (AMX) bf16 already won at 1.12x (`short`, 128 s: 1.579 against fp32's 1.617) and at
+# 1.17x (85 s: 1.680 against 1.751); where more steps no longer help (10 minutes, overfitting), 1.54x lost 0.013.
+BF16_MIN_GAIN = 1.1
 # ... and weighs it only for a model at least this wide: below, oneDNN's bf16 steps are no faster than fp32 (too small
 # to be bound by the multiplications), so the probe's second or two would be spent for nothing.
 BF16_MIN_HIDDEN = 128
@@ -41,11 +46,21 @@ BF16_MIN_HIDDEN = 128
 # corpus such as the bundled one has only a few batches per epoch).
 DEFAULT_EPOCHS = 10
 DEFAULT_MIN_STEPS = 500
-# `auto` (see the module docstring): `quick` below QUICK_BELOW seconds of --max-time, `short` below SHORT_BELOW,
-# else `small`; `small` always for a training split under AUTO_MIN_TOKENS characters (quick and short have no dropout
-# and overfit a small corpus: on the bundled 474 poems in 3 minutes quick reached 6.88 nats/char, small 6.19).
-QUICK_BELOW = 100.0
-SHORT_BELOW = 420.0
+# `auto` (see the module docstring and auto_preset): each candidate's validation loss on Tiny Shakespeare (nats/char,
+# the run's own figure at its end) after a run of n steps (its learning rate decaying to zero at the end), (n, loss)
+# in order (benchmarks/RESULTS.md, "training recipe search"): real-time runs of 85, 130, 280 and 420 s and ten minutes
+# on the reference machine, and `small` at 150 and 230 steps on an AMX Xeon (where its 489 steps gave 1.569 against
+# the reference's 1.589).
+AUTO_CURVES: dict[str, tuple[tuple[int, float], ...]] = {
+    "quick": ((1210, 1.708), (1918, 1.659), (4583, 1.662)),
+    "short": ((539, 1.726), (979, 1.641), (1960, 1.529), (3384, 1.494)),
+    "small": ((150, 2.075), (230, 1.860), (489, 1.589), (732, 1.496), (950, 1.465)),
+}
+# Their steps a second on the reference machine (2 cores, AVX2, oneDNN fp32 peak ~130 GFLOP/s), in those real-time
+# runs: what auto assumes when it measures nothing (under torchrun). The curves then cross near 95 s and 405 s.
+REFERENCE_STEPS_PER_SEC = {"quick": 14.2, "short": 7.0, "small": 1.74}
+# `small` always for a training split under AUTO_MIN_TOKENS characters (quick and short have no dropout and overfit a
+# small corpus: on the bundled 474 poems in 3 minutes quick reached 6.88 nats/char, small 6.19).
 AUTO_MIN_TOKENS = 500_000
 MODEL_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "tie_weights", "head", "cutoffs", "div_value")
 # Changing these on --resume would change what a step means (data position, shapes): refused.
@@ -183,10 +198,10 @@ def describe_preset(name: str) -> str:
 
 
 def preset_help() -> str:
-    """The help text of ``--preset``: auto's rule with its thresholds, then every preset described."""
-    auto = (f"auto (the default: by --max-time in the reference machine's seconds, scaled by a one-second speed "
-            f"probe: quick under {QUICK_BELOW:g} s, short under {SHORT_BELOW / 60:g} min, else small; small for a "
-            f"corpus under {AUTO_MIN_TOKENS:,} characters)")
+    """The help text of ``--preset``: auto's rule, then every preset described."""
+    auto = (f"auto (the default: with --max-time, the one of {', '.join(AUTO_CURVES)} whose measured loss curve is "
+            f"lowest after the steps the budget buys, by a speed probe of each on this machine; without, and for a "
+            f"corpus under {AUTO_MIN_TOKENS:,} characters, small)")
     return " | ".join([auto, *(f"{n} ({describe_preset(n)})" for n in PRESETS)]) + "."
 
 
@@ -246,12 +261,13 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def resolve_config(
     preset: str | None = None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
-    train_tokens: int | None = None, speed: Callable[[dict[str, Any]], float] | None = None,
+    train_tokens: int | None = None, speed: Callable[[dict[str, Any], str], float] | None = None,
 ) -> TrainConfig:
     """defaults < preset < config file < overrides (flags). ``preset`` argument beats a preset key in the file.
     ``train_tokens``: the size of the training split, which preset `auto` weighs (see auto_preset); ``speed``: a
-    function of the settings given (file and flags: device, threads) -> this machine's speed for auto_preset,
-    called only when `auto` has a time budget to weigh (None: speed 1, the thresholds as measured)."""
+    function of the settings given (file and flags: device, threads) and a preset's name -> that preset's training
+    steps a second on this machine (auto_preset's ``steps_per_sec``), called only when `auto` has a time budget to
+    weigh (None: the reference machine's)."""
     file_values: dict[str, Any] = {}
     if config_file is not None:
         raw = dict(load_toml(config_file))
@@ -266,7 +282,7 @@ def resolve_config(
         if speed is not None:
             TrainConfig(**given)  # a bad value is refused here, before the speed probe runs on it
         preset = auto_preset(given.get("max_time", 0.0), train_tokens,
-                             (lambda: speed(given)) if speed is not None else 1.0)
+                             (lambda name: speed(given, name)) if speed is not None else None)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of auto, {', '.join(PRESETS)}")
     values: dict[str, Any] = dict(PRESETS[preset])
@@ -275,19 +291,32 @@ def resolve_config(
     return TrainConfig(**values)
 
 
+def predicted_loss(preset: str, steps: float) -> float:
+    """``preset``'s loss after a run of ``steps`` steps, by AUTO_CURVES: linear in log steps between measured points;
+    before the first, the first segment's slope; after the last, the last loss (no preset is credited with a gain
+    nobody measured)."""
+    points = AUTO_CURVES[preset]
+    x = math.log(max(steps, 1e-9))
+    xs = [math.log(n) for n, _ in points]
+    if x >= xs[-1]:
+        return points[-1][1]
+    i = max(1, bisect.bisect_right(xs, x))  # the segment (i - 1, i); below the first point, the first one extended
+    (x0, y0), (x1, y1) = (xs[i - 1], points[i - 1][1]), (xs[i], points[i][1])
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
 def auto_preset(max_time: object, train_tokens: int | None = None,
-                speed: float | Callable[[], float] | None = 1.0) -> str:
+                steps_per_sec: Callable[[str], float] | None = None) -> str:
     """The preset `auto` stands for, given the --max-time budget (seconds; 0 = none), the training split's size and
-    this machine's ``speed`` (its training throughput as a multiple of the machine the thresholds were measured on;
-    see poetgen.training.loop.machine_speed): `quick` under QUICK_BELOW seconds of that machine's compute, `short` under
-    SHORT_BELOW, else `small`; always `small` for a corpus of fewer than AUTO_MIN_TOKENS training characters, and
-    without a time budget. ``speed`` may be a callable, called only when the choice depends on it."""
+    ``steps_per_sec``: a preset's name -> its training steps a second on this machine (poetgen.training.loop.
+    preset_speed), called only when the choice depends on it; None: REFERENCE_STEPS_PER_SEC. Of AUTO_CURVES'
+    presets, the one with the lowest predicted_loss after the steps the budget buys (the narrower on a tie); always
+    `small` for a corpus of fewer than AUTO_MIN_TOKENS training characters, and without a time budget."""
     timed = isinstance(max_time, (int, float)) and not isinstance(max_time, bool) and max_time > 0
     if not timed or (train_tokens is not None and train_tokens < AUTO_MIN_TOKENS):
         return "small"
-    factor = speed() if callable(speed) else (speed or 1.0)
-    budget = max_time * factor
-    return "quick" if budget < QUICK_BELOW else "short" if budget < SHORT_BELOW else "small"
+    rate = steps_per_sec or REFERENCE_STEPS_PER_SEC.__getitem__
+    return min(AUTO_CURVES, key=lambda p: predicted_loss(p, max_time * rate(p)))
 
 
 def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:

@@ -40,7 +40,7 @@ import torch
 
 from poetgen import __version__
 from poetgen.checkpoint.torch_io import BEST, LAST, Checkpoint, restore_rng, save_checkpoint
-from poetgen.training.config import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, MODEL_FIELDS, TrainConfig
+from poetgen.training.config import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, MODEL_FIELDS, PRESETS, TrainConfig
 from poetgen.data.dataset import Dataset
 from poetgen.model.devices import autocast, autocast_dtype, resolve_device
 from poetgen.training.distributed import Local, context, mark_reported, rank_seed, restore_rank_rng, rng_tensors
@@ -152,22 +152,16 @@ def _head_width(model: ModelConfig, tokens: np.ndarray | None) -> float:
     return width
 
 
-# The `short` preset's training step (LSTM 2x256, embed 64, 65 symbols, batch 32 x 64, AdamW, clipping) as
-# ``machine_speed`` times it, in characters per second, on the machine where preset `auto`'s time thresholds were
-# measured (2 cores, AVX2, oneDNN fp32 peak ~130 GFLOP/s). Calibrated through real 85 s runs of `short` on Tiny
-# Shakespeare: 539 steps there, 777 on a machine (2 cores, AVX-512, peak 221) where this probe measured a median of
-# 15,900 chars/s over 7 runs (14,800-18,100): 15,900 x 539 / 777 = 11,000.
-REFERENCE_CHARS_PER_SEC = 11_000.0
-
-
-def machine_speed(device: str = "auto", threads: int | None = None, seconds: float = 0.6, max_steps: int = 12,
-                  precision: str = "fp32") -> float:
-    """This machine's training speed as a multiple of the one preset `auto`'s thresholds were measured on: the
-    `short` model's full training step (forward, backward, clipping, AdamW) on random tokens, 2 warm-up steps, then
-    timed for ``seconds`` (at most ``max_steps``); chars/s over REFERENCE_CHARS_PER_SEC. 1-2.5 s on a 2-core CPU,
-    model building and oneDNN's first calls included; readings of one machine spread about +-10%. Its threads are
-    set as training will set them; the previous count is restored. ``precision``: fp32 (what the thresholds were
-    measured in) or bf16 (autocast, as training runs it)."""
+def preset_speed(preset: str, device: str = "auto", threads: int | None = None, seconds: float = 0.6,
+                 max_steps: int = 12, precision: str = "fp32") -> float:
+    """Training steps a second of ``preset`` on this machine, for preset `auto` (poetgen.training.config.auto_preset):
+    the preset's full training step (its model with 65 symbols and its batch; forward, backward, clipping, AdamW) on
+    random tokens, 2 warm-up steps, then timed for ``seconds`` (at most ``max_steps``). Under a second on a 2-core
+    CPU, model building and oneDNN's first calls included; readings of one machine spread about +-10%, and a real
+    run, with its data, logging and evaluations, makes 0.87-0.93 as many steps (AMX Xeon, Tiny Shakespeare, 128 s).
+    Its threads are set as training will set them; the previous count is restored. ``precision``: fp32 or bf16
+    (autocast, as training runs it)."""
+    c = TrainConfig(**PRESETS[preset])
     dev = torch.device(resolve_device(device))
     amp = autocast_dtype(dev, precision)
     before = torch.get_num_threads()
@@ -175,9 +169,10 @@ def machine_speed(device: str = "auto", threads: int | None = None, seconds: flo
         torch.set_num_threads(threads)
     try:
         gen = torch.Generator().manual_seed(0)
-        model = CharRNN(ModelConfig(65, cell="lstm", layers=2, hidden=256, embed=64, dropout=0.0)).to(dev)
+        model = CharRNN(ModelConfig(65, cell=c.cell, layers=c.layers, hidden=c.hidden, embed=c.embed,
+                                    dropout=c.dropout)).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        batch = torch.randint(0, 65, (32, 65), generator=gen).to(dev)
+        batch = torch.randint(0, 65, (c.batch_size, c.seq_len + 1), generator=gen).to(dev)
 
         def step() -> None:
             with autocast(dev, amp):
@@ -193,10 +188,10 @@ def machine_speed(device: str = "auto", threads: int | None = None, seconds: flo
         while steps < max_steps and (steps == 0 or time.perf_counter() - t0 < seconds):
             step()
             steps += 1
-        rate = steps * batch.shape[0] * (batch.shape[1] - 1) / (time.perf_counter() - t0)
+        rate = steps / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
-    return rate / REFERENCE_CHARS_PER_SEC
+    return rate
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from poetgen.errors import ConfigError
 from poetgen.paths import RUNS_DIR
-from poetgen.training.config import BF16_MIN_GAIN, BF16_MIN_HIDDEN, auto_preset, parse_duration
+from poetgen.training.config import AUTO_CURVES, BF16_MIN_GAIN, BF16_MIN_HIDDEN, auto_preset, parse_duration
 from poetgen.training.runs import RunSetup, setup_run
 
 if TYPE_CHECKING:
@@ -40,33 +40,37 @@ class TrainRequest:
         if isinstance(self.overrides.get("max_time"), str):
             self.overrides = {**self.overrides, "max_time": parse_duration(self.overrides["max_time"])}
 
-    def setup(self, probe: bool) -> tuple[RunSetup, float | None]:
-        """-> (the run's setup, the speed preset `auto` measured, or None when it measured nothing).
+    def setup(self, probe: bool) -> tuple[RunSetup, dict[str, tuple[float, str]] | None]:
+        """-> (the run's setup, what preset `auto` measured: {preset: (its steps a second, the precision they were
+        taken in)} for the presets it weighed, or None when it measured nothing).
 
-        ``probe``: let auto time this machine: preset auto's speed probe, and precision auto's bf16 probe on a CPU
-        with native bf16 (a training step of the run's own model in both precisions; bf16 from BF16_MIN_GAIN times
-        fp32's speed; the choice is written into the run's config, so a resume keeps it). Not with several
-        processes: ranks could measure different speeds and build different models, so auto takes the budget as
-        it is there (speed 1) and the precision as it is (fp32 on a CPU)."""
+        ``probe``: let auto time this machine: preset auto's speed probe of each preset it weighs, and precision
+        auto's bf16 probe on a CPU with native bf16 (a training step of the run's own model in both precisions; bf16
+        from BF16_MIN_GAIN times fp32's speed; the choice is written into the run's config, so a resume keeps it).
+        Not with several processes: ranks could measure different speeds and build different models, so auto takes
+        the reference machine's speeds (REFERENCE_STEPS_PER_SEC) and the precision as it is (fp32 on a CPU)."""
         from poetgen.model.devices import bf16_candidate  # torch: not at import (the CLI's help must not load it)
+        from poetgen.training.config import PRESETS, TrainConfig
 
-        measured: dict[str, float] = {}
+        measured: dict[str, dict[str, float]] = {"fp32": {}, "bf16": {}}  # precision -> preset -> steps a second
+        taken: dict[str, str] = {}  # preset -> the precision its speed was taken in
 
-        def speed(settings: dict) -> float:
-            """Preset auto's speed: fp32's, or bf16's where bf16 will run (forced, or auto and 1.3x faster)."""
-            from poetgen.training.loop import machine_speed
+        def speed(settings: dict, preset: str) -> float:
+            """Preset auto's speed of ``preset`` (steps a second): fp32's, or bf16's where bf16 would run it (forced,
+            or auto and BF16_MIN_GAIN faster at that preset's size)."""
+            from poetgen.training.loop import preset_speed
 
             device, threads = settings.get("device", "auto"), settings.get("threads")
             asked = settings.get("precision", "auto")
-            bf16 = asked != "fp32" and bf16_candidate(device)
+            wide = TrainConfig(**PRESETS[preset]).hidden >= BF16_MIN_HIDDEN
+            bf16 = asked != "fp32" and bf16_candidate(device) and (asked == "bf16" or wide)
             if asked != "bf16" or not bf16:
-                measured["fp32"] = machine_speed(device, threads)
+                measured["fp32"][preset] = preset_speed(preset, device, threads)
             if bf16:
-                measured["bf16"] = machine_speed(device, threads, precision="bf16")
-            tentative = "bf16" if bf16 and (asked == "bf16" or measured["bf16"] >= BF16_MIN_GAIN * measured["fp32"]) \
-                else "fp32"
-            measured["chosen"] = measured[tentative]
-            return measured[tentative]
+                measured["bf16"][preset] = preset_speed(preset, device, threads, precision="bf16")
+            faster = bf16 and (asked == "bf16" or measured["bf16"][preset] >= BF16_MIN_GAIN * measured["fp32"][preset])
+            taken[preset] = "bf16" if faster else "fp32"
+            return measured[taken[preset]][preset]
 
         def make(speed_fn) -> RunSetup:
             return setup_run(
@@ -84,18 +88,24 @@ class TrainRequest:
             runs = "bf16" if found.gain >= BF16_MIN_GAIN else "fp32"
         else:
             runs = "bf16" if c.precision == "bf16" else "fp32"
-        if "chosen" in measured and runs in measured and measured["chosen"] != measured[runs]:
-            # Preset auto picked its preset by the speed of the precision the small probe favoured; the other one
-            # runs (the run's own size decided, or bf16 is not weighed for it): pick again by that one's speed.
-            measured["chosen"] = measured[runs]
-            setup = make(lambda settings: measured[runs])
+        chosen = auto_preset(c.max_time, len(setup.dataset.train), lambda p: measured[taken[p]][p]) if taken else None
+        if chosen is not None and taken[chosen] != runs and chosen in measured[runs]:
+            # Preset auto weighed the preset that trains in the precision its probe favoured; the other one runs (the
+            # run's own size and data decided, or bf16 is not weighed for it): pick again in that one's speed, for it
+            # and for the presets it speaks for (bf16 gains more the wider the model: fp32 for it and the narrower,
+            # bf16 for it and the wider).
+            k = list(AUTO_CURVES).index(chosen)
+            for p in list(AUTO_CURVES)[: k + 1] if runs == "fp32" else list(AUTO_CURVES)[k:]:
+                if p in measured[runs]:
+                    taken[p] = runs
+            setup = make(lambda settings, p: measured[taken[p]][p])
             if found is not None and _architecture(setup.config) != _architecture(c):
                 found = self._probe(setup)  # the note (and the choice) must be about the model that trains
                 runs = "bf16" if found.gain >= BF16_MIN_GAIN else "fp32"
         if found is not None:
             setup.config = replace(setup.config, precision=runs)
             setup.notes.append(precision_note(setup.config, setup.dataset.is_pairs, runs, found))
-        return setup, measured.get("chosen")
+        return setup, ({p: (measured[taken[p]][p], taken[p]) for p in taken} if taken else None)
 
     def _probe(self, setup: RunSetup) -> Any:
         """poetgen.training.loop.precision_probe of the model this run trains: a fine-tuned model's vocabulary,
@@ -111,6 +121,19 @@ class TrainRequest:
 
 def _architecture(c: Any) -> tuple:
     return (c.cell, c.layers, c.hidden, c.embed, c.head, c.batch_size, c.seq_len)
+
+
+def auto_note(budget: float, train_tokens: int, speeds: dict[str, tuple[float, str]]) -> str:
+    """The stderr line that says what preset auto measured and chose, e.g. "Preset auto: small for 128 s on this
+    machine (the steps the budget buys at each preset's measured speed, and the loss its curve gives on Tiny
+    Shakespeare: quick 2,610 fp32 1.66, short 1,170 fp32 1.60, small 620 bf16 1.52)"."""
+    from poetgen.training.config import predicted_loss
+
+    chosen = auto_preset(budget, train_tokens, lambda p: speeds[p][0])
+    each = ", ".join(f"{p} {budget * rate:,.0f} {prec} {predicted_loss(p, budget * rate):.2f}"
+                     for p, (rate, prec) in speeds.items())
+    return (f"Preset auto: {chosen} for {budget:g} s on this machine (the steps the budget buys at each preset's "
+            f"measured speed, and the loss its curve gives on Tiny Shakespeare: {each})")
 
 
 def precision_note(c: Any, pairs: bool, chosen: str, found: Any) -> str:
@@ -166,10 +189,10 @@ class Session:
         self.request, self.ctx = request, ctx
         self.world_size = world_size or ctx.world_size
         self.setup: RunSetup | None = None
-        self.speed: float | None = None
+        self.speed: dict[str, tuple[float, str]] | None = None  # what preset auto measured (TrainRequest.setup)
 
     def open(self) -> RunSetup:
-        def setup() -> tuple[RunSetup, float | None]:
+        def setup() -> tuple[RunSetup, dict[str, tuple[float, str]] | None]:
             found = self.request.setup(probe=self.world_size == 1)
             model_options(self.request, found[0])  # a flag the checkpoint disagrees with: refused on every rank
             return found
@@ -184,11 +207,7 @@ class Session:
             return None
         lines = []
         if self.speed is not None:
-            budget = self.setup.config.max_time
-            chosen = auto_preset(budget, len(self.setup.dataset.train), self.speed)
-            lines.append(f"Preset auto: {chosen} for {budget:g} s on this machine (its training speed "
-                         f"{self.speed:.2f}x the machine the presets were measured on, in "
-                         f"{'bf16' if self.setup.config.precision == 'bf16' else 'fp32'})")
+            lines.append(auto_note(self.setup.config.max_time, len(self.setup.dataset.train), self.speed))
         lines += self.setup.notes
         return "\n".join(lines) or None
 
