@@ -671,6 +671,28 @@ def test_a_request_is_planned_on_the_event_loop_only_when_that_is_quick(model_pa
     assert not batcher.plans_quickly("", SampleOptions(style="夜"))
 
 
+def test_the_batcher_keeps_only_the_recent_constraints(model_path):
+    """Every acrostic is a constraint of its own: a server keeps the most recent few, not one per client's whim."""
+    from poetgen.generation.engines import open_model
+    from poetgen.generation.sample import SampleOptions, constraint_key
+    from poetgen.serving.batcher import Batcher, ConstraintCache
+
+    cache = ConstraintCache(size=2)
+    cache[("a",)], cache[("b",)] = 1, 2
+    assert cache.get(("a",)) == 1  # used: now the most recent
+    cache[("c",)] = 3
+    assert ("b",) not in cache and cache.get(("a",)) == 1 and cache.get(("c",)) == 3 and len(cache) == 2
+    opened = open_model(model_path, "cpu")
+    batcher = Batcher(opened.model, opened.vocab)  # not started: requests only queue
+    batcher._constraints = ConstraintCache(size=3)
+    heads = "床前明月光疑是地上霜"
+    for i in range(len(heads) - 3):
+        options = SampleOptions(acrostic=heads[i:i + 4], seed=1)
+        batcher.submit("", options, lambda r, e: None)
+        assert constraint_key(options, options.acrostic) in batcher._constraints
+    assert len(batcher._constraints) == 3
+
+
 def test_a_failure_in_the_batcher_answers_the_requests_it_held(model_path, monkeypatch):
     """A bug must not leave a client waiting: the request that was joining the batch gets the error."""
     from poetgen.generation.engines import open_model

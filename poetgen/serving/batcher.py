@@ -27,7 +27,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -211,6 +211,38 @@ class _Tuners:
             yield
 
 
+class ConstraintCache:
+    """FormConstraints by their arguments (plan_samples' ``constraints``), the ``size`` most recently used, for
+    any thread: a server keeping one for every acrostic a client invents would grow for ever (a 七律's masks are
+    a few hundred kilobytes at 8,800 symbols)."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, default: Any = None) -> Any:
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def __setitem__(self, key: tuple, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class Batcher:
     """Decodes the requests for one model: ``submit`` from any thread; answers come through each job's callbacks,
     from the batcher's thread. ``model``: a poetgen.model.runtime.Runtime (the CPU engine)."""
@@ -232,7 +264,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="poetgen-batcher", daemon=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poetgen-search")
         self._fork: Any = None
-        self._constraints: dict = {}  # FormConstraints by their arguments (plan_samples)
+        self._constraints = ConstraintCache()  # FormConstraints by their arguments (plan_samples)
 
     # --- the caller's side ----------------------------------------------------------------------------------
 
