@@ -63,8 +63,8 @@ def seq2seq_flags(args, budget: float) -> dict:
     vocabulary; batches of 256 pairs: a pair has only 5-7 answer characters, and smaller batches leave the matrix
     products too small to be efficient)."""
     return {"cell": "gru", "layers": 2, "hidden": args.hidden, "embed": 128, "dropout": args.dropout,
-            "batch_size": 256, "lr": 3e-3, "warmup_steps": 100, "max_time": budget, "eval_every": args.eval_every, "patience": 0,
-            "sample_every": 0, "device": "cpu", "threads": args.threads, "seed": 1}
+            "batch_size": 256, "lr": 3e-3, "warmup_steps": 100, "max_time": budget, "eval_every": args.eval_every,
+            "patience": 0, "sample_every": 0, "device": "cpu", "threads": args.threads, "seed": 1}
 
 
 @torch.no_grad()

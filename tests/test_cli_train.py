@@ -303,14 +303,15 @@ def test_a_bad_flag_with_the_speed_probe_is_an_error_not_a_traceback(cwd, tmp_pa
     assert r.exit_code == 1 and "Error: threads must be 0 or more" in r.stderr and "Traceback" not in r.output
 
 
-def test_preset_speed_times_a_real_training_step_of_each_preset():
+def test_step_speed_times_a_real_training_step_of_each_preset():
     import torch
 
-    from poetgen.training.config import REFERENCE_STEPS_PER_SEC
-    from poetgen.training.loop import preset_speed
+    from poetgen.training.config import PRESETS, REFERENCE_STEPS_PER_SEC, TrainConfig
+    from poetgen.training.loop import step_speed
 
     before = torch.get_num_threads()
-    rates = {p: preset_speed(p, "cpu", threads=1, seconds=0.0, max_steps=1) for p in ("quick", "short", "small")}
+    rates = {p: step_speed(TrainConfig(**PRESETS[p]), "cpu", threads=1, seconds=0.0, max_steps=1)
+             for p in ("quick", "short", "small")}
     assert torch.get_num_threads() == before
     for preset, rate in rates.items():  # on any CPU that runs the suite, 0.001x to 1,000x the reference
         assert 1e-3 < rate / REFERENCE_STEPS_PER_SEC[preset] < 1e3

@@ -105,7 +105,8 @@ def test_augmented_pairs_reversed_and_across_couplets():
     # across needs two kept couplets in a row of one line length; a user pair gets nothing extra
     broken = "白日依山尽，黄河入海流。欲穷千里目，更上一层。远上寒山石，白云生处有。"
     assert [(a, b) for a, b, f in line_pairs(broken, ("across",)) if f == ACROSS] == []
-    assert line_pairs(f"天地{PAIR_SEP}地天", ("reversed", "across")) == [("天地", "地天", 0)]
+    # a user pair is one couplet: reversed applies, across cannot
+    assert line_pairs(f"天地{PAIR_SEP}地天", ("reversed", "across")) == [("天地", "地天", 0), ("地天", "天地", REVERSED)]
 
 
 def test_prepare_augment_adds_training_pairs_only(tmp_path):
@@ -113,7 +114,8 @@ def test_prepare_augment_adds_training_pairs_only(tmp_path):
     rng = random.Random(3)
     for i in range(60):  # distinct poems of two couplets: 5-character lines from the toy alphabet
         lines = ["".join(rng.choice(SOURCE) for _ in range(5)) for _ in range(4)]
-        poems.append({"title": f"p{i}", "author": "a", "paragraphs": [f"{lines[0]}，{lines[1]}。", f"{lines[2]}，{lines[3]}。"]})
+        poems.append({"title": f"p{i}", "author": "a",
+                      "paragraphs": [f"{lines[0]}，{lines[1]}。", f"{lines[2]}，{lines[3]}。"]})
     src = tmp_path / "src"
     src.mkdir()
     (src / "poet.tang.0.json").write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
@@ -126,6 +128,9 @@ def test_prepare_augment_adds_training_pairs_only(tmp_path):
     assert b["train_pairs"] == a["train_pairs"] * 2 + a["train_pairs"] // 2
     data = load_dataset(tmp_path / "more")
     assert not any(f & (REVERSED | ACROSS) for _, _, f in data.pair_lines("val"))
+    # preset auto weighs the text, not its repetitions: the augmented dataset counts what the plain one holds
+    plain_data = load_dataset(tmp_path / "plain")
+    assert data.auto_tokens == plain_data.auto_tokens == len(plain_data.train) < len(data.train)
     assert json.loads((tmp_path / "more" / "meta.json").read_text())["options"]["augment"] == ["reversed", "across"]
     r = runner.invoke(app, ["prepare", str(src), "--augment", "reversed", "-o", str(tmp_path / "x"), "-q"])
     assert r.exit_code == 1 and "needs --pairs" in r.output

@@ -3,13 +3,14 @@ BF16_MIN_GAIN faster) and the preset it picks by the speed of the precision that
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import poetgen.model.devices as devices
 import poetgen.training.loop as loop
 from poetgen.data.dataset import load_dataset
-from poetgen.training.config import AUTO_CURVES, BF16_MIN_GAIN, BF16_MIN_HIDDEN, PRESETS, REFERENCE_STEPS_PER_SEC, \
-    auto_preset
+from poetgen.training.config import AUTO_CURVES, BF16_MIN_GAIN, BF16_MIN_HIDDEN, PRESETS, PROBE_SHARE, \
+    REFERENCE_STEPS_PER_SEC, TrainConfig, auto_preset
 from poetgen.training.loop import PrecisionProbe, precision_probe
 from poetgen.training.session import TrainRequest
 
@@ -18,26 +19,46 @@ torch.set_num_threads(1)
 TINY = {"layers": 1, "hidden": 128, "embed": 16, "batch_size": 4, "seq_len": 16, "device": "cpu"}
 
 
-def fake_machine(monkeypatch, *, native: bool, gain: float, speeds: dict | None = None) -> list:
-    """A CPU with or without native bf16 whose run-size probe measures ``gain`` and whose preset probe measures
-    ``speeds`` per precision (a multiple of the reference machine's, or {preset: steps a second}); -> the list of calls
-    made to the probes."""
+HIDDEN = {p: TrainConfig(**PRESETS[p]).hidden for p in AUTO_CURVES}  # a probed model's preset, by its width
+
+
+def fake_machine(monkeypatch, *, native: bool, gain, speeds: dict | None = None) -> list:
+    """A CPU with or without native bf16 whose run-size probe measures ``gain`` (a number, or one per probe in turn)
+    and whose step probe measures ``speeds`` per precision (a multiple of the reference machine's, or {preset: steps
+    a second}; a model of no preset's width: the reference's `short`); -> the list of calls made to the probes."""
     calls: list = []
+    gains = iter(gain) if isinstance(gain, (list, tuple)) else None
     monkeypatch.setattr(devices, "cpu_bf16_native", lambda: native)
 
     def probe(config, dataset, model_options=None, seconds=3.0, vocab_size=None, id_map=None):
         calls.append(("precision_probe", config.hidden) if vocab_size is None else
                      ("precision_probe", config.hidden, vocab_size, id_map is not None))
-        return PrecisionProbe(fp32=1000.0, bf16=1000.0 * gain, trials=3)
+        return PrecisionProbe(fp32=1000.0, bf16=1000.0 * (next(gains) if gains else gain), trials=3)
 
-    def speed(preset, device="auto", threads=None, seconds=0.6, max_steps=12, precision="fp32"):
-        calls.append(("preset_speed", precision, preset))
+    def speed(config, device="auto", threads=None, seconds=0.6, max_steps=12, precision="fp32"):
+        preset = next((p for p, h in HIDDEN.items() if h == config.hidden), None)
+        calls.append(("step_speed", precision, preset or config.hidden))
         found = (speeds or {}).get(precision, 1.0)
-        return found[preset] if isinstance(found, dict) else found * REFERENCE_STEPS_PER_SEC[preset]
+        if isinstance(found, dict):
+            return found[preset]
+        return found * REFERENCE_STEPS_PER_SEC[preset or "short"]
 
     monkeypatch.setattr(loop, "precision_probe", probe)
-    monkeypatch.setattr(loop, "preset_speed", speed)
+    monkeypatch.setattr(loop, "step_speed", speed)
     return calls
+
+
+def same(speed: dict, expected: dict) -> bool:
+    """auto's {preset: (steps a second, precision)} against ``expected``, the rates to rounding."""
+    return speed.keys() == expected.keys() and all(
+        speed[p][1] == expected[p][1] and speed[p][0] == pytest.approx(expected[p][0]) for p in expected)
+
+
+def big_dataset(tmp_path):
+    from helpers import make_dataset
+
+    docs = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 40] * 600  # over AUTO_MIN_TOKENS characters
+    return make_dataset(tmp_path / "big", docs, docs[:2])
 
 
 def test_auto_takes_bf16_when_native_and_fast_enough(monkeypatch, tiny_dataset, tmp_path):
@@ -78,58 +99,92 @@ def test_no_probe_without_native_bf16_or_with_a_precision_given(monkeypatch, tin
 def test_the_preset_follows_the_speed_of_the_precision_that_runs(monkeypatch, tmp_path):
     """A budget that is `quick` at fp32's speed and `small` at bf16's: the preset must follow the final precision,
     also when the run's own size overrules the preset probe's verdict."""
-    from helpers import make_dataset
-
-    docs = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 40] * 600  # over AUTO_MIN_TOKENS characters
-    data = make_dataset(tmp_path / "big", docs, docs[:2])
+    data = big_dataset(tmp_path)
     budget = 50.0
     speeds = {"fp32": 1.0, "bf16": 20.0}
-    at = {name: (lambda p, f=f: f * REFERENCE_STEPS_PER_SEC[p]) for name, f in speeds.items()}
+    at = {name: (lambda p, f=f: PROBE_SHARE * f * REFERENCE_STEPS_PER_SEC[p]) for name, f in speeds.items()}
     assert auto_preset(budget, 10**6, at["fp32"]) == "quick" and auto_preset(budget, 10**6, at["bf16"]) == "small"
     overrides = {"max_time": budget, "device": "cpu"}
 
     calls = fake_machine(monkeypatch, native=True, gain=2.0, speeds=speeds)
     setup, speed = TrainRequest(str(data), overrides=overrides, runs_dir=tmp_path).setup(probe=True)
-    assert setup.config.precision == "bf16" and speed == {p: (at["bf16"](p), "bf16") for p in AUTO_CURVES}
-    assert setup.config.hidden == PRESETS["small"].get("hidden", 384)
-    assert calls[:6] == [("preset_speed", prec, p) for p in AUTO_CURVES for prec in ("fp32", "bf16")]
+    assert setup.config.precision == "bf16" and same(speed, {p: (at["bf16"](p), "bf16") for p in AUTO_CURVES})
+    assert setup.config.hidden == HIDDEN["small"]
+    assert calls[:6] == [("step_speed", prec, p) for p in AUTO_CURVES for prec in ("fp32", "bf16")]
 
     # the preset probe favours bf16, the run's size does not: fp32 runs, so the preset is fp32's (quick)
     calls = fake_machine(monkeypatch, native=True, gain=1.05, speeds=speeds)
     setup, speed = TrainRequest(str(data), overrides=overrides, runs_dir=tmp_path).setup(probe=True)
-    assert setup.config.precision == "fp32" and speed == {p: (at["fp32"](p), "fp32") for p in AUTO_CURVES}
-    assert setup.config.hidden == PRESETS["quick"]["hidden"]
+    assert setup.config.precision == "fp32" and same(speed, {p: (at["fp32"](p), "fp32") for p in AUTO_CURVES})
+    assert setup.config.hidden == HIDDEN["quick"]
     # the run's own model changed with the preset: probed again, and the note is about the model that trains
-    assert [c[1] for c in calls if c[0] == "precision_probe"] == [384, PRESETS["quick"]["hidden"]]
-    assert f"LSTM 2×{PRESETS['quick']['hidden']}" in setup.notes[0]
+    assert [c[1] for c in calls if c[0] == "precision_probe"] == [HIDDEN["small"], HIDDEN["quick"]]
+    assert f"LSTM 2×{HIDDEN['quick']}" in setup.notes[0] and "kept" not in setup.notes[0]
 
     # --precision bf16 forced: the preset is picked by bf16's speed, and fp32 is not even measured
     calls = fake_machine(monkeypatch, native=True, gain=1.05, speeds=speeds)
     request = TrainRequest(str(data), overrides={**overrides, "precision": "bf16"}, runs_dir=tmp_path)
     setup, speed = request.setup(probe=True)
-    assert (setup.config.precision, setup.config.hidden) == ("bf16", 384)
-    assert calls == [("preset_speed", "bf16", p) for p in AUTO_CURVES]
+    assert (setup.config.precision, setup.config.hidden) == ("bf16", HIDDEN["small"])
+    assert calls == [("step_speed", "bf16", p) for p in AUTO_CURVES]
 
 
 def test_each_preset_is_weighed_in_its_own_precision(monkeypatch, tmp_path):
     """bf16 speeds the wider model more (AMX: 2x256 1.1x, 2x384 1.7x): at 128 s `short` wins at fp32's speeds, but
     `small` in bf16 buys enough steps to win, and auto takes it, in bf16; the stderr note gives every preset's
     figures."""
-    from helpers import make_dataset
-
     from poetgen.training.session import auto_note
 
-    docs = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 40] * 600
-    data = make_dataset(tmp_path / "big", docs, docs[:2])
+    data = big_dataset(tmp_path)
     speeds = {"fp32": {"quick": 20.0, "short": 8.0, "small": 2.6}, "bf16": {"quick": 19.0, "short": 8.7, "small": 4.5}}
-    assert auto_preset(128, 10**6, speeds["fp32"].__getitem__) == "short"
+    assert auto_preset(128, 10**6, lambda p: PROBE_SHARE * speeds["fp32"][p]) == "short"
     fake_machine(monkeypatch, native=True, gain=1.5, speeds=speeds)
     setup, speed = TrainRequest(str(data), overrides={"max_time": 128.0, "device": "cpu"},
                                 runs_dir=tmp_path).setup(probe=True)
-    assert speed == {"quick": (20.0, "fp32"), "short": (8.0, "fp32"), "small": (4.5, "bf16")}  # 1.09x: not bf16
-    assert (setup.config.hidden, setup.config.precision) == (384, "bf16")
+    chosen = {"quick": "fp32", "short": "fp32", "small": "bf16"}  # short's 1.09x is not bf16's 1.1x
+    assert same(speed, {p: (PROBE_SHARE * speeds[prec][p], prec) for p, prec in chosen.items()})
+    assert (setup.config.hidden, setup.config.precision) == (HIDDEN["small"], "bf16")
     note = auto_note(128.0, 10**6, speed)
-    assert note.startswith("Preset auto: small for 128 s") and "small 576 bf16 1.5" in note and "short 1,024 fp32" in note
+    assert note.startswith("Preset auto: small for 128 s") and "small 518 bf16 1.5" in note
+    assert "short 922 fp32 1.6" in note
+
+
+def test_a_run_probe_that_favours_bf16_picks_again_at_bf16_s_speed(monkeypatch, tmp_path):
+    """The preset probes find bf16 not worth it (1.05x), the run's own model (its vocabulary, its head) finds it is
+    (1.5x): bf16 runs, so the chosen preset and the wider ones are weighed again at bf16's speed."""
+    data = big_dataset(tmp_path)
+    speeds = {"fp32": {"quick": 20.0, "short": 8.0, "small": 2.6}, "bf16": {"quick": 19.0, "short": 8.4, "small": 2.73}}
+    assert auto_preset(128, 10**6, lambda p: PROBE_SHARE * speeds["fp32"][p]) == "short"
+    calls = fake_machine(monkeypatch, native=True, gain=1.5, speeds=speeds)
+    setup, speed = TrainRequest(str(data), overrides={"max_time": 128.0, "device": "cpu"},
+                                runs_dir=tmp_path).setup(probe=True)
+    assert (setup.config.hidden, setup.config.precision) == (HIDDEN["short"], "bf16")
+    assert same(speed, {"quick": (PROBE_SHARE * 20.0, "fp32"), "short": (PROBE_SHARE * 8.4, "bf16"),
+                        "small": (PROBE_SHARE * 2.73, "bf16")})
+    assert [c for c in calls if c[0] == "precision_probe"] == [("precision_probe", HIDDEN["short"])]  # same model
+
+
+def test_probes_that_disagree_back_and_forth_keep_preset_and_precision_together(monkeypatch, tmp_path):
+    """Gains near the threshold: small's run probe says fp32, short's says bf16, small's again fp32 ... After two
+    picks auto stops, trains the preset it chose in the precision it chose it at, and says so."""
+    data = big_dataset(tmp_path)
+    speeds = {"fp32": {"quick": 20.0, "short": 8.0, "small": 2.6}, "bf16": {"quick": 19.0, "short": 8.7, "small": 4.5}}
+    fake_machine(monkeypatch, native=True, gain=[1.05, 1.5, 1.05, 1.5], speeds=speeds)
+    setup, speed = TrainRequest(str(data), overrides={"max_time": 128.0, "device": "cpu"},
+                                runs_dir=tmp_path).setup(probe=True)
+    preset = next(p for p, h in HIDDEN.items() if h == setup.config.hidden)
+    assert speed[preset][1] == setup.config.precision  # the preset was chosen at the speed of what trains
+    assert "is kept: preset auto chose this model" in setup.notes[0]
+
+
+def test_the_flags_shape_the_probed_models(monkeypatch, tmp_path):
+    """--hidden 200: every preset would train a 2x200, so that is what each probe times (and bf16 is weighed)."""
+    data = big_dataset(tmp_path)
+    calls = fake_machine(monkeypatch, native=True, gain=1.5, speeds={"fp32": 1.0, "bf16": 2.0})
+    setup, _ = TrainRequest(str(data), overrides={"max_time": 128.0, "device": "cpu", "hidden": 200},
+                            runs_dir=tmp_path).setup(probe=True)
+    assert setup.config.hidden == 200
+    assert {c[2] for c in calls if c[0] == "step_speed"} == {200}
 
 
 def test_fine_tuning_probes_the_model_that_trains(monkeypatch, tmp_path):

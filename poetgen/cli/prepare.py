@@ -135,7 +135,8 @@ def _print_prepare_summary(report) -> None:
     if "train_pairs" in c:
         rows.append(("pairs", f"train {c['train_pairs']:,} / val {c['val_pairs']:,} (律诗 middle couplets "
                               f"{c['train_middle_couplets']:,} / {c['val_middle_couplets']:,})"))
-        added = [f"{c[f'train_{kind}_pairs']:,} {kind}" for kind in ("reversed", "across") if f"train_{kind}_pairs" in c]
+        added = [f"{c[f'train_{kind}_pairs']:,} {kind}" for kind in ("reversed", "across")
+                 if f"train_{kind}_pairs" in c]
         if added:
             rows.append(("augmented", "training pairs among them: " + ", ".join(added)))
     if plain:

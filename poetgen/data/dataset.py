@@ -58,6 +58,17 @@ class Dataset:
                  int(f)) for s, n, f in table]
 
     @property
+    def auto_tokens(self) -> int:
+        """The training split's size as preset `auto` weighs it (poetgen.training.config.auto_preset: enough text
+        that a preset without dropout will not overfit it): a pair dataset's pairs added by ``prepare --augment``
+        repeat its lines and do not count."""
+        if self.pairs is None:
+            return len(self.train)
+        table = self.pairs["train"]
+        own = table[(table[:, 2] & (REVERSED | ACROSS)) == 0]
+        return int((2 * own[:, 1] + 2).sum())
+
+    @property
     def fingerprint(self) -> str:
         """sha256 over the token arrays and the vocabulary: equal fingerprints mean equal data."""
         return str(self.meta.get("fingerprint", ""))

@@ -613,10 +613,10 @@ def couplets(text: str) -> list[tuple[str, str, bool]]:
 def line_pairs(text: str, augment: Sequence[str] = ()) -> list[tuple[str, str, int]]:
     """couplets() with the table's flags, plus the ``augment`` pairs of AUGMENTS: ``reversed`` adds (answering
     line, first line) for each couplet, ``across`` (answering line, next couplet's first line) for two couplets in
-    a row of the same line length. A user pair file's pair gets no extra pairs (it is not a poem)."""
+    a row of the same line length. A user pair file's pair is one couplet: ``reversed`` applies, ``across`` cannot."""
     if PAIR_SEP in text:
         first, second = text.split(PAIR_SEP, 1)
-        return [(first, second, 0)]
+        return [(first, second, 0)] + ([(second, first, REVERSED)] if "reversed" in augment else [])
     from poetgen.poetry.forms import detect_form, is_han
 
     clauses = _CLAUSE.findall(text)
@@ -657,9 +657,10 @@ def _documents(stream: _Stream):
 
 def _write_pairs(stream: _Stream, doc_class: np.ndarray, lut: np.ndarray, dtype, work: Path,
                  augment: Sequence[str] = ()):
-    """Pass 3 of --pairs: the couplets of each kept document to its split (and ``augment``'s pairs to training). A split's ids are first line, <eot>,
-    answering line, <eot>, pair after pair; its table (poetgen.data.dataset.PAIRS) has a row (start, length, flags)
-    per pair. Unlike text, the ids are gathered in memory (4 bytes a character) before they are written."""
+    """Pass 3 of --pairs: the couplets of each kept document to its split (and ``augment``'s pairs to training). A
+    split's ids are first line, <eot>, answering line, <eot>, pair after pair; its table (poetgen.data.dataset.PAIRS)
+    has a row (start, length, flags) per pair. Unlike text, the ids are gathered in memory (4 bytes a character)
+    before they are written."""
     ids = {TRAIN: array("I"), VAL: array("I")}
     rows: dict[int, list] = {TRAIN: [], VAL: []}
     counts = {"pair_documents_without_pairs": 0}
@@ -704,6 +705,8 @@ def _options_dict(o: PrepareOptions) -> dict:
     for k, v in d.items():
         if isinstance(v, tuple):
             d[k] = list(v)
+    if not d["augment"]:  # recorded where used: the options of datasets (and the cache's keys) from before it stay
+        del d["augment"]
     return d
 
 

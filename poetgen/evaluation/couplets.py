@@ -125,17 +125,19 @@ def evaluate_couplets(model: Any, ckpt: Any, data: Sequence[str] | None = None, 
                       beam: int = 4, tones: bool = False, rhyme_book: str = "pingshui", limit: int | None = None,
                       middle_only: bool = False) -> CoupletReport:
     """The figures of the module docstring on ``split`` (its first ``limit`` pairs; ``middle_only``: its 律诗
-    middle couplets only). ``beam`` 0 decodes greedily."""
+    middle couplets only); a training split's pairs added by ``prepare --augment`` are left out. ``beam`` 0 decodes
+    greedily."""
     import numpy as np
 
-    from poetgen.data.dataset import MIDDLE
+    from poetgen.data.dataset import ACROSS, MIDDLE, REVERSED
     from poetgen.evaluation.scoring import pair_cross_entropy
     from poetgen.poetry.prosody import rhyme_book as book_named
 
     t0 = time.perf_counter()
     dataset = open_pairs(ckpt, data, split)
     table = dataset.pairs[split]
-    rows = np.flatnonzero(table[:, 2] & MIDDLE) if middle_only else np.arange(len(table))
+    couplets = (table[:, 2] & (REVERSED | ACROSS)) == 0  # not the pairs `prepare --augment` adds to training
+    rows = np.flatnonzero(couplets & ((table[:, 2] & MIDDLE) != 0 if middle_only else True))
     rows = rows[:limit] if limit else rows
     if len(rows) == 0:
         raise DatasetError(f"no {'律诗 middle couplets' if middle_only else 'pairs'} in the {split} split of "

@@ -359,11 +359,12 @@ def constraint_key(o: SampleOptions, acrostic: str | None) -> tuple:
     return (o.form, acrostic, o.rhyme, o.line_length, o.rhyme_book, o.rhyme_group, o.tones, o.pattern)
 
 
-def plan_samples(vocab: Vocab, primes: Sequence[str], o: SampleOptions, constraints: dict | None = None) -> Plan:
+def plan_samples(vocab: Vocab, primes: Sequence[str], o: SampleOptions, constraints: Any = None) -> Plan:
     """Scripts, constraint and length for ``primes`` under validated options ``o``; SampleError for a prime,
     style or acrostic the model cannot write, or a length too short for the form. Shared by ``generate`` and the
     server's batcher (poetgen.serving), so that both refuse the same requests with the same words.
-    ``constraints``: FormConstraints kept by their arguments between calls (one is never changed once built;
+    ``constraints``: FormConstraints kept by their arguments between calls, a dict or anything with its ``get`` and
+    item assignment (the server's bounded poetgen.serving.batcher.ConstraintCache; one is never changed once built;
     building a 五绝's takes ~2 ms at 8,800 symbols, a server's many like requests need it once)."""
     notes: list[str] = []
     script = vocab_script(vocab) if any(vocab.unknown(t) for t in (*primes, o.style or "", o.acrostic or "")) else None

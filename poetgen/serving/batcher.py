@@ -311,7 +311,8 @@ class Batcher:
         first rhyme book, OpenCC): a server's event loop then calls it from a worker thread."""
         if any(self.vocab.unknown(t) for t in (prime, options.style or "", options.acrostic or "")):
             return False
-        planned = constraint_key(options, options.acrostic or None) in self._constraints
+        # get, not `in`: a lookup marks the constraint recently used, so submit finds it still there
+        planned = self._constraints.get(constraint_key(options, options.acrostic or None)) is not None
         return planned or not (options.form or options.acrostic)
 
     def submit(self, prime: str, options: SampleOptions,

@@ -5,7 +5,7 @@ config file), then the TOML config file, then command-line flags. Unknown keys a
 
 With no preset named anywhere, ``auto`` applies, by the --max-time budget: of ``quick``, ``short`` and ``small`` the
 one whose measured loss curve (AUTO_CURVES, loss after n steps) is lowest at the steps the budget buys at that preset's
-own speed on this machine, in the precision it would run (poetgen.training.loop.preset_speed); with no time budget, or
+own speed on this machine, in the precision it would run (poetgen.training.loop.step_speed); with no time budget, or
 on a training split under AUTO_MIN_TOKENS characters, always ``small``. The presets and curves were found
 by measurement (benchmarks/RESULTS.md, "training recipe search"; the README's table): the shorter the budget, the
 narrower the LSTM that wins, and where bf16 speeds the wider model more (AMX), the wider model wins sooner.
@@ -48,17 +48,22 @@ DEFAULT_EPOCHS = 10
 DEFAULT_MIN_STEPS = 500
 # `auto` (see the module docstring and auto_preset): each candidate's validation loss on Tiny Shakespeare (nats/char,
 # the run's own figure at its end) after a run of n steps (its learning rate decaying to zero at the end), (n, loss)
-# in order (benchmarks/RESULTS.md, "training recipe search"): real-time runs of 85, 130, 280 and 420 s and ten minutes
-# on the reference machine, and `small` at 150 and 230 steps on an AMX Xeon (where its 489 steps gave 1.569 against
-# the reference's 1.589).
+# in order (benchmarks/RESULTS.md, "training recipe search"): real-time runs of 85, 130, 280 and 420 s and nine
+# minutes of compute on the reference machine, and `small` at 150 and 230 steps on an AMX Xeon (2.075 and 1.860 there,
+# + 0.020: the same machine's 489 steps gave 1.569 against the reference's 1.589).
 AUTO_CURVES: dict[str, tuple[tuple[int, float], ...]] = {
     "quick": ((1210, 1.708), (1918, 1.659), (4583, 1.662)),
     "short": ((539, 1.726), (979, 1.641), (1960, 1.529), (3384, 1.494)),
-    "small": ((150, 2.075), (230, 1.860), (489, 1.589), (732, 1.496), (950, 1.465)),
+    "small": ((150, 2.095), (230, 1.880), (489, 1.589), (732, 1.496), (950, 1.465)),
 }
 # Their steps a second on the reference machine (2 cores, AVX2, oneDNN fp32 peak ~130 GFLOP/s), in those real-time
 # runs: what auto assumes when it measures nothing (under torchrun). The curves then cross near 95 s and 405 s.
 REFERENCE_STEPS_PER_SEC = {"quick": 14.2, "short": 7.0, "small": 1.74}
+# A real run makes this share of the steps its probe (poetgen.training.loop.step_speed) promises: data, logging and
+# evaluations (AMX Xeon, Tiny Shakespeare: 0.92 and 0.95 at 128 s, 0.83 at 85 s; the probe reads a bare step).
+PROBE_SHARE = 0.9
+# What the probe of a preset takes from the flags and the config file besides the preset: the model and the batch.
+PROBED_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "batch_size", "seq_len")
 # `small` always for a training split under AUTO_MIN_TOKENS characters (quick and short have no dropout and overfit a
 # small corpus: on the bundled 474 poems in 3 minutes quick reached 6.88 nats/char, small 6.19).
 AUTO_MIN_TOKENS = 500_000
@@ -308,10 +313,11 @@ def predicted_loss(preset: str, steps: float) -> float:
 def auto_preset(max_time: object, train_tokens: int | None = None,
                 steps_per_sec: Callable[[str], float] | None = None) -> str:
     """The preset `auto` stands for, given the --max-time budget (seconds; 0 = none), the training split's size and
-    ``steps_per_sec``: a preset's name -> its training steps a second on this machine (poetgen.training.loop.
-    preset_speed), called only when the choice depends on it; None: REFERENCE_STEPS_PER_SEC. Of AUTO_CURVES'
-    presets, the one with the lowest predicted_loss after the steps the budget buys (the narrower on a tie); always
-    `small` for a corpus of fewer than AUTO_MIN_TOKENS training characters, and without a time budget."""
+    ``steps_per_sec``: a preset's name -> its training steps a second on this machine (poetgen.training.session, by
+    poetgen.training.loop.step_speed), called only when the choice depends on it; None: REFERENCE_STEPS_PER_SEC.
+    Of AUTO_CURVES' presets, the one with the lowest predicted_loss after the steps the budget buys (the narrower on
+    a tie); always `small` for a corpus of fewer than AUTO_MIN_TOKENS training characters, and without a time
+    budget."""
     timed = isinstance(max_time, (int, float)) and not isinstance(max_time, bool) and max_time > 0
     if not timed or (train_tokens is not None and train_tokens < AUTO_MIN_TOKENS):
         return "small"

@@ -211,7 +211,7 @@ def setup_run(
     runs_dir: str | Path = RUNS_DIR,
     name: str | None = None,
     on_progress: Callable[[dict], None] | None = None,
-    speed: Callable[[dict[str, Any]], float] | None = None,
+    speed: Callable[[dict[str, Any], str], float] | None = None,
 ) -> RunSetup:
     """Turn `train` arguments into a configuration, a dataset and a run directory.
 
@@ -243,7 +243,7 @@ def setup_run(
         return RunSetup(config, _open_data(data, on_progress), run_dir, resume=ckpt)
 
     dataset = _open_data(data, on_progress)
-    config = resolve_config(preset, config_file, overrides, train_tokens=len(dataset.train), speed=speed)
+    config = resolve_config(preset, config_file, overrides, train_tokens=dataset.auto_tokens, speed=speed)
     ckpt = None
     if init_from is not None:
         ckpt = load_checkpoint(find_checkpoint(init_from))

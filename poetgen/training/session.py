@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from poetgen.errors import ConfigError
 from poetgen.paths import RUNS_DIR
-from poetgen.training.config import AUTO_CURVES, BF16_MIN_GAIN, BF16_MIN_HIDDEN, auto_preset, parse_duration
+from poetgen.training.config import AUTO_CURVES, BF16_MIN_GAIN, BF16_MIN_HIDDEN, PROBE_SHARE, PROBED_FIELDS, \
+    auto_preset, parse_duration
 from poetgen.training.runs import RunSetup, setup_run
 
 if TYPE_CHECKING:
@@ -41,8 +42,9 @@ class TrainRequest:
             self.overrides = {**self.overrides, "max_time": parse_duration(self.overrides["max_time"])}
 
     def setup(self, probe: bool) -> tuple[RunSetup, dict[str, tuple[float, str]] | None]:
-        """-> (the run's setup, what preset `auto` measured: {preset: (its steps a second, the precision they were
-        taken in)} for the presets it weighed, or None when it measured nothing).
+        """-> (the run's setup, what preset `auto` measured: {preset: (the steps a second a run of it makes, by its
+        probe times PROBE_SHARE; the precision they were taken in)} for the presets it weighed, or None when it
+        measured nothing).
 
         ``probe``: let auto time this machine: preset auto's speed probe of each preset it weighs, and precision
         auto's bf16 probe on a CPU with native bf16 (a training step of the run's own model in both precisions; bf16
@@ -57,20 +59,24 @@ class TrainRequest:
 
         def speed(settings: dict, preset: str) -> float:
             """Preset auto's speed of ``preset`` (steps a second): fp32's, or bf16's where bf16 would run it (forced,
-            or auto and BF16_MIN_GAIN faster at that preset's size)."""
-            from poetgen.training.loop import preset_speed
+            or auto and BF16_MIN_GAIN faster), for the preset's model and batch as the flags and file change them."""
+            from poetgen.training.loop import step_speed
 
             device, threads = settings.get("device", "auto"), settings.get("threads")
             asked = settings.get("precision", "auto")
-            wide = TrainConfig(**PRESETS[preset]).hidden >= BF16_MIN_HIDDEN
-            bf16 = asked != "fp32" and bf16_candidate(device) and (asked == "bf16" or wide)
+            shape = TrainConfig(**{**PRESETS[preset], **{k: v for k, v in settings.items() if k in PROBED_FIELDS}})
+            bf16 = asked != "fp32" and bf16_candidate(device) and (asked == "bf16" or shape.hidden >= BF16_MIN_HIDDEN)
             if asked != "bf16" or not bf16:
-                measured["fp32"][preset] = preset_speed(preset, device, threads)
+                measured["fp32"][preset] = step_speed(shape, device, threads)
             if bf16:
-                measured["bf16"][preset] = preset_speed(preset, device, threads, precision="bf16")
+                measured["bf16"][preset] = step_speed(shape, device, threads, precision="bf16")
             faster = bf16 and (asked == "bf16" or measured["bf16"][preset] >= BF16_MIN_GAIN * measured["fp32"][preset])
             taken[preset] = "bf16" if faster else "fp32"
-            return measured[taken[preset]][preset]
+            return rate(preset)
+
+        def rate(preset: str) -> float:
+            """The steps a second a real run of ``preset`` makes, by its probe in the precision taken for it."""
+            return PROBE_SHARE * measured[taken[preset]][preset]
 
         def make(speed_fn) -> RunSetup:
             return setup_run(
@@ -79,33 +85,47 @@ class TrainRequest:
                 speed=speed_fn,
             )
 
+        def precision_of(setup: RunSetup) -> tuple[Any, str]:
+            """The run's own probe (None where precision auto weighs nothing) and the precision that runs."""
+            c = setup.config
+            if probe and setup.resume is None and c.precision == "auto" and bf16_candidate(c.device) \
+                    and c.hidden >= BF16_MIN_HIDDEN:
+                found = self._probe(setup)
+                return found, "bf16" if found.gain >= BF16_MIN_GAIN else "fp32"
+            return None, "bf16" if c.precision == "bf16" else "fp32"
+
+        def chosen(setup: RunSetup) -> str | None:
+            return auto_preset(setup.config.max_time, setup.dataset.auto_tokens, rate) if taken else None
+
         setup = make(speed if probe else None)
-        c = setup.config
-        found = None
-        weigh = probe and setup.resume is None and c.precision == "auto" and bf16_candidate(c.device)
-        if weigh and c.hidden >= BF16_MIN_HIDDEN:
-            found = self._probe(setup)
-            runs = "bf16" if found.gain >= BF16_MIN_GAIN else "fp32"
-        else:
-            runs = "bf16" if c.precision == "bf16" else "fp32"
-        chosen = auto_preset(c.max_time, len(setup.dataset.train), lambda p: measured[taken[p]][p]) if taken else None
-        if chosen is not None and taken[chosen] != runs and chosen in measured[runs]:
+        found, runs = precision_of(setup)
+        kept = False
+        for _ in range(2):
+            preset = chosen(setup)
+            if preset is None or taken[preset] == runs or preset not in measured[runs]:
+                break
             # Preset auto weighed the preset that trains in the precision its probe favoured; the other one runs (the
-            # run's own size and data decided, or bf16 is not weighed for it): pick again in that one's speed, for it
-            # and for the presets it speaks for (bf16 gains more the wider the model: fp32 for it and the narrower,
-            # bf16 for it and the wider).
-            k = list(AUTO_CURVES).index(chosen)
+            # run's own model and data decided, or bf16 is not weighed for it): pick again in that one's speed, for
+            # it and for the presets it speaks for (bf16 gains more the wider the model: fp32 for it and the
+            # narrower, bf16 for it and the wider), and probe the run again if its model changed.
+            k = list(AUTO_CURVES).index(preset)
             for p in list(AUTO_CURVES)[: k + 1] if runs == "fp32" else list(AUTO_CURVES)[k:]:
                 if p in measured[runs]:
                     taken[p] = runs
-            setup = make(lambda settings, p: measured[taken[p]][p])
-            if found is not None and _architecture(setup.config) != _architecture(c):
-                found = self._probe(setup)  # the note (and the choice) must be about the model that trains
-                runs = "bf16" if found.gain >= BF16_MIN_GAIN else "fp32"
+            before = setup.config
+            setup = make(lambda settings, p: rate(p))
+            if found is not None and _architecture(setup.config) != _architecture(before):
+                found, runs = precision_of(setup)
+        else:
+            preset = chosen(setup)
+            if found is not None and preset is not None and taken[preset] != runs:
+                # the probes disagree back and forth (gains near BF16_MIN_GAIN): train in the precision the preset
+                # was chosen at, so that the preset and the precision agree
+                runs, kept = taken[preset], True
         if found is not None:
             setup.config = replace(setup.config, precision=runs)
-            setup.notes.append(precision_note(setup.config, setup.dataset.is_pairs, runs, found))
-        return setup, ({p: (measured[taken[p]][p], taken[p]) for p in taken} if taken else None)
+            setup.notes.append(precision_note(setup.config, setup.dataset.is_pairs, runs, found, kept))
+        return setup, ({p: (rate(p), taken[p]) for p in taken} if taken else None)
 
     def _probe(self, setup: RunSetup) -> Any:
         """poetgen.training.loop.precision_probe of the model this run trains: a fine-tuned model's vocabulary,
@@ -126,7 +146,7 @@ def _architecture(c: Any) -> tuple:
 def auto_note(budget: float, train_tokens: int, speeds: dict[str, tuple[float, str]]) -> str:
     """The stderr line that says what preset auto measured and chose, e.g. "Preset auto: small for 128 s on this
     machine (the steps the budget buys at each preset's measured speed, and the loss its curve gives on Tiny
-    Shakespeare: quick 2,610 fp32 1.66, short 1,170 fp32 1.60, small 620 bf16 1.52)"."""
+    Shakespeare: quick 1,909 fp32 1.66, short 1,225 bf16 1.60, small 569 bf16 1.55)"."""
     from poetgen.training.config import predicted_loss
 
     chosen = auto_preset(budget, train_tokens, lambda p: speeds[p][0])
@@ -136,13 +156,15 @@ def auto_note(budget: float, train_tokens: int, speeds: dict[str, tuple[float, s
             f"measured speed, and the loss its curve gives on Tiny Shakespeare: {each})")
 
 
-def precision_note(c: Any, pairs: bool, chosen: str, found: Any) -> str:
-    """The stderr line that says what precision auto measured and chose."""
+def precision_note(c: Any, pairs: bool, chosen: str, found: Any, kept: bool = False) -> str:
+    """The stderr line that says what precision auto measured and chose (``kept``: against the probe, to agree with
+    the preset chosen at that precision's speed)."""
     size = f"{c.cell.upper()} {c.layers}×{c.hidden}, batch {c.batch_size}" + ("" if pairs else f"×{c.seq_len}")
     return (f"Precision auto: {chosen} (this CPU multiplies bf16 natively; a training step of {size} ran "
             f"{found.gain:.2f}x as fast in bf16 as in fp32, {found.bf16:,.0f} against {found.fp32:,.0f} chars/s, "
             f"median of {found.trials} alternating trial{'s' if found.trials > 1 else ''}; bf16 is chosen from "
-            f"{BF16_MIN_GAIN:g}x; --precision fp32 or bf16 decides instead)")
+            f"{BF16_MIN_GAIN:g}x" + (f", but {chosen} is kept: preset auto chose this model at {chosen}'s speed"
+                                     if kept else "") + "; --precision fp32 or bf16 decides instead)")
 
 
 def model_options(request: TrainRequest, setup: RunSetup) -> dict[str, Any] | None:
@@ -207,7 +229,7 @@ class Session:
             return None
         lines = []
         if self.speed is not None:
-            lines.append(auto_note(self.setup.config.max_time, len(self.setup.dataset.train), self.speed))
+            lines.append(auto_note(self.setup.config.max_time, self.setup.dataset.auto_tokens, self.speed))
         lines += self.setup.notes
         return "\n".join(lines) or None
 
