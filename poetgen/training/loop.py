@@ -155,8 +155,8 @@ def _head_width(model: ModelConfig, tokens: np.ndarray | None) -> float:
 def adamw(params, **options) -> torch.optim.AdamW:
     """AdamW with its fused kernel where the device has one (the CPU since torch 2.4, CUDA): one pass over the
     weights instead of a dozen. LSTM 512x2 (4.3 M weights), 2 cores: 1.6 ms a step against 10-17 ms for the default
-    per-tensor loop, 5-8% of a bf16 training step at that size. Same update, same state (a checkpoint of either
-    resumes in the other)."""
+    per-tensor loop; poetgen's whole training step at that size (batch 64 x 100) measured 6-10% faster in fp32 and
+    1-7% in bf16. Same update, same state (a checkpoint of either resumes in the other)."""
     params = list(params)
     try:
         return torch.optim.AdamW(params, fused=True, **options)
