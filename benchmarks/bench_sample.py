@@ -20,7 +20,8 @@ size) and 6,000 (about a simplified Tang corpus'), full softmax; at 6,000 also w
   checkpoint, `poetgen --help`, and `python -c "import torch"` for scale; the median of a few runs.
 
 Threads: poetgen as the CLI runs it (numpy's OpenBLAS threads picked by generation.threads.ThreadTuner while sampling,
-OPENBLAS_THREAD_TIMEOUT=4 as the CLI sets it); the anchor at the better of torch's 1 thread and its default count,
+OPENBLAS_THREAD_TIMEOUT=4 as the CLI sets it; the tuner keeps what it learned between the calls of one process, as a
+server's calls do); the anchor at the better of torch's 1 thread and its default count,
 each measured once before the trials. benchmarks/run.py runs ``--json``.
 """
 
@@ -83,6 +84,11 @@ class NoEnd:
         scores = self.runtime.step(tokens)
         scores[:, 0] = -np.inf
         return scores
+
+    def __getattr__(self, name):  # the runtime's sizes, by which ThreadTuner keeps what it learned
+        if name == "runtime":
+            raise AttributeError(name)
+        return getattr(self.runtime, name)
 
 
 def poetgen_rate(engine, vocab: Vocab, batch: int, options: SampleOptions, repeats: int) -> tuple[float, int]:

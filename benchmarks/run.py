@@ -539,6 +539,9 @@ def group_sample(r: Runner, g: GroupResult) -> None:
         issue_row = t is not None and x.get("vocab", 65) < 1000
         q = ratio(x["value"], x.get("anchor"))
         note = f"{median_of(x['trials'])} each; " if x.get("trials") else ""
+        if x.get("values") and x.get("anchors"):  # the spread: the anchor's speed moves most (torch's threads)
+            note += (f"trials: poetgen {min(x['values']):,.0f}-{max(x['values']):,.0f}, anchor "
+                     f"{min(x['anchors']):,.0f}-{max(x['anchors']):,.0f}; ")
         if x.get("threads") is not None and x.get("anchor_threads") is not None:
             note += (f"poetgen ended on {x['threads']} BLAS thread(s) (tuned while sampling); the anchor on the "
                      f"better of torch's 1 and default threads: {x['anchor_threads']}")

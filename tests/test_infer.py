@@ -371,6 +371,90 @@ def test_thread_tuner_tries_nothing_else_before_its_warmup(monkeypatch):
     assert used[first:] == [2] * (len(used) - first)
 
 
+def test_thread_tuner_with_a_key_carries_what_it_learned_to_the_next_call(monkeypatch):
+    """A server's many short calls of like steps: each alone stays under WARMUP, together they reach it, the other
+    count is tried, and once it has won the next calls start on it (no first-step penalty, no re-trial)."""
+    from poetgen.generation.threads import WARMUP, forget
+
+    forget()
+    step = 1e-4 * 64
+    clock = FakeClock(monkeypatch, lambda n, i: 1e-4 / n)  # two threads twice as fast
+    short = int(WARMUP / step) // 4  # a call of about a quarter of WARMUP
+    starts, switched_in = [], None
+    for call in range(12):
+        with ThreadTuner((1, 2), key="lstm 256x2, 64 rows") as tuner:
+            starts.append(tuner.current)
+            used = clock.run(tuner, short)
+        if switched_in is None and 2 in used:
+            switched_in = call
+    assert switched_in is not None and 3 <= switched_in <= 5, starts
+    assert starts[: switched_in + 1] == [1] * (switched_in + 1)
+    assert starts[switched_in + 1 :] == [2] * (11 - switched_in)
+    # without a key the same calls never try: each call starts from nothing
+    for _ in range(6):
+        with ThreadTuner((1, 2)) as tuner:
+            assert clock.run(tuner, short) == [1] * short
+    forget()
+
+
+def test_thread_tuner_keys_are_apart_and_a_cut_off_trial_resumes(monkeypatch):
+    from poetgen.generation.threads import _LEARNED, forget
+
+    forget()
+    clock = FakeClock(monkeypatch, lambda n, i: 1e-5 / n)
+    with ThreadTuner((1, 2), warmup=0, key="a") as tuner:
+        used = clock.run(tuner, 6)  # the trial starts at the fifth tick and is still running at the end
+    assert used[-1] == 2 and tuner.incumbent == 1
+    with ThreadTuner((1, 2), warmup=0, key="b") as other:
+        assert other.current == 1 and clock.run(other, 3) == [1, 1, 1]  # key b learned nothing from a
+    with ThreadTuner((1, 2), warmup=0, key="a") as tuner:
+        start = tuner.current
+        used = clock.run(tuner, 8)
+    assert start == 1 and used[1] == 2, used  # the trial is taken up again at once ...
+    assert tuner.incumbent == 2 and used[-1] == 2  # ... and wins
+    assert len(_LEARNED) == 2
+    with ThreadTuner((3,), key="a") as fixed:  # one choice: nothing recalled, nothing kept
+        assert fixed.current == 3
+    assert len(_LEARNED) == 2
+    forget()
+    assert not _LEARNED
+
+
+def test_sampling_key_tells_models_and_batch_sizes_apart():
+    from poetgen.generation.threads import sampling_key
+
+    class Engine:
+        cell, L, H, V = "lstm", 2, 256, 65
+
+    class Wider(Engine):
+        H = 512
+
+    assert sampling_key(Engine(), 64) == sampling_key(Engine(), 100)  # within a factor of two
+    assert sampling_key(Engine(), 64) != sampling_key(Engine(), 32)
+    assert sampling_key(Engine(), 1) != sampling_key(Engine(), 2)
+    assert sampling_key(Engine(), 64) != sampling_key(Wider(), 64)
+
+
+def test_generate_keeps_the_thread_verdict_between_calls(saved):
+    """generate keys its tuner by the model and the batch: after a call, the process holds what it learned."""
+    from poetgen.generation.threads import _LEARNED, forget, sampling_key
+
+    forget()
+    from poetgen.generation.sample import SampleOptions, generate
+
+    path, _, vocab = saved
+    runtime = load_runtime(path)
+    generate(runtime, vocab, [""], SampleOptions(num_samples=16, length=20, seed=1))
+    generate(runtime, vocab, [""], SampleOptions(num_samples=1, length=20, seed=1))
+    from poetgen.generation.threads import _openblas, usable_cores
+
+    if _openblas() is None or usable_cores() < 2:
+        assert not _LEARNED  # one choice: nothing to learn
+    else:
+        assert {sampling_key(runtime, 16), sampling_key(runtime, 1)} == {key[0] for key in _LEARNED}
+    forget()
+
+
 def test_thread_tuner_with_one_choice_never_switches(monkeypatch):
     clock = FakeClock(monkeypatch, lambda n, i: 1e-5)
     with ThreadTuner((3,)) as tuner:

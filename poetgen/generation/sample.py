@@ -41,7 +41,7 @@ from poetgen.data.vocab import EOT_ID, Vocab, format_symbols
 from poetgen.errors import SampleError
 from poetgen.generation.constraints import BatchConstraint, ConstraintState, FormConstraint
 from poetgen.generation.engines import engine_for
-from poetgen.generation.threads import ThreadTuner
+from poetgen.generation.threads import ThreadTuner, sampling_key
 from poetgen.poetry.forms import is_han
 
 DEFAULT_LENGTH = 500
@@ -434,7 +434,7 @@ def generate(
     engine, context = engine_for(model)
     if hasattr(engine, "use_table") and rows * max_new >= len(vocab):
         engine.use_table()  # a gather instead of layer 0's input matmul; its build pays off from ~V row-steps
-    tuner = ThreadTuner(choices=None if threads is None else (threads,))
+    tuner = ThreadTuner(choices=None if threads is None else (threads,), key=sampling_key(engine, rows))
     with context(), tuner:
         if copies is None and (o.beam or o.best_of > 1):
             notes.append("the model's training text is not on this machine, so copied lines are not refused")

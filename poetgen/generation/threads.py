@@ -7,10 +7,12 @@ import ctypes
 import functools
 import glob
 import os
+import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator
 
 import numpy as np
 
@@ -70,6 +72,54 @@ def usable_cores() -> int:
 WARMUP = 0.5
 
 
+@dataclass
+class _Learned:
+    """What a ThreadTuner call learned, for the next call in the process with the same key."""
+
+    ran: float
+    incumbent: int
+    measured: dict[int, float] = field(default_factory=dict)
+    wait: int = 32
+    countdown: int = 4
+
+
+_LEARNED: dict[Hashable, _Learned] = {}
+_LEARNED_LOCK = threading.Lock()
+_LEARNED_MAX = 256  # keys kept (a process sampling from many models forgets the oldest)
+
+
+def _recall(key: Hashable | None) -> _Learned | None:
+    if key is None:
+        return None
+    with _LEARNED_LOCK:
+        return _LEARNED.get(key)
+
+
+def _remember(key: Hashable, learned: _Learned) -> None:
+    with _LEARNED_LOCK:
+        _LEARNED.pop(key, None)
+        _LEARNED[key] = learned
+        while len(_LEARNED) > _LEARNED_MAX:
+            del _LEARNED[next(iter(_LEARNED))]
+
+
+def forget() -> None:
+    """Drop what ThreadTuner calls have learned in this process (tests; a machine whose load changed for good)."""
+    with _LEARNED_LOCK:
+        _LEARNED.clear()
+
+
+def sampling_key(engine: Any, rows: int) -> tuple:
+    """What makes decoding steps alike for ThreadTuner: the engine's kind and sizes, and the batch to within a
+    factor of two (which thread count wins depends on both)."""
+    sizes = tuple(getattr(engine, name, None) for name in ("cell", "L", "H", "V"))
+    head = getattr(engine, "_head", None)
+    if all(x is None for x in sizes):  # an engine that does not tell its sizes: only its own calls are alike
+        sizes = (id(engine),)
+    return (type(engine).__name__, *sizes, type(head).__name__ if head is not None else None,
+            max(int(rows), 1).bit_length())
+
+
 class ThreadTuner:
     """Picks numpy's BLAS thread count for a loop of like steps by timing the steps themselves.
 
@@ -91,28 +141,39 @@ class ThreadTuner:
     `poetgen sample -c tang -n 4` (22 steps of 4 rows, 2x768:
     0.13-0.19 s of steps on one thread) spent 0.08-0.17 s more CPU with a trial from its fifth step on, beside a
     training on both cores (measured 2026-12-02); a long call loses at most ``warmup`` seconds of a faster count's
-    gain. Use::
+    gain.
 
-        with ThreadTuner() as tuner:
+    With a ``key`` (what the steps are: the model's sizes and the batch's, see ``sampling_key``) what a call learned
+    is kept for the next call in the process with the same key: the seconds of warm-up run, the count that won,
+    the times measured and the wait before the next trial. A caller that samples in a loop (eval's poem report, one
+    call per prime; a library user's service) makes many short calls of like steps; each alone is too short to try
+    the other count, together they are not, and once a count has won, later calls start on it (and leave it, as
+    above, if it turns slow). A new process starts from nothing, so a single `poetgen sample` call is unchanged.
+    Use::
+
+        with ThreadTuner(key=sampling_key(engine, rows)) as tuner:
             for ...:
                 tuner.tick(rows)   # before each step; rows: the batch this step runs
     """
 
     def __init__(self, choices: tuple[int, ...] | None = None, trial: int = 4, every: int = 32,
-                 warmup: float = WARMUP):
+                 warmup: float = WARMUP, key: Hashable | None = None):
         if choices is None:
             choices = (1, min(usable_cores(), 4)) if _openblas() is not None and usable_cores() > 1 else (1,)
         self.choices = tuple(dict.fromkeys(choices))
         self.trial, self.every, self.warmup = trial, every, warmup
-        self.ran = 0.0  # seconds of counted steps on the first count, until warmup is reached
-        self.current = self.incumbent = self.choices[0]
-        self.measured: dict[int, float] = {}  # seconds per row: a moving average for the incumbent, the last trial
+        self.key = (key, self.choices, trial, every, warmup) if key is not None and len(self.choices) > 1 else None
+        kept = _recall(self.key)
+        self.ran = kept.ran if kept else 0.0  # seconds of counted steps on the first count, until warmup is reached
+        self.current = self.incumbent = kept.incumbent if kept else self.choices[0]
+        # seconds per row: a moving average for the incumbent, the last trial's mean for the other count
+        self.measured: dict[int, float] = dict(kept.measured) if kept else {}
         self.trying: list[float] | None = None  # per-row times of the running trial
-        self.wait = every
-        self.countdown = trial  # steps before the first trial: the incumbent's own estimate first
+        self.wait = kept.wait if kept else every
+        self.countdown = kept.countdown if kept else trial  # steps before the next trial (the incumbent's own first)
         self.last: tuple[float, int] | None = None  # (time, rows) at the previous tick
         self.skip = True  # the step after a switch is not counted
-        self.switches = 0  # thread count changes (for tests and reports)
+        self.switches = 0  # thread count changes in this call (for tests and reports)
         self._blas = blas_threads(self.current)
 
     def __enter__(self) -> ThreadTuner:
@@ -121,6 +182,10 @@ class ThreadTuner:
 
     def __exit__(self, *exc: Any) -> None:
         self._blas.__exit__(*exc)
+        if self.key is not None:
+            # a trial the call's end cut off is taken up again at the next call's first chance
+            countdown = 0 if self.trying is not None else self.countdown
+            _remember(self.key, _Learned(self.ran, self.incumbent, dict(self.measured), self.wait, countdown))
 
     def _set(self, n: int) -> None:
         if n != self.current:
