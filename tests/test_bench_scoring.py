@@ -270,6 +270,43 @@ def test_precision_auto_against_the_better_of_fp32_and_bf16():
     assert run.precision_rows(r, runs, "85s", "85")[0].status == "FAIL"
 
 
+def test_repeated_85s_runs_count_by_their_median_and_say_each(monkeypatch):
+    """Target 2 at 85 s: each precision runs TRIALS times, the order rotating; the median run stands in the row and
+    the note gives every trial (a shared machine's speed moves so short a run's loss by more than 0.02)."""
+    r = _Runner(bf16=True)
+    r.work = Path("/scratch")
+    r.script = lambda path, *args: [str(path), *map(str, args)]
+    losses = {"auto": [1.70, 1.64, 1.66], "fp32": [1.68, 1.636, 1.70], "bf16": [1.612, 1.62, 1.60]}
+    order: list[str] = []
+
+    def fake_train_and_eval(runner, name, dataset, run_name=None, **values):
+        prec = name.rsplit("-", 1)[1] if name.endswith(("fp32", "bf16")) else "auto"
+        order.append(run_name or name)
+        steps = 900 + len(order)
+        if "85s" not in name:  # target 1's run and the 10-minute ones: once each
+            return _run(1.44, "bf16")
+        return dict(_run(losses[prec].pop(0), "fp32" if prec == "fp32" else "bf16"), steps=steps)
+
+    monkeypatch.setattr(run, "train_and_eval", fake_train_and_eval)
+    monkeypatch.setattr(run, "prepare", lambda *a, **k: Path("/ds"))
+    monkeypatch.setattr(run, "shared", lambda *parts: Path("/shared").joinpath(*parts))
+    r.answer = {"train_seconds": 100.0, "val_nats": 2.0, "steps": 10, "epochs": 1.0}
+    g = run.GroupResult("shakespeare")
+    run.group_shakespeare(r, g)
+    n = run.TRIALS["shakespeare-85s"][0]
+    assert n == 3
+    assert order[0] == "shakespeare-nanogpt-time"
+    ran = [x for x in order if "85s" in x]
+    assert ran == ["shakespeare-85s-t1", "shakespeare-85s-fp32-t1", "shakespeare-85s-bf16-t1",
+                   "shakespeare-85s-fp32-t2", "shakespeare-85s-bf16-t2", "shakespeare-85s-t2",
+                   "shakespeare-85s-bf16-t3", "shakespeare-85s-t3", "shakespeare-85s-fp32-t3"]
+    assert [x for x in order if "10m" in x] == ["shakespeare-10m", "shakespeare-10m-fp32", "shakespeare-10m-bf16"]
+    auto, fp32, bf16 = [x for x in g.rows if "--max-time 85," in x.measure]
+    assert (auto.poetgen, auto.anchor, auto.status) == (1.66, 1.612, "FAIL")  # medians: 1.66 against bf16's 1.612
+    assert (fp32.poetgen, bf16.poetgen) == (1.68, 1.612)
+    assert "median of 3 runs: 1.700 (" in auto.note and "1.640 (" in auto.note and "bf16)" in auto.note
+
+
 def test_without_native_bf16_auto_is_the_fp32_row_and_bf16_is_na():
     r = _Runner(bf16=False)
     rows = run.precision_rows(r, {("10m", "auto"): _run(1.44, "fp32")}, "10m", "10m")
