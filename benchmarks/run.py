@@ -39,7 +39,8 @@ natively (poetgen.model.devices.cpu_bf16_native: AVX512-BF16 or AMX-BF16).
   alternating (plain fp32, poetgen fp32, plain bf16, poetgen bf16; TRIALS["flops"] rounds), each trial's median
   step, each side's median trial: ratio >= 0.97. Model FLOP/s as a share of the oneDNN peak in the notes.
 * sample (issue 20, target 5): the rows of benchmarks/bench_sample.py --json: poetgen's sampling speed for an LSTM
-  256x2 at 1 and 64 streams against a plain per-step nn.LSTM sampling loop timed in the same process, in
+  256x2 at 1 and 64 streams against a plain per-step nn.LSTM sampling loop timed in the same process (under the
+  environment's own OMP_WAIT_POLICY, not the PASSIVE below: poetgen samples without OpenMP), in
   alternating trials (>= 5x and >= 2x at Tiny Shakespeare's vocabulary; Tang's for scale); --tones --rhyme
   against --form alone (issue 16, <= 1.3x); whole `poetgen sample` and `poetgen --help` calls next to
   `python -c "import torch"` (issue 7's limits, absolute).
@@ -632,13 +633,18 @@ def bench_sample_rows(r: Runner, quick: list[str]) -> list[dict]:
     Reads `bench_sample.py --json` ({"rows": [...]} in that shape), else the older {"speed", "wall"} JSON, else
     the tables it printed before it had --json."""
     script = HERE / "bench_sample.py"
+    # The anchor is a torch loop; poetgen's sampling runs no OpenMP. Under the OMP_WAIT_POLICY=PASSIVE set for the
+    # training groups (torch on both sides there) every small op of the loop wakes torch's threads: measured
+    # 2026-12-02 (AMD EPYC, 64 streams) 12,000-22,000 chars/s against 80,000-97,000 under torch's own policy. So
+    # bench_sample runs with the policy the user's environment has, as a user's loop would.
+    own = ["env", "-u", "OMP_WAIT_POLICY"] if "OMP_WAIT_POLICY" not in os.environ and shutil.which("env") else []
     if "--json" in script.read_text():
-        data = r.json([sys.executable, script, *quick, "--json"], "bench_sample")
+        data = r.json([*own, sys.executable, script, *quick, "--json"], "bench_sample")
         if isinstance(data.get("rows"), list) and all("unit" in x for x in data["rows"]):
             return data["rows"]
         if "speed" in data and "wall" in data:
             return _old_rows(data["speed"], data["wall"])
-    out, _, _ = r.run([sys.executable, script, *quick], "bench_sample")
+    out, _, _ = r.run([*own, sys.executable, script, *quick], "bench_sample")
     speed, wall = [], []
     for line in out.splitlines():
         m = re.match(r"(.+?)\s+(\d+)\s+(\d+)\s+([\d,]+)\s*$", line)
