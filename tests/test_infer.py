@@ -433,6 +433,7 @@ def test_sampling_key_tells_models_and_batch_sizes_apart():
     assert sampling_key(Engine(), 64) != sampling_key(Engine(), 32)
     assert sampling_key(Engine(), 1) != sampling_key(Engine(), 2)
     assert sampling_key(Engine(), 64) != sampling_key(Wider(), 64)
+    assert sampling_key(object(), 64) is None  # sizes unknown: nothing to key by, nothing kept
 
 
 def test_generate_keeps_the_thread_verdict_between_calls(saved):

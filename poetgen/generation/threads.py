@@ -109,13 +109,14 @@ def forget() -> None:
         _LEARNED.clear()
 
 
-def sampling_key(engine: Any, rows: int) -> tuple:
+def sampling_key(engine: Any, rows: int) -> tuple | None:
     """What makes decoding steps alike for ThreadTuner: the engine's kind and sizes, and the batch to within a
-    factor of two (which thread count wins depends on both)."""
+    factor of two (which thread count wins depends on both). None for an engine that does not tell its sizes (a
+    torch module's: a new engine each call, and numpy's threads do not run its steps): nothing is kept."""
     sizes = tuple(getattr(engine, name, None) for name in ("cell", "L", "H", "V"))
     head = getattr(engine, "_head", None)
-    if all(x is None for x in sizes):  # an engine that does not tell its sizes: only its own calls are alike
-        sizes = (id(engine),)
+    if all(x is None for x in sizes):
+        return None
     return (type(engine).__name__, *sizes, type(head).__name__ if head is not None else None,
             max(int(rows), 1).bit_length())
 
