@@ -20,8 +20,8 @@ size) and 6,000 (about a simplified Tang corpus'), full softmax; at 6,000 also w
   checkpoint, `poetgen --help`, and `python -c "import torch"` for scale; the median of a few runs.
 
 Threads: poetgen as the CLI runs it (numpy's OpenBLAS threads picked by generation.threads.ThreadTuner while sampling,
-OPENBLAS_THREAD_TIMEOUT=4 as the CLI sets it; the tuner keeps what it learned between the calls of one process, as a
-server's calls do); the anchor at the better of torch's 1 thread and its default count,
+OPENBLAS_THREAD_TIMEOUT=4 as the CLI sets it; the tuner keeps what it learned between the calls of one process, as
+for a library caller that samples in a loop); the anchor at the better of torch's 1 thread and its default count,
 each measured once before the trials. benchmarks/run.py runs ``--json``.
 """
 

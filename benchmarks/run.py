@@ -20,10 +20,11 @@ natively (poetgen.model.devices.cpu_bf16_native: AVX512-BF16 or AMX-BF16).
   Target 1: poetgen's validation loss <= 0.85x nanoGPT's and <= 0.85x char-rnn's. Target 2: --precision auto
   (the default) against --precision fp32 and bf16, each trained 85 s and 10 min: auto's loss at most 0.02 nats
   above the better of the two. At 85 s each of the three runs TRIALS["shakespeare-85s"] times, the order rotating,
-  and each one's median run counts (a shared machine's speed moves the loss of so short a run by more than 0.02). On a CPU without native bf16 there is no bf16 run ("n/a") and no separate fp32 run:
-  auto runs fp32 there (checked), so its run is the fp32 row. Every poetgen run is scored by `poetgen eval` on its
-  last checkpoint (exact over the whole validation split; the "warm" figure: each of 32 streams primed on the
-  1,000 characters before it); the baselines score the same validation text exactly. Which precision auto ran is
+  and each one's median run counts (a shared machine's speed moves the loss of so short a run by more than 0.02).
+  On a CPU without native bf16 there is no bf16 run ("n/a") and no separate fp32 run: auto runs fp32 there
+  (checked), so its run is the fp32 row. Every poetgen run is scored by `poetgen eval` on its last checkpoint
+  (exact over the whole validation split; the "warm" figure: each of 32 streams primed on the 1,000 characters
+  before it); the baselines score the same validation text exactly. Which precision auto ran is
   read from the run's metrics.jsonl (its plan), with auto's own stderr notes ("Preset auto: ...", "Precision auto:
   ...").
 * tang (issue 20, target 3): `poetgen prepare ../shared/data/tang --script simplified`, poetgen trained 10 min
@@ -53,8 +54,8 @@ natively (poetgen.model.devices.cpu_bf16_native: AVX512-BF16 or AMX-BF16).
 
 Full mode takes about 85 minutes on 2 cores where nanoGPT's 2,000 iterations take 110 s (each further 10 s of them:
 +0.5 min): shakespeare ~52 (the twelve runs of target 2 are 46 of them; 32 less without native bf16, where 4 of
-them run), tang ~25, flops ~3, sample, serve and prepare ~1-2 each, the peaks 0.5. Full mode writes one section per group
-of RESULTS.md (date, machine, commands, figures), replacing only the groups that ran. Quick mode prints only; with
+them run), tang ~25, flops ~3, sample, serve and prepare ~1-2 each, the peaks 0.5. Full mode writes one section per
+group of RESULTS.md (date, machine, commands, figures), replacing only the groups that ran. Quick mode prints only; with
 an explicit --out it writes its own "quick" section, never the full one. Every process runs with
 OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 (as poetgen's CLI sets for itself) unless the environment says
 otherwise, so baselines and poetgen wait for threads alike. Scratch files go to a temporary directory under
