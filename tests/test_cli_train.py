@@ -141,6 +141,30 @@ def test_init_from_reports_unknown_symbols(cwd, tiny_dataset, tmp_path):
     assert r.exit_code == 1 and "fixes the architecture" in r.stderr
 
 
+def test_weight_and_embedding_dropout_train_and_fine_tuning_may_change_them(cwd, tiny_dataset):
+    r = invoke(tiny_dataset, *TINY, "--layers", "2", "--weight-drop", "0.4", "--embed-dropout", "0.1",
+               "--max-steps", "6", "--eval-every", "3", "--name", "awd", "--json")
+    assert r.exit_code == 0, r.output
+    assert math.isfinite(json.loads(r.stdout)["best_val_loss"])
+    config = load_checkpoint(cwd / "checkpoints" / "awd" / "last.ckpt").model_config
+    assert (config.weight_drop, config.embed_dropout) == (0.4, 0.1)
+    from poetgen.cli.app import app as cli
+
+    s = runner.invoke(cli, ["sample", "-c", "checkpoints/awd", "-n", "1", "--length", "10", "--seed", "1", "-q"])
+    assert s.exit_code == 0 and s.stdout.strip(), s.output  # inference reads the weights as they are
+    # Like --dropout, the rates are how a model trains, not what it is: fine-tuning and resuming may change them.
+    r = invoke(tiny_dataset, "--init-from", "checkpoints/awd", "--weight-drop", "0", "--embed-dropout", "0.2",
+               "--batch-size", "4", "--seq-len", "32", "--max-steps", "2", "--name", "ft", "-q")
+    assert r.exit_code == 0, r.output
+    config = load_checkpoint(cwd / "checkpoints" / "ft" / "last.ckpt").model_config
+    assert (config.weight_drop, config.embed_dropout, config.layers) == (0.0, 0.2, 2)
+    r = invoke("--resume", "awd", "--weight-drop", "0.2", "--max-steps", "8", "-q")
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(cwd / "checkpoints" / "awd" / "last.ckpt").model_config.weight_drop == 0.2
+    r = invoke(tiny_dataset, *TINY, "--weight-drop", "1", "--max-steps", "2", "--dry-run")
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: weight_drop must be in [0, 1), got 1.0"
+
+
 def test_raw_corpus_is_prepared_on_the_fly(cwd):
     corpus = cwd / "poems.txt"
     corpus.write_text("\n\n".join(["床前明月光，疑是地上霜。举头望明月，低头思故乡。"] * 30), encoding="utf-8")
@@ -394,6 +418,14 @@ def test_attention_on_resume_and_init_from_is_the_checkpoint_s_as_for_hidden(cwd
     r = invoke("--resume", "a", "--max-steps", "6")  # without the flag: the checkpoint's
     assert r.exit_code == 0 and load_checkpoint(cwd / "checkpoints" / "a" / "last.ckpt").model_config.attention == \
         "additive"
+
+
+def test_weight_and_embedding_dropout_are_usage_errors_on_pairs(cwd, pair_dataset):
+    r = invoke(pair_dataset, *PAIR_TINY, "--weight-drop", "0.3", "--embed-dropout", "0.1", "--max-steps", "2")
+    assert r.exit_code == 2 and "--weight-drop and --embed-dropout apply to the language model" in r.stderr
+    (cwd / "awd.toml").write_text("weight_drop = 0.3\n", encoding="utf-8")  # from a config file: the library says it
+    r = invoke(pair_dataset, *PAIR_TINY, "--config", "awd.toml", "--max-steps", "2")
+    assert r.exit_code == 1 and "Error: --weight-drop apply to the language model only" in r.stderr
 
 
 def test_attention_is_a_usage_error_on_text_or_with_a_bad_name(cwd, tiny_dataset):

@@ -99,6 +99,53 @@ def test_config_round_trip_and_refusals():
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_weight_drop_masks_the_recurrent_matrices_in_training_only(cell):
+    """DropConnect (AWD-LSTM): in training each step zeroes a share p of every hidden-to-hidden entry (their
+    gradient is then exactly 0) and scales the rest; the stored weights never change, and eval mode runs them as
+    they are, the same as a model without weight drop."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=V, cell=cell, layers=L, hidden=16, embed=E)
+    plain = CharRNN(ModelConfig(**config))
+    model = CharRNN(ModelConfig(**config, weight_drop=0.5))
+    model.load_state_dict(plain.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, V, (B, T + 1))
+    loss, _ = model.train()(idx[:, :-1], None, idx[:, 1:])
+    loss.backward()
+    for k in range(L):
+        g_hh, g_ih = getattr(model.rnn, f"weight_hh_l{k}").grad, getattr(model.rnn, f"weight_ih_l{k}").grad
+        assert 0.35 < (g_hh == 0).float().mean().item() < 0.65  # about half the entries were dropped
+        assert (g_ih == 0).float().mean().item() < 0.05  # the input matrices are not masked
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    again, _ = model(idx[:, :-1], None, idx[:, 1:])
+    assert again.item() != loss.item()  # a new mask each step
+    with torch.no_grad():
+        model.eval(), plain.eval()
+        assert torch.equal(model(idx)[0], plain(idx)[0])
+        plain_train, _ = plain.train()(idx[:, :-1], None, idx[:, 1:])
+        assert plain_train.item() != loss.item()
+
+
+def test_embed_dropout_drops_whole_characters_in_training_only():
+    """A dropped character is zero at every position of the batch, a kept one scaled by 1 / (1 - p)."""
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=40, layers=1, hidden=8, embed=6, embed_dropout=0.5)).train()
+    idx = torch.arange(40).repeat(3, 1)  # every character at three positions
+    x = model._embed(idx)  # (3, 40, 6)
+    w = model.embedding.weight
+    dropped = (x == 0).all(dim=-1)  # (3, 40)
+    assert torch.equal(dropped, dropped[:1].expand(3, -1))  # the same characters in every row
+    assert 8 < dropped[0].sum().item() < 32
+    kept = ~dropped[0]
+    assert torch.allclose(x[0, kept], w[kept] * 2)
+    assert torch.equal(model.eval()._embed(idx), model.embedding(idx))
+    with pytest.raises(ConfigError, match="embed_dropout must be in"):
+        ModelConfig(vocab_size=5, embed_dropout=1.0)
+    with pytest.raises(ConfigError, match="weight_drop must be in"):
+        ModelConfig(vocab_size=5, weight_drop=-0.1)
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_gradient_flows_to_every_parameter(cell):
     m = tiny(cell)
     idx = torch.randint(0, V, (B, T + 1))

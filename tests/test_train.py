@@ -68,8 +68,10 @@ def test_each_cell_overfits_a_tiny_corpus(ds, tmp_path, cell):
 
 
 @pytest.mark.parametrize("stop_at", [13, 14])  # mid-epoch (carried hidden state) and an epoch boundary
-def test_resume_repeats_an_unbroken_run_exactly(ds, tmp_path, stop_at):
-    cfg = TrainConfig(cell="lstm", max_steps=30, **{**SMALL, "layers": 2, "dropout": 0.2, "eval_every": 10})
+@pytest.mark.parametrize("awd", [{}, {"weight_drop": 0.3, "embed_dropout": 0.1}], ids=["dropout", "awd"])
+def test_resume_repeats_an_unbroken_run_exactly(ds, tmp_path, stop_at, awd):
+    """Also with the weight and embedding dropout masks, which draw from the same random state."""
+    cfg = TrainConfig(cell="lstm", max_steps=30, **{**SMALL, "layers": 2, "dropout": 0.2, "eval_every": 10, **awd})
     full = Recorder()
     train(cfg, ds, tmp_path / "full", callbacks=full)
 

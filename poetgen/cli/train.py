@@ -45,6 +45,14 @@ def train(
     hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden units per layer."),
     embed: Optional[int] = typer.Option(None, "--embed", help="Embedding size."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout on embeddings, between layers, output."),
+    weight_drop: Optional[float] = typer.Option(
+        None, "--weight-drop", help="DropConnect on the recurrent matrices while training (AWD-LSTM): a share of "
+        "their weights zeroed, one mask per step (0: off, the default; 0.2-0.5 against overfitting)."
+    ),
+    embed_dropout: Optional[float] = typer.Option(
+        None, "--embed-dropout", help="Drop whole characters from the embedding while training: a share of the "
+        "vocabulary unknown for a step (0: off, the default; around 0.1)."
+    ),
     attention: Optional[str] = typer.Option(
         None, "--attention", metavar="dot|additive",
         help="A pair dataset's encoder-decoder (对句) only: dot (multiplicative, Luong's) or additive (Bahdanau's) "
@@ -189,6 +197,12 @@ def _check_flags(request, setup, speaks: bool = True) -> None:
             raise typer.Exit(2)
         raise typer.BadParameter(f"--attention is for a pair dataset (prepare --pairs: the 对句 encoder-decoder); "
                                  f"{setup.dataset.path} holds text")
+    lm_only = [f"--{k.replace('_', '-')}" for k in ("weight_drop", "embed_dropout") if request.overrides.get(k)]
+    if lm_only and setup.dataset.is_pairs:
+        if not speaks:
+            raise typer.Exit(2)
+        raise typer.BadParameter(f"{' and '.join(lm_only)} apply to the language model; {setup.dataset.path} holds "
+                                 "pairs, whose encoder-decoder has --dropout")
 
 
 def _report_training(result, ctx, json_out: bool, quiet: bool) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 from poetgen.errors import ConfigError
 
 CELLS = ("rnn", "lstm", "gru")
+# Dropout rates: how the model trains, not what it is (fine-tuning may change them; inference ignores them).
+REGULARISERS = ("dropout", "weight_drop", "embed_dropout")
 
 HEADS = ("full", "adaptive")  # what a model has
 HEAD_CHOICES = (*HEADS, "auto")  # what a user may ask for: auto resolves by vocabulary size (AUTO_HEAD_MIN_VOCAB)
@@ -83,6 +85,9 @@ class ModelConfig:
     hidden: int = 256
     embed: int = 128
     dropout: float = 0.0  # on the embedding output, between layers, and before the output layer
+    # Training-only regularisers of the language model (AWD-LSTM, Merity et al. 2018); nothing changes at inference:
+    weight_drop: float = 0.0  # DropConnect on the recurrent (hidden-to-hidden) matrices: one mask per step
+    embed_dropout: float = 0.0  # drop whole characters: rows of the embedding matrix, one mask per step
     tie_weights: bool = False  # output layer shares the embedding matrix; needs embed == hidden
     head: str = "full"  # full | adaptive (softmax; see the module docstring) | auto (adaptive from AUTO_HEAD_MIN_VOCAB)
     cutoffs: tuple[int, ...] = ()  # adaptive head: shortlist size, then the start of each further tail cluster
@@ -99,8 +104,9 @@ class ModelConfig:
         for name in ("layers", "hidden", "embed"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in REGULARISERS:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.tie_weights and self.embed != self.hidden:
             raise ConfigError(
                 f"tie_weights needs embed == hidden (got embed={self.embed}, hidden={self.hidden}): "

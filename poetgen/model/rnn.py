@@ -23,6 +23,16 @@ Output layer (``head``):
 (the full head: logits; the adaptive head: the log-probabilities themselves), so sampling and evaluation treat
 both heads alike. ``forward(idx, hidden, targets)`` returns the mean cross-entropy instead, without building the
 (B, T, V) scores for the adaptive head (the training step; it goes through forward so DDP sees it).
+
+Regularisers in training mode only (AWD-LSTM, Merity et al. 2018, "Regularizing and optimizing LSTM language
+models"); the weights a checkpoint holds are used as they are at inference, so the numpy runtime knows nothing of them:
+
+* ``dropout``: on the embedding output, between layers (torch's RNN) and before the output layer;
+* ``weight_drop``: DropConnect on each layer's hidden-to-hidden matrix (``rnn.weight_hh_l<k>``): one mask per
+  forward, shared by every stream and time step, the kept entries scaled by 1 / (1 - p); the fused RNN kernel still
+  runs (the masked matrices are passed to it with torch.func.functional_call);
+* ``embed_dropout``: whole rows of the embedding matrix (characters) zeroed with probability p per forward, the
+  kept rows scaled by 1 / (1 - p): a dropped character is unknown at every position of the window.
 """
 
 from __future__ import annotations
@@ -155,9 +165,25 @@ class CharRNN(nn.Module):
         """idx: (B, T) token ids -> scores (B, T, V) (logits, or the adaptive head's log-probabilities) and the
         hidden state after the last step. With targets (B, T): the mean cross-entropy (a scalar) instead of scores.
         """
-        x = self.drop(self.embedding(idx))  # (B, T, E)
-        out, hidden = self.rnn(x, hidden)  # (B, T, H)
+        x = self.drop(self._embed(idx))  # (B, T, E)
+        out, hidden = self._recur(x, hidden)  # (B, T, H)
         return head_scores(self.head, self.drop(out), targets), hidden
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        p = self.config.embed_dropout
+        if not (self.training and p > 0):
+            return self.embedding(idx)
+        w = self.embedding.weight  # (V, E)
+        keep = w.new_empty((w.size(0), 1)).bernoulli_(1.0 - p) / (1.0 - p)  # (V, 1)
+        return F.embedding(idx, w * keep)
+
+    def _recur(self, x: torch.Tensor, hidden: Hidden | None) -> tuple[torch.Tensor, Hidden]:
+        p = self.config.weight_drop
+        if not (self.training and p > 0):
+            return self.rnn(x, hidden)
+        weights = {name: F.dropout(w, p) if name.startswith("weight_hh") else w
+                   for name, w in self.rnn.named_parameters()}
+        return torch.func.functional_call(self.rnn, weights, (x, hidden))
 
     def init_hidden(self, batch_size: int, device: torch.device | str | None = None) -> Hidden:
         """Zero state, (L, B, H) per tensor, on ``device`` (default: where the weights are)."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from poetgen.errors import ConfigError
-from poetgen.model.config import HEAD_CHOICES, check_type
+from poetgen.model.config import HEAD_CHOICES, REGULARISERS, check_type
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # precision auto on a CPU with native bf16 (AVX512-BF16, AMX) takes bf16 when a training step of the run's own model is
@@ -63,11 +63,13 @@ REFERENCE_STEPS_PER_SEC = {"quick": 14.2, "short": 7.0, "small": 1.74}
 # evaluations (AMX Xeon, Tiny Shakespeare: 0.92 and 0.95 at 128 s, 0.83 at 85 s; the probe reads a bare step).
 PROBE_SHARE = 0.9
 # What the probe of a preset takes from the flags and the config file besides the preset: the model and the batch.
-PROBED_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "batch_size", "seq_len")
+PROBED_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "weight_drop", "embed_dropout", "batch_size",
+                 "seq_len")
 # `small` always for a training split under AUTO_MIN_TOKENS characters (quick and short have no dropout and overfit a
 # small corpus: on the bundled 474 poems in 3 minutes quick reached 6.88 nats/char, small 6.19).
 AUTO_MIN_TOKENS = 500_000
-MODEL_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "tie_weights", "head", "cutoffs", "div_value")
+MODEL_FIELDS = ("cell", "layers", "hidden", "embed", "dropout", "weight_drop", "embed_dropout", "tie_weights", "head",
+                "cutoffs", "div_value")
 # Changing these on --resume would change what a step means (data position, shapes): refused.
 FIXED_ON_RESUME = ("cell", "layers", "hidden", "embed", "tie_weights", "head", "cutoffs", "div_value", "batch_size",
                    "seq_len")
@@ -81,6 +83,8 @@ class TrainConfig:
     hidden: int = 384
     embed: int = 64
     dropout: float = 0.1
+    weight_drop: float = 0.0  # DropConnect on the recurrent matrices (the language model; poetgen.model.rnn)
+    embed_dropout: float = 0.0  # whole characters dropped from the embedding (the language model)
     tie_weights: bool = False
     head: str = "auto"  # full softmax | adaptive softmax (large vocabularies) | auto (adaptive from 4,096 symbols)
     cutoffs: tuple[int, ...] = ()  # adaptive head: shortlist size, then each further cluster's start; () = automatic
@@ -120,7 +124,8 @@ class TrainConfig:
         for f in fields(self):
             check_type(f.name, getattr(self, f.name), f.type)
         self.max_time = float(self.max_time)
-        self.dropout = float(self.dropout)
+        for name in REGULARISERS:
+            setattr(self, name, float(getattr(self, name)))
         self.div_value = float(self.div_value)
         self.cutoffs = tuple(self.cutoffs)  # a TOML or JSON list
         positive = ("layers", "hidden", "embed", "batch_size", "seq_len", "eval_every", "sample_length", "log_every")
@@ -137,8 +142,9 @@ class TrainConfig:
             raise ConfigError(f"seed must be from -2**63 to 2**64 - 1, got {self.seed}")
         if self.cell not in ("rnn", "lstm", "gru"):
             raise ConfigError(f"cell must be rnn, lstm or gru, got {self.cell!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in REGULARISERS:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

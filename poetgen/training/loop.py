@@ -45,6 +45,7 @@ from poetgen.data.dataset import Dataset
 from poetgen.model.devices import autocast, autocast_dtype, resolve_device
 from poetgen.training.distributed import Local, context, mark_reported, rank_seed, restore_rank_rng, rng_tensors
 from poetgen.errors import PoetgenError, TrainingError
+from poetgen.model.config import REGULARISERS
 from poetgen.model.rnn import CharRNN, ModelConfig
 from poetgen.model.seq2seq import build_model
 from poetgen.training.runs import METRICS, rewind_metrics, run_lock
@@ -405,8 +406,8 @@ def train(
                                         f"{'the pairs' if dataset.is_pairs else 'the text'} of {dataset.path}")
                 if kind == "seq2seq":
                     model_options = {"attention": source.model_config.attention}
-                # The checkpoint decides the architecture (dropout may change when fine-tuning).
-                arch = {k: getattr(source.model_config, k) for k in MODEL_FIELDS if k != "dropout"}
+                # The checkpoint decides the architecture (the dropout rates may change when fine-tuning).
+                arch = {k: getattr(source.model_config, k) for k in MODEL_FIELDS if k not in REGULARISERS}
                 config = TrainConfig(**{**config.to_dict(), **arch})
                 vocab = source.vocab
             else:

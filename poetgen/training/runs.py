@@ -31,6 +31,7 @@ from poetgen.training.config import (
     FIXED_ON_RESUME, MODEL_FIELDS, TrainConfig, normalise_keys, resolve_config, with_overrides,
 )
 from poetgen.data.dataset import Dataset, load_dataset
+from poetgen.model.config import REGULARISERS
 from poetgen.errors import CheckpointError, ConfigError, TrainingError
 from poetgen.paths import RUNS_DIR
 
@@ -247,7 +248,7 @@ def setup_run(
     ckpt = None
     if init_from is not None:
         ckpt = load_checkpoint(find_checkpoint(init_from))
-        arch = {k: getattr(ckpt.model_config, k) for k in MODEL_FIELDS if k != "dropout"}
+        arch = {k: getattr(ckpt.model_config, k) for k in MODEL_FIELDS if k not in REGULARISERS}
         _refuse_changes(overrides, TrainConfig(**{**config.to_dict(), **arch}), tuple(arch),
                         f"--init-from {ckpt.path} fixes the architecture; these flags disagree with it")
         config = TrainConfig(**{**config.to_dict(), **arch})

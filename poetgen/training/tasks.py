@@ -28,7 +28,7 @@ from poetgen.data.batches import StreamBatches, stream_layout
 from poetgen.data.dataset import Dataset
 from poetgen.data.pairs import PairBatches, teacher_inputs
 from poetgen.data.vocab import Vocab
-from poetgen.errors import TrainingError
+from poetgen.errors import ConfigError, TrainingError
 from poetgen.model.config import ModelConfig, Seq2SeqConfig
 from poetgen.model.devices import autocast
 from poetgen.model.rnn import detach_hidden, hidden_to
@@ -151,6 +151,10 @@ class PairTask:
     @staticmethod
     def model_config(config: Any, vocab_size: int, options: dict | None = None) -> Seq2SeqConfig:
         d = config.model_dict()
+        given = [f"--{k.replace('_', '-')}" for k in ("weight_drop", "embed_dropout") if d[k]]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} apply to the language model only, not to the encoder-decoder "
+                              "a pair dataset trains (its regulariser is --dropout)")
         return Seq2SeqConfig(vocab_size=vocab_size, **{k: d[k] for k in ("cell", "layers", "hidden", "embed",
                                                                        "dropout", "tie_weights", "head", "cutoffs",
                                                                        "div_value")}, **(options or {}))
