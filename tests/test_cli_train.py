@@ -425,7 +425,7 @@ def test_weight_and_embedding_dropout_are_usage_errors_on_pairs(cwd, pair_datase
     assert r.exit_code == 2 and "--weight-drop and --embed-dropout apply to the language model" in r.stderr
     (cwd / "awd.toml").write_text("weight_drop = 0.3\n", encoding="utf-8")  # from a config file: the library says it
     r = invoke(pair_dataset, *PAIR_TINY, "--config", "awd.toml", "--max-steps", "2")
-    assert r.exit_code == 1 and "Error: --weight-drop apply to the language model only" in r.stderr
+    assert r.exit_code == 1 and "Error: --weight-drop applies to the language model only" in r.stderr
 
 
 def test_attention_is_a_usage_error_on_text_or_with_a_bad_name(cwd, tiny_dataset):

@@ -139,6 +139,15 @@ def test_embed_dropout_drops_whole_characters_in_training_only():
     kept = ~dropped[0]
     assert torch.allclose(x[0, kept], w[kept] * 2)
     assert torch.equal(model.eval()._embed(idx), model.embedding(idx))
+    # Through forward: a dropped character's embedding row gets no gradient although it is read 3 times.
+    model.train()
+    loss, _ = model(idx[:, :-1], None, idx[:, 1:])
+    loss.backward()
+    no_grad = (model.embedding.weight.grad[:39] == 0).all(dim=1)  # characters 0-38 are inputs
+    assert 8 < no_grad.sum().item() < 31
+    assert ModelConfig(vocab_size=5).to_dict().keys() == {  # what an older poetgen reads: the new keys only when set
+        "vocab_size", "cell", "layers", "hidden", "embed", "dropout", "tie_weights", "head", "cutoffs", "div_value"}
+    assert ModelConfig.from_dict(ModelConfig(vocab_size=5, weight_drop=0.25).to_dict()).weight_drop == 0.25
     with pytest.raises(ConfigError, match="embed_dropout must be in"):
         ModelConfig(vocab_size=5, embed_dropout=1.0)
     with pytest.raises(ConfigError, match="weight_drop must be in"):

@@ -201,8 +201,9 @@ def _check_flags(request, setup, speaks: bool = True) -> None:
     if lm_only and setup.dataset.is_pairs:
         if not speaks:
             raise typer.Exit(2)
-        raise typer.BadParameter(f"{' and '.join(lm_only)} apply to the language model; {setup.dataset.path} holds "
-                                 "pairs, whose encoder-decoder has --dropout")
+        raise typer.BadParameter(f"{' and '.join(lm_only)} {'apply' if len(lm_only) > 1 else 'applies'} to the "
+                                 f"language model; {setup.dataset.path} holds pairs, whose encoder-decoder has "
+                                 "--dropout")
 
 
 def _report_training(result, ctx, json_out: bool, quiet: bool) -> None:

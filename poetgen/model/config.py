@@ -120,6 +120,11 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["cutoffs"] = list(self.cutoffs)  # as JSON stores it
+        # Written only when used: an older poetgen refuses keys it does not know, and with both at 0 the file is
+        # one it can read (its defaults are the same; inference never looks at them).
+        for name in ("weight_drop", "embed_dropout"):
+            if not d[name]:
+                del d[name]
         return d
 
     @classmethod

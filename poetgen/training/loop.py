@@ -182,7 +182,8 @@ def step_speed(c: TrainConfig, device: str = "auto", threads: int | None = None,
     try:
         gen = torch.Generator().manual_seed(0)
         model = CharRNN(ModelConfig(65, cell=c.cell, layers=c.layers, hidden=c.hidden, embed=c.embed,
-                                    dropout=c.dropout)).to(dev)
+                                    dropout=c.dropout, weight_drop=c.weight_drop,
+                                    embed_dropout=c.embed_dropout)).to(dev)
         opt = adamw(model.parameters(), lr=1e-3)
         batch = torch.randint(0, 65, (c.batch_size, c.seq_len + 1), generator=gen).to(dev)
 

@@ -153,7 +153,8 @@ class PairTask:
         d = config.model_dict()
         given = [f"--{k.replace('_', '-')}" for k in ("weight_drop", "embed_dropout") if d[k]]
         if given:
-            raise ConfigError(f"{' and '.join(given)} apply to the language model only, not to the encoder-decoder "
+            raise ConfigError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to the language "
+                              "model only, not to the encoder-decoder "
                               "a pair dataset trains (its regulariser is --dropout)")
         return Seq2SeqConfig(vocab_size=vocab_size, **{k: d[k] for k in ("cell", "layers", "hidden", "embed",
                                                                        "dropout", "tie_weights", "head", "cutoffs",
