@@ -11,7 +11,9 @@ a ratio to its anchor (issue 20: machines differ more than absolute targets' mar
 a row, both sides are timed in alternating trials and each side's median counts (the row says how many). Each
 group's section is headed by the machine line: CPU, its matrix-multiply flags, cores, and the oneDNN fp32 and bf16
 matrix-multiply peaks (flops.py peak, measured once at the start of the run), and whether the CPU multiplies bf16
-natively (poetgen.model.devices.cpu_bf16_native: AVX512-BF16 or AMX-BF16).
+natively (poetgen.model.devices.cpu_bf16_native: AVX512-BF16 or AMX-BF16). On Linux each group also says the share
+of CPU time the hypervisor took while it ran (steal, /proc/stat), the 85 s trials each their own, and the log names
+every process that lost STEAL_WARN or more: on a shared virtual machine that is the noise a timed row cannot average.
 
 * shakespeare (issue 20, targets 1, 2): `poetgen prepare input.txt --split tail --val-fraction 0.1`; nanoGPT's CPU
   recipe for 2,000 iterations (baselines/nanogpt.py) first: its training wall time T (start-up and scoring
@@ -113,6 +115,10 @@ BUDGETS = {
 # 947 steps, on 2026-12-02's AMD EPYC, against the target's 0.02). The 10-minute runs once each (90 minutes more).
 TRIALS = {"tang-speed": (3, 2), "flops": (3, 1), "serve": (3, 1), "shakespeare-85s": (3, 1)}
 QUICK_MIN_T = 5.0
+# run.py logs a process during which the hypervisor took at least this share of the CPU time (steal): a timed figure
+# taken then is suspect (2026-12-03's AVX2 AMD EPYC: 17% of the run's busy time; one of three identical 85 s runs
+# made half the steps of the others).
+STEAL_WARN = 0.05
 # ======================================================================================================================
 
 import argparse
@@ -173,11 +179,35 @@ class GroupResult:
     seconds: float = 0.0
     started: str = ""
     load_before: tuple = ()
+    steal: float | None = None  # the share of CPU time the hypervisor took during the group (cpu_steal)
     error: str | None = None
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_times(stat: Path = Path("/proc/stat")) -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs since boot, from the ``cpu`` line of /proc/stat; None where there is none
+    (not Linux, or a kernel too old to count steal)."""
+    try:
+        first = stat.read_text().splitlines()[0].split()
+        values = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
+    except (OSError, IndexError, ValueError):
+        return None
+    return (values[7], sum(values)) if first[0] == "cpu" and len(values) == 8 else None
+
+
+def cpu_steal(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of all CPU time between two cpu_times() readings that the hypervisor took for other guests (0-1):
+    time a busy benchmark process waited for a core it was promised. None when either reading is missing."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def steal_text(share: float | None) -> str:
+    return "" if share is None else f"{100 * share:.0f}%"
 
 
 def status(ok: bool | None) -> str:
@@ -212,6 +242,7 @@ class Runner:
         self.commands: list[str] = []
         self.count = 0
         self.last_err: Path | None = None  # the stderr file of the last process run
+        self.last_steal: float | None = None  # the CPU steal share while the last process ran (cpu_steal)
 
     @property
     def bf16(self) -> bool:
@@ -243,11 +274,15 @@ class Runner:
         out_path, err_path = self.work / f"p{self.count}.out", self.work / f"p{self.count}.err"
         self.last_err = err_path
         with open(out_path, "w") as out, open(err_path, "w") as err:
+            times = cpu_times()
             t = time.perf_counter()
             proc = subprocess.Popen(argv, stdout=out, stderr=err, env=self.env, cwd=cwd or self.work)
             # wait4 reaps this child alone and gives its own resource usage (ru_maxrss in KiB on Linux).
             _, wait_status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - t
+        self.last_steal = cpu_steal(times, cpu_times())
+        if self.last_steal is not None and self.last_steal >= STEAL_WARN:
+            log(f"{what}: the hypervisor took {steal_text(self.last_steal)} of the CPU time while it ran")
         proc.returncode = os.waitstatus_to_exitcode(wait_status)
         if proc.returncode not in ok_codes:
             tail = err_path.read_text(errors="replace").strip().splitlines()[-8:]
@@ -318,6 +353,7 @@ def train(r: Runner, name: str, dataset: Path, run_name: str | None = None, **va
     cps = [x["chars_per_sec"] for x in records if x.get("type") == "train" and x.get("chars_per_sec")]
     elapsed = summary.get("elapsed")
     return {
+        "steal": r.last_steal,
         "summary": summary, "run_dir": run_dir, "notes": notes, "chars_per_sec": cps,
         "steps": summary.get("step"), "epoch": summary.get("epoch"), "elapsed": elapsed,
         "best_val_loss": summary.get("best_val_loss"), "status": summary.get("status"),
@@ -346,7 +382,7 @@ def median_run(trials: list[dict]) -> dict:
     """The run with the median validation loss among repeated ones (of an even count, the lower middle), carrying
     every trial's loss, steps and precision (``trials``) for the notes."""
     mid = sorted(trials, key=lambda p: p["val_nats"])[(len(trials) - 1) // 2]
-    return dict(mid, trials=[(p["val_nats"], p["steps"], p["precision"]) for p in trials])
+    return dict(mid, trials=[(p["val_nats"], p["steps"], p["precision"], p.get("steal")) for p in trials])
 
 
 def trials_note(p: dict) -> str:
@@ -354,7 +390,9 @@ def trials_note(p: dict) -> str:
     t = p.get("trials") or []
     if len(t) < 2:
         return ""
-    return f"; median of {len(t)} runs: " + ", ".join(f"{v:.3f} ({steps} steps, {prec})" for v, steps, prec in t)
+    return f"; median of {len(t)} runs: " + ", ".join(
+        f"{v:.3f} ({steps} steps, {prec}{', steal ' + steal_text(steal) if steal is not None else ''})"
+        for v, steps, prec, steal in t)
 
 
 def describe(p: dict) -> str:
@@ -439,7 +477,7 @@ def precision_rows(r: Runner, runs: dict, span: str, label: str) -> list[Row]:
                             note=describe(p) + trials_note(p)))
         return rows
     # No native bf16: auto must run fp32, and its run is the fp32 row.
-    ok = all(prec == "fp32" for _, _, prec in auto.get("trials") or [(None, None, auto["precision"])])
+    ok = all(t[2] == "fp32" for t in auto.get("trials") or [(None, None, auto["precision"])])
     rows.append(Row("shakespeare", f"{what} auto (ran {auto['precision']}): val nats/char",
                     "= fp32's row (no native bf16)", auto["val_nats"], auto["val_nats"] if ok else None,
                     "--precision fp32 (auto's own run)", status(ok), 1.0 if ok else None,
@@ -810,7 +848,9 @@ def env_note(threads: int) -> str:
 def markdown_group(g: GroupResult, m: dict, threads: int, mode: str) -> str:
     lines = [f"### {TITLES[g.name]}", "",
              f"{g.started}, {mode} mode, {g.seconds / 60:.1f} min; load average before: "
-             f"{' '.join(f'{x:.1f}' for x in g.load_before)}", "", f"Machine: {machine_line(m, threads)}; every "
+             f"{' '.join(f'{x:.1f}' for x in g.load_before)}"
+             + (f"; CPU time taken by the hypervisor (steal) during the group: {steal_text(g.steal)}"
+                if g.steal is not None else ""), "", f"Machine: {machine_line(m, threads)}; every "
              f"process with {env_note(threads)}", ""]
     if g.error:
         lines += [f"Not measured: {g.error}", ""]
@@ -883,6 +923,7 @@ def main() -> int:
         for name in args.only or GROUPS:
             g = GroupResult(name, started=dt.datetime.now().strftime("%Y-%m-%d %H:%M"), load_before=os.getloadavg())
             first = len(r.commands)
+            times = cpu_times()
             t = time.perf_counter()
             try:
                 GROUP_FUNCS[name](r, g)
@@ -895,9 +936,10 @@ def main() -> int:
                 g.rows.append(Row(name, f"{name} failed (see stderr)", "-", None, None, "", "error"))
                 log(f"{name}: ERROR {g.error}")
             g.seconds = time.perf_counter() - t
+            g.steal = cpu_steal(times, cpu_times())
             g.commands = r.commands[first:]
             results.append(g)
-            log(f"{name}: done in {g.seconds / 60:.1f} min")
+            log(f"{name}: done in {g.seconds / 60:.1f} min" + (f"; steal {steal_text(g.steal)}" if g.steal else ""))
     finally:
         if args.keep:
             log(f"kept {work}")

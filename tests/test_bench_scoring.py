@@ -407,3 +407,37 @@ def test_quick_mode_runs_every_group_and_states_every_target_as_a_ratio(tmp_path
     # which precision auto ran is in the rows
     assert all(re.search(r"auto \(ran (fp32|bf16)\)", x["measure"]) for x in shakespeare[2::3])
     assert "median of 2 alternating trials" in [x for x in rows if x["group"] == "tang"][1]["anchor_name"]
+
+
+def test_cpu_steal_is_the_hypervisors_share_between_two_readings(tmp_path):
+    """run.py says how much CPU time the hypervisor took while each process and group ran: a timed row taken then is
+    suspect (2026-12-03: 17% of a full run's busy time, and one of three identical 85 s runs made half the steps)."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\nintr 1 2 3\n")
+    assert run.cpu_times(stat) == (35, 1000)
+    later = (35 + 60, 1000 + 400)  # 400 jiffies more, 60 of them stolen
+    assert run.cpu_steal(run.cpu_times(stat), later) == pytest.approx(0.15)
+    assert run.steal_text(0.15) == "15%"
+    assert run.cpu_steal(None, later) is None and run.cpu_steal(later, later) is None
+    stat.write_text("cpu  100 0 50\n")  # a kernel that counts no steal
+    assert run.cpu_times(stat) is None
+    assert run.cpu_times(tmp_path / "absent") is None
+
+
+def test_steal_reaches_the_trial_notes_and_the_group_header(monkeypatch, tmp_path):
+    readings = iter([(0, 1000), (100, 2000), (0, 0), (0, 100)])  # a process: 10% stolen; then one: none
+    monkeypatch.setattr(run, "cpu_times", lambda stat=None: next(readings))
+    r = run.Runner(tmp_path, threads=0, quick=True)
+    r.run([sys.executable, "-c", "pass"], "first")
+    assert r.last_steal == pytest.approx(0.10)
+    r.run([sys.executable, "-c", "pass"], "second")
+    assert r.last_steal == 0.0
+    trials = [dict(_run(v, "fp32"), steal=s) for v, s in ((1.875, 0.31), (1.799, 0.02), (1.783, None))]
+    note = run.trials_note(run.median_run(trials))
+    assert note == "; median of 3 runs: 1.875 (100 steps, fp32, steal 31%), 1.799 (100 steps, fp32, steal 2%), " \
+                   "1.783 (100 steps, fp32)"
+    g = run.GroupResult("flops", started="now", load_before=(1.0, 1.0, 1.0), steal=0.17)
+    assert "load average before: 1.0 1.0 1.0; CPU time taken by the hypervisor (steal) during the group: 17%" \
+        in run.markdown_group(g, {"cpu": "test cpu"}, 0, "full")
+    g.steal = None  # no /proc/stat: nothing said
+    assert "steal" not in run.markdown_group(g, {"cpu": "test cpu"}, 0, "full")
