@@ -380,6 +380,7 @@ def _tiny_shared_data(root: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 232 s alone on 2026-12-03's AVX2 AMD EPYC (fp32 128 GFLOP/s); the default 300 is too near
 def test_quick_mode_runs_every_group_and_states_every_target_as_a_ratio(tmp_path):
     """`run.py --quick` end to end on stand-in data: every group runs without error and each target row carries
     its same-run anchor and their ratio (a few minutes on 2 cores)."""

@@ -207,7 +207,7 @@ def test_fine_tuning_probes_the_model_that_trains(monkeypatch, tmp_path):
     assert calls == [("precision_probe", 128, vocab, True)] and setup.config.precision == "bf16"
 
 
-def test_precision_probe_measures_both_and_leaves_the_run_alone(tiny_dataset):
+def test_precision_probe_measures_both_and_leaves_the_run_alone(tiny_dataset, cpu_bf16_lstm):
     from poetgen.training.config import TrainConfig
 
     ds = load_dataset(tiny_dataset)
